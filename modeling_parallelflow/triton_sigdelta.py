@@ -1,0 +1,236 @@
+"""sigDelta W/U stage in Triton (algorithm.md section 4): a drop-in for the tensorInv W/U stage.
+
+`sigdelta_wu(a, b, u, mode=..., chunk_size=..., cu_seqlens=None) -> (w, uu)` has the signature and the
+result of `tensor_inv_wu`: per chunk of C tokens, rows (t, r) flattened t-major,
+
+    (I - M * A B^T) [W | U] = [A | U~]       M: sum s < t, product (s, j) < (t, i) lexicographic
+
+but W and U are built by the one-sided sigDelta sweep instead of a triangular inverse. With grid tokens
+(the C tokens in the sum form; the C*R rows, each of rank 1, in the product form) and G(k, m) = A_k B_m^T:
+
+    W(0, k) = A_k,     W(m + 1, k) = W(m, k) + G(k, m) W(m, m)   for all k > m,     W_k = W(k, k)
+
+(U the same from U(0, k) = U~_k with the same coefficients). Depth C steps (C*R in product form), each
+a rank-R (rank-1) update of every later row. The kernel runs this sweep blocked, one program per
+(chunk, head), W and U of the whole chunk together:
+
+- blocks of BT tokens (BR = BT * RP rows, rank padded to a power of two RP with zero rows);
+- entering block i, the BT*i sweep steps of the earlier blocks are applied at once (they only add
+  G(k, m) W(m, m) terms whose W(m, m) are final): acc_i = [A_i | U~_i] + sum_{j<i} (A_i B_j^T) Y_j,
+  a tensor-core product; Y_j are the rows this program already stored (read back from w, uu);
+- inside the block the sweep runs step by step, `solve="sweep"`: acc += (N_ii masked to the columns
+  of step s) @ acc for s = 0..steps-1 (the literal recursion; a masked product keeps it on tensor cores).
+  `solve="doubling"` is the measured alternative: (I - N)^-1 = prod_s (I + N^(2^s)) for the nilpotent
+  in-block N, log2(steps) products.
+
+Products with fp32 operands run at Triton's default dot precision (tf32 on NVIDIA GPUs).
+"""
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch backend works without triton
+    triton = None
+
+MODES = ("sum", "product")
+SOLVES = ("sweep", "doubling")
+
+
+if triton is not None:
+
+    @triton.jit
+    def _block_solve(acc_w, acc_u, n_ii, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr):
+        """(I - n_ii) [W | U] = [acc_w | acc_u] for a strictly step-lower n_ii [BR, BR]."""
+        if SOLVE == 0:
+            for s in range(NSTEP):  # one sigDelta step: every later row takes G(k, s) W(s, s)
+                n_s = tl.where(step[None, :] == s, n_ii, 0.0)
+                acc_w += tl.dot(n_s, acc_w)
+                acc_u += tl.dot(n_s, acc_u)
+        else:
+            p = n_ii
+            for _ in range(NSTEP):  # NSTEP = ceil(log2(steps)) here; n_ii ** steps == 0
+                acc_w += tl.dot(p, acc_w)
+                acc_u += tl.dot(p, acc_u)
+                p = tl.dot(p, p)
+        return acc_w, acc_u
+
+    @triton.jit
+    def _sigdelta_wu_kernel(
+        a_ptr,
+        b_ptr,
+        u_ptr,
+        w_ptr,
+        uu_ptr,
+        cu_ptr,
+        idx_ptr,
+        T,
+        NC,
+        H: tl.constexpr,
+        R: tl.constexpr,
+        K: tl.constexpr,
+        V: tl.constexpr,
+        C: tl.constexpr,
+        RP: tl.constexpr,
+        BT: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        PRODUCT: tl.constexpr,
+        VARLEN: tl.constexpr,
+        SOLVE: tl.constexpr,
+        NSTEP: tl.constexpr,
+    ):
+        """One program per (chunk, head): W, U rows of the chunk, block of BT tokens after block."""
+        i_c = tl.program_id(0)
+        i_h = tl.program_id(1)
+        if VARLEN:
+            i_n = tl.load(idx_ptr + 2 * i_c)
+            i_k = tl.load(idx_ptr + 2 * i_c + 1)
+            bos = tl.load(cu_ptr + i_n).to(tl.int64)
+            eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
+        else:
+            i_n = i_c // NC
+            i_k = i_c % NC
+            bos = i_n.to(tl.int64) * T
+            eos = bos + T
+        t0 = bos + i_k * C
+        n_tok = tl.minimum(eos - t0, C).to(tl.int32)
+        BR: tl.constexpr = BT * RP
+        rows = tl.arange(0, BR)
+        r_tok = rows // RP
+        r_rank = rows % RP
+        if PRODUCT:
+            step = rows  # product form: each (token, rank) row is one grid token
+        else:
+            step = r_tok
+        ok = tl.arange(0, BK)
+        ov = tl.arange(0, BV)
+        mk = ok < K
+        mv = ov < V
+        dtype = w_ptr.dtype.element_ty
+        for i in range(0, tl.cdiv(n_tok, BT)):
+            tok_i = i * BT + r_tok
+            m_i = (tok_i < n_tok) & (r_rank < R)
+            row_i = ((t0 + tok_i) * H + i_h) * R + r_rank  # [BR] row index into [B*T*H*R]
+            a_i = tl.load(a_ptr + row_i[:, None] * K + ok[None, :], mask=m_i[:, None] & mk[None, :], other=0.0)
+            acc_w = a_i.to(tl.float32)
+            acc_u = tl.load(
+                u_ptr + row_i[:, None] * V + ov[None, :], mask=m_i[:, None] & mv[None, :], other=0.0
+            ).to(tl.float32)
+            for j in range(0, i):  # the sweep steps of earlier blocks, applied at once
+                m_j = r_rank < R
+                row_j = ((t0 + j * BT + r_tok) * H + i_h) * R + r_rank
+                b_j = tl.load(
+                    b_ptr + row_j[:, None] * K + ok[None, :], mask=m_j[:, None] & mk[None, :], other=0.0
+                )
+                n_ij = tl.dot(a_i, tl.trans(b_j))  # G(k, m) for k in block i, m in block j [BR, BR]
+                y_w = tl.load(w_ptr + row_j[:, None] * K + ok[None, :], mask=m_j[:, None] & mk[None, :], other=0.0)
+                y_u = tl.load(uu_ptr + row_j[:, None] * V + ov[None, :], mask=m_j[:, None] & mv[None, :], other=0.0)
+                acc_w += tl.dot(n_ij, y_w.to(tl.float32))
+                acc_u += tl.dot(n_ij, y_u.to(tl.float32))
+            b_i = tl.load(b_ptr + row_i[:, None] * K + ok[None, :], mask=m_i[:, None] & mk[None, :], other=0.0)
+            n_ii = tl.where(step[None, :] < step[:, None], tl.dot(a_i, tl.trans(b_i)), 0.0)
+            acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, step, SOLVE, NSTEP)
+            tl.store(w_ptr + row_i[:, None] * K + ok[None, :], acc_w.to(dtype), mask=m_i[:, None] & mk[None, :])
+            tl.store(uu_ptr + row_i[:, None] * V + ov[None, :], acc_u.to(dtype), mask=m_i[:, None] & mv[None, :])
+            tl.debug_barrier()  # the next blocks read these rows back (other threads of this program)
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, x - 1).bit_length()
+
+
+def chunk_indices(cu_seqlens: Tensor, chunk_size: int) -> Tensor:
+    """[n_chunks, 2] int32 (sequence, chunk within it) for packed sequences; chunks restart per sequence."""
+    bounds = cu_seqlens.tolist()
+    pairs = [
+        (n, c)
+        for n in range(len(bounds) - 1)
+        for c in range(-(-(bounds[n + 1] - bounds[n]) // chunk_size))
+    ]
+    return torch.tensor(pairs, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
+
+
+def sigdelta_wu(
+    a: Tensor,
+    b: Tensor,
+    u: Tensor,
+    *,
+    mode: str,
+    chunk_size: int,
+    cu_seqlens: Tensor | None = None,
+    block_rows: int = 32,
+    solve: str = "sweep",
+    num_warps: int = 4,
+) -> tuple[Tensor, Tensor]:
+    """Chunk-local W and U by the sigDelta sweep (same contract as `tensor_inv_wu`).
+
+    a, b [B, T, H, R, K]; u [B, T, H, R, V]; cu_seqlens int [N + 1] (B == 1) restarts chunks per sequence.
+    Returns w [B, T, H, R, K], uu [B, T, H, R, V] in the inputs' dtype (float32 arithmetic).
+    block_rows: rows per block (tokens per block = block_rows / RP, at least 16 rows); solve: "sweep"
+    (the step-by-step recursion inside a block) or "doubling" (log2 products), see the module docstring.
+    """
+    if triton is None:
+        raise ImportError("sigdelta_wu needs triton")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if solve not in SOLVES:
+        raise ValueError(f"solve must be one of {SOLVES}, got {solve!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if a.dim() != 5 or b.shape != a.shape or u.dim() != 5 or u.shape[:4] != a.shape[:4]:
+        raise ValueError(
+            f"a, b must be [B, T, H, R, K] and u [B, T, H, R, V], got a {list(a.shape)}, "
+            f"b {list(b.shape)}, u {list(u.shape)}"
+        )
+    bsz, seq_len, heads, rank, key_dim = a.shape
+    val_dim = u.shape[-1]
+    if max(key_dim, val_dim) > 256:
+        raise ValueError(f"K and V must be at most 256, got K = {key_dim}, V = {val_dim}")
+    if cu_seqlens is not None and bsz != 1:
+        raise ValueError(f"cu_seqlens needs B == 1, got B = {bsz}")
+    a, b, u = a.contiguous(), b.contiguous(), u.contiguous()
+    w, uu = torch.empty_like(a), torch.empty_like(u)
+    rank_p = _next_pow2(rank)
+    tokens = max(1, min(block_rows // rank_p, _next_pow2(chunk_size)))
+    tokens = max(tokens, 16 // rank_p)  # tl.dot needs 16 rows
+    steps = tokens * rank_p if mode == "product" else tokens
+    nstep = steps if solve == "sweep" else max(1, (steps - 1).bit_length())
+    if cu_seqlens is None:
+        n_chunks = -(-seq_len // chunk_size)
+        grid = (bsz * n_chunks, heads)
+        idx = cu = a  # unused pointers
+    else:
+        idx = chunk_indices(cu_seqlens, chunk_size)
+        cu, n_chunks = cu_seqlens, 0
+        grid = (idx.shape[0], heads)
+    if grid[0] == 0:
+        return w, uu
+    _sigdelta_wu_kernel[grid](
+        a,
+        b,
+        u,
+        w,
+        uu,
+        cu,
+        idx,
+        seq_len,
+        n_chunks,
+        H=heads,
+        R=rank,
+        K=key_dim,
+        V=val_dim,
+        C=chunk_size,
+        RP=rank_p,
+        BT=tokens,
+        BK=max(16, _next_pow2(key_dim)),
+        BV=max(16, _next_pow2(val_dim)),
+        PRODUCT=mode == "product",
+        VARLEN=cu_seqlens is not None,
+        SOLVE=SOLVES.index(solve),
+        NSTEP=nstep,
+        num_warps=num_warps,
+    )
+    return w, uu
