@@ -1,0 +1,212 @@
+"""Forward of the chunked tensorInv delta rule in Triton (algorithm.md section 3), two launches.
+
+1. `_wu_kernel`, one program per (chunk, head), all chunks in parallel: Gram N = M * (A B^T), the
+   inverse T = (I - N)^-1 (16 x 16 diagonal blocks by forward substitution, then block doubling with
+   tensor-core dots), W = T A and U = T U~. T is kept (fp32) only when the backward needs it.
+2. `_fwd_scan_kernel`, one program per (sequence, head, V block), sequential over chunks: the fp32
+   state h [K, BV] stays in registers; each chunk computes X = W h + U, o = scale (Q h + P X) with
+   P = (Q B^T) * M_out, then h += B^T X. Outputs are written in the same pass, so per-chunk states go
+   to HBM only when the backward asks for them (STORE_STATES).
+
+The W/U stage is swappable: `tensor_inv_wu` here, `sigdelta_wu` in triton_sigdelta.py, same signature.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_utils import chunk_map, chunk_rows, dot_precision, next_pow2, seq_offsets
+
+
+@triton.jit
+def unit_lower_inverse(n_mat, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.constexpr):
+    """(I - N)^-1 for a strictly lower-triangular N [CRP, CRP] (fp32), CRP = 16 * 2**LOG_NB."""
+    NB: tl.constexpr = CRP // 16
+    n4 = tl.reshape(n_mat, (NB, 16, NB, 16))
+    bi = tl.arange(0, NB)
+    same = bi[:, None, None, None] == bi[None, None, :, None]  # [NB, 1, NB, 1]
+    nd = tl.sum(tl.where(same, n4, 0.0), axis=2)  # diagonal blocks [NB, 16, 16]
+    ii = tl.arange(0, 16)
+    td = tl.where(ii[:, None] == ii[None, :], 1.0, 0.0)[None, :, :] + tl.zeros((NB, 16, 16), tl.float32)
+    for i in tl.static_range(1, 16):  # row i of each block: e_i + sum_{j<i} N[i, j] T[j, :]
+        sel = ii[None, :, None] == i
+        n_i = tl.sum(tl.where(sel, nd, 0.0), axis=1)  # [NB, 16]
+        new = tl.sum(n_i[:, :, None] * td, axis=1)  # [NB, 16]
+        td = tl.where(sel, td + new[:, None, :], td)
+    inv = tl.reshape(tl.where(same, td[:, :, None, :], 0.0), (CRP, CRP))
+    rows = tl.arange(0, CRP)
+    for lvl in tl.static_range(LOG_NB):  # merge m-blocks into 2m-blocks: D <- D + D E D
+        blk = rows // (16 << lvl)
+        sub = ((blk[:, None] % 2) == 1) & (blk[None, :] == blk[:, None] - 1)
+        e_mat = tl.where(sub, n_mat, 0.0)
+        inv = inv + tl.dot(tl.dot(inv, e_mat, input_precision=PREC), inv, input_precision=PREC)
+    return inv
+
+
+@triton.jit
+def solve_mask(t, CRP: tl.constexpr, PRODUCT: tl.constexpr):
+    """M of algorithm.md: sum form row (t,i) sees (s,j) iff s < t; product form iff (s,j) < (t,i)."""
+    if PRODUCT:
+        j = tl.arange(0, CRP)
+        return j[:, None] > j[None, :]
+    else:
+        return t[:, None] > t[None, :]
+
+
+@triton.jit
+def chunk_inverse(a, b, h, t0, eos, H: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
+                  C: tl.constexpr, CRP: tl.constexpr, BK: tl.constexpr, LOG_NB: tl.constexpr,
+                  PRODUCT: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):
+    """Loads A, B rows of one chunk and returns (T, A, B, row, valid)."""
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    kk = tl.arange(0, BK)
+    kmask = valid[:, None] & (kk[None, :] < K)
+    a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+    b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+    gram = tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
+    n_mat = tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0)
+    return unit_lower_inverse(n_mat, CRP, LOG_NB, INV_PREC), a_t, b_t, row, valid
+
+
+@triton.jit
+def _wu_kernel(a, b, u, w, uu, tmat, chunk_seq, chunk_tok, cu,
+               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+               CRP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOG_NB: tl.constexpr,
+               PRODUCT: tl.constexpr, COMPUTE_WU: tl.constexpr, STORE_T: tl.constexpr,
+               PREC: tl.constexpr, INV_PREC: tl.constexpr):
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.load(chunk_seq + g)
+    t0 = tl.load(chunk_tok + g)
+    eos = tl.load(cu + n + 1)
+    t_inv, a_t, b_t, row, valid = chunk_inverse(a, b, h, t0, eos, H, K, R, C, CRP, BK, LOG_NB,
+                                                PRODUCT, PREC, INV_PREC)
+    j = tl.arange(0, CRP)
+    if STORE_T:
+        tl.store(tmat + ((g.to(tl.int64) * H + h) * CRP + j[:, None]) * CRP + j[None, :], t_inv)
+    if COMPUTE_WU:
+        kk = tl.arange(0, BK)
+        w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BK]
+        tl.store(w + row[:, None] * K + kk[None, :], w_t.to(w.dtype.element_ty),
+                 mask=valid[:, None] & (kk[None, :] < K))
+        for v0 in tl.static_range(0, V, BV):
+            vv = v0 + tl.arange(0, BV)
+            vmask = valid[:, None] & (vv[None, :] < V)
+            u_t = tl.load(u + row[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+            uu_t = tl.dot(t_inv, u_t.to(tl.float32), input_precision=PREC)
+            tl.store(uu + row[:, None] * V + vv[None, :], uu_t.to(uu.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _fwd_scan_kernel(q, b, w, uu, o, h0, ht, states, cu, chunk_off, scale,
+                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
+                     CRP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+                     STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, PREC: tl.constexpr):
+    vb = tl.program_id(0)
+    nh = tl.program_id(1)
+    n = nh // H
+    h = nh % H
+    bos = tl.load(cu + n)
+    eos = tl.load(cu + n + 1)
+    g0 = tl.load(chunk_off + n)
+    kk = tl.arange(0, BK)
+    vv = vb * BV + tl.arange(0, BV)
+    kmask = kk < K
+    vmask = vv < V
+    hv_mask = kmask[:, None] & vmask[None, :]
+    hv_off = kk[:, None] * V + vv[None, :]
+    if HAS_H0:
+        state = tl.load(h0 + nh.to(tl.int64) * K * V + hv_off, mask=hv_mask, other=0.0).to(tl.float32)
+    else:
+        state = tl.zeros((BK, BV), tl.float32)
+    cidx = tl.arange(0, C)
+    for i in range(tl.cdiv(eos - bos, C)):
+        t0 = bos + i * C
+        if STORE_STATES:
+            st_ptr = states + ((g0 + i).to(tl.int64) * H + h) * K * V + hv_off
+            tl.store(st_ptr, state.to(states.dtype.element_ty), mask=hv_mask)
+        t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+        w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        u_t = tl.load(uu + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
+        qtok = t0 + cidx
+        qrow = qtok.to(tl.int64) * H + h
+        qmask = (qtok < eos)[:, None]
+        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+        s_in = state.to(w_t.dtype)
+        x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)  # corrected values [CRP, BV]
+        x_in = x.to(w_t.dtype)
+        p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+        p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [C, CRP]
+        o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
+        tl.store(o + qrow[:, None] * V + vv[None, :], (o_t * scale).to(o.dtype.element_ty),
+                 mask=qmask & vmask[None, :])
+        state += tl.dot(tl.trans(b_t), x_in, input_precision=PREC)
+    if STORE_HT:
+        tl.store(ht + nh.to(tl.int64) * K * V + hv_off, state, mask=hv_mask)
+
+
+def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
+    """V block of the sequential kernels: split V further when few (sequence, head) pairs fill the GPU."""
+    bv = 64 if next_pow2(k_dim) <= 128 else 32
+    while bv > 16 and n_programs_nh * triton.cdiv(v_dim, bv) < 256:
+        bv //= 2
+    return min(bv, next_pow2(v_dim))
+
+
+def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False):
+    """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t) with t [G, H, CRP, CRP] fp32 or None."""
+    total, n_heads, rank, k_dim = a.shape
+    v_dim = u.shape[-1] if u is not None else k_dim
+    crp = max(16, next_pow2(chunk * rank))
+    seq, tok, _ = cmap
+    w = torch.empty_like(a) if compute_wu else None
+    uu = torch.empty_like(u) if compute_wu else None
+    tmat = torch.empty(seq.numel(), n_heads, crp, crp, device=a.device, dtype=torch.float32) if store_t else None
+    _wu_kernel[(seq.numel(), n_heads)](
+        a, b, u if compute_wu else a, w if compute_wu else a, uu if compute_wu else a,
+        tmat if store_t else a, seq, tok, cu,
+        H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CRP=crp, BK=max(16, next_pow2(k_dim)),
+        BV=min(64, max(16, next_pow2(v_dim))), LOG_NB=(crp // 16).bit_length() - 1, PRODUCT=product,
+        COMPUTE_WU=compute_wu, STORE_T=store_t, PREC=dot_precision(a.dtype), INV_PREC="tf32x3",
+        num_warps=4 if crp <= 64 else 8,
+    )
+    return w, uu, tmat
+
+
+def launch_fwd_scan(q, b, w, uu, cu, chunk_off, h0, *, chunk: int, scale: float, out_dtype,
+                    store_ht: bool, store_states: bool, n_chunks: int, states_dtype=None):
+    """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V] -> (o [TT, H, V], ht [N, H, K, V] fp32, states)."""
+    total, n_heads, rank, k_dim = w.shape
+    v_dim = uu.shape[-1]
+    n_seq = cu.numel() - 1
+    o = torch.empty(total, n_heads, v_dim, device=q.device, dtype=out_dtype)
+    ht = torch.empty(n_seq, n_heads, k_dim, v_dim, device=q.device, dtype=torch.float32) if store_ht else None
+    states = None
+    if store_states:
+        states = torch.empty(n_chunks, n_heads, k_dim, v_dim, device=q.device, dtype=states_dtype)
+    bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
+    _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
+        q, b, w, uu, o, h0 if h0 is not None else o, ht if store_ht else o,
+        states if store_states else o, cu, chunk_off, scale,
+        H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CRP=max(16, next_pow2(chunk * rank)),
+        BK=max(16, next_pow2(k_dim)), BV=bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
+        STORE_STATES=store_states, PREC=dot_precision(w.dtype), num_warps=4,
+    )
+    return o, ht, states
+
+
+def tensor_inv_wu(a, b, u, *, mode: str, chunk_size: int, cu_seqlens=None):
+    """Chunk-local W and U (algorithm.md section 3): (I - N) W = A_rows, (I - N) U = U_rows per chunk.
+
+    a, b [B, T, H, R, K], u [B, T, H, R, V]; chunks of `chunk_size` tokens (a power of two >= 16)
+    restart at every sequence of `cu_seqlens` (then B = 1). Returns w [B, T, H, R, K] and
+    uu [B, T, H, R, V] in the input dtype (fp32 arithmetic inside).
+    """
+    batch, seq_len, n_heads, rank, k_dim = a.shape
+    cu = seq_offsets(batch, seq_len, cu_seqlens, a.device)
+    n_seq = cu.numel() - 1
+    cmap = chunk_map(cu, batch * seq_len, chunk_size, n_seq, None if cu_seqlens is not None else seq_len)
+    flat = [x.reshape(batch * seq_len, n_heads, rank, -1).contiguous() for x in (a, b, u)]
+    w, uu, _ = launch_wu(*flat, cu, cmap, chunk=chunk_size, product=mode == "product")
+    return w.view(a.shape), uu.view(u.shape)

@@ -1,0 +1,177 @@
+"""Entry point of the Triton backend: `triton_delta_rule_drivers` (autograd-aware) and the decode step.
+
+Layers: @triton.jit kernels (triton_chunk_fwd / triton_chunk_bwd / triton_recurrent) -> launchers
+(tensors in, tensors out) -> `_ChunkDeltaRule` (autograd.Function) -> `triton_delta_rule_drivers`.
+
+Recompute vs save: under autograd the forward also writes the state entering every chunk
+([G, H, K, V], input dtype, fp32 for fp32 inputs) and keeps W, U and the fp32 inverses T, so the
+backward runs no forward scan and no solve; u itself is not kept (du = T^T dX needs only T). When W, U
+come from another solver (sigdelta) the backward recomputes T with one chunk-parallel launch.
+Without autograd nothing beyond o and the final state is written to HBM.
+"""
+
+import torch
+
+try:
+    from .triton_chunk_bwd import launch_chunk_bwd
+    from .triton_chunk_fwd import launch_fwd_scan, launch_wu, tensor_inv_wu
+    from .triton_recurrent import launch_recurrent_
+    from .triton_utils import MAX_HEAD_DIM, MAX_RANK, chunk_map, pick_chunk, seq_offsets
+
+    HAS_TRITON = True
+except ImportError:  # the package imports without triton; the torch backend is then used
+    HAS_TRITON = False
+
+__all__ = ["HAS_TRITON", "tensor_inv_wu", "triton_delta_rule_drivers", "triton_recurrent_step_"]
+
+ALGORITHMS = ("auto", "tensor_inv", "sigdelta", "recurrent")
+
+
+def _wu_solver(algorithm: str):
+    """The W/U stage: tensor_inv_wu (default) or sigdelta_wu from triton_sigdelta.py."""
+    if algorithm != "sigdelta":
+        return None
+    try:
+        from .triton_sigdelta import sigdelta_wu
+    except ImportError as err:
+        raise NotImplementedError(
+            "algorithm='sigdelta' on the Triton backend needs modeling_parallelflow/triton_sigdelta.py "
+            "(sigdelta_wu), which is not available; use algorithm='tensor_inv' or backend='torch'"
+        ) from err
+    return sigdelta_wu
+
+
+class _Plan:
+    """Per-call constants: chunk, layout and chunk map (a plain batch is varlen with equal lengths)."""
+
+    def __init__(self, a, cu_seqlens, chunk_size, mode, scale):
+        batch, seq_len, self.n_heads, self.rank, self.k_dim = a.shape
+        self.batch, self.seq_len = batch, seq_len
+        self.chunk = pick_chunk(chunk_size, self.rank)
+        self.product = mode == "product"
+        self.mode = mode
+        self.scale = scale
+        self.cu_seqlens = cu_seqlens
+        self.cu = seq_offsets(batch, seq_len, cu_seqlens, a.device)
+        self.n_seq = self.cu.numel() - 1
+        plain_len = None if cu_seqlens is not None else seq_len
+        self.cmap = chunk_map(self.cu, batch * seq_len, self.chunk, self.n_seq, plain_len)
+
+    def flat(self, x):
+        return x.reshape(self.batch * self.seq_len, *x.shape[2:]).contiguous()
+
+
+def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backward: bool):
+    if solver is None:
+        w, uu, tmat = launch_wu(a, b, u, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product,
+                                store_t=for_backward)
+    else:
+        shape5 = (plan.batch, plan.seq_len) + a.shape[1:]
+        w, uu = solver(a.view(shape5), b.view(shape5), u.view(shape5[:-1] + u.shape[-1:]), mode=plan.mode,
+                       chunk_size=plan.chunk, cu_seqlens=plan.cu_seqlens)
+        w, uu, tmat = plan.flat(w), plan.flat(uu), None
+    states_dtype = torch.bfloat16 if a.dtype == torch.bfloat16 else torch.float32
+    o, ht, states = launch_fwd_scan(q, b, w, uu, plan.cu, plan.cmap[2], h0, chunk=plan.chunk, scale=plan.scale,
+                                    out_dtype=u.dtype, store_ht=store_ht, store_states=for_backward,
+                                    n_chunks=plan.cmap[0].numel(), states_dtype=states_dtype)
+    return o, ht, (w, uu, tmat, states)
+
+
+class _ChunkDeltaRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, a, b, u, h0, plan, solver, store_ht):
+        o, ht, (w, uu, tmat, states) = _forward(q, a, b, u, h0, plan, solver, store_ht=store_ht,
+                                               for_backward=True)
+        ctx.save_for_backward(q, a, b, w, uu, tmat, states)
+        ctx.plan = plan
+        ctx.h0_dtype = None if h0 is None else h0.dtype
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, a, b, w, uu, tmat, states = ctx.saved_tensors
+        plan = ctx.plan
+        if tmat is None:
+            _, _, tmat = launch_wu(a, b, None, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product,
+                                   compute_wu=False, store_t=True)
+        dq, da, db, du, dh0 = launch_chunk_bwd(
+            q, a, b, w, uu, do.contiguous(), states, tmat, plan.cu, plan.cmap,
+            None if dht is None else dht.contiguous(), chunk=plan.chunk, scale=plan.scale,
+            product=plan.product, need_dh0=ctx.h0_dtype is not None,
+        )
+        dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
+        return dq, da, db.to(b.dtype), du, dh0, None, None, None
+
+
+def _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm):
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton backend needs the `triton` package")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if mode not in ("sum", "product"):
+        raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
+    rank, k_dim, v_dim = a.shape[3], a.shape[4], u.shape[4]
+    if not 1 <= rank <= MAX_RANK:
+        raise ValueError(f"the Triton kernels support rank R in 1..{MAX_RANK}, got R={rank}")
+    if k_dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
+        raise ValueError(f"the Triton kernels support head widths up to {MAX_HEAD_DIM}, got K={k_dim}, V={v_dim}")
+    if cu_seqlens is not None and q.shape[0] != 1:
+        raise ValueError(f"cu_seqlens needs batch size 1, got B={q.shape[0]}")
+
+
+def triton_delta_rule_drivers(q, a, b, u, *, mode="sum", scale=None, initial_state=None,
+                              output_final_state=False, cu_seqlens=None, chunk_size=64, algorithm="auto"):
+    """Rank-R delta rule on general drivers with the Triton kernels.
+
+    q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V]; initial_state [N, H, K, V] (any float);
+    cu_seqlens [N + 1] (B = 1). Returns o [B, T, H, V] (dtype of u) and final_state [N, H, K, V] fp32
+    (or None). Per token (sum): h <- h + B_t (A_t^T h + U_t^T); o_t = scale h^T q_t after the update.
+    chunk_size caps the token chunk C; C = min(chunk_size, max(16, pow2 <= 64 / R)) (triton_utils).
+    algorithm "recurrent" runs the token-by-token kernel (forward only, for decoding).
+    """
+    _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dtype = u.dtype
+    q, a, b = (x.to(dtype) for x in (q, a, b))
+    if algorithm == "recurrent":
+        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, a, b, u)):
+            raise NotImplementedError("algorithm='recurrent' on the Triton backend is forward-only (decoding); "
+                                      "use algorithm='tensor_inv' for training")
+        batch, seq_len = a.shape[:2]
+        cu = seq_offsets(batch, seq_len, cu_seqlens, a.device)
+        n_seq, n_heads, k_dim, v_dim = cu.numel() - 1, a.shape[2], a.shape[4], u.shape[4]
+        if initial_state is None:
+            state = torch.zeros(n_seq, n_heads, k_dim, v_dim, device=a.device, dtype=torch.float32)
+        else:
+            state = initial_state.to(torch.float32).clone().contiguous()
+        flat = [x.reshape(batch * seq_len, *x.shape[2:]).contiguous() for x in (q, a, b, u)]
+        o = launch_recurrent_(*flat, state, cu, scale=scale, product=mode == "product", out_dtype=dtype)
+        return o.view(batch, seq_len, n_heads, v_dim), state if output_final_state else None
+    solver = _wu_solver(algorithm)
+    plan = _Plan(a, cu_seqlens, chunk_size, mode, scale)
+    flat = [plan.flat(x) for x in (q, a, b, u)]
+    h0 = None if initial_state is None else initial_state.contiguous()
+    out_shape = q.shape[:3] + u.shape[-1:]
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, a, b, u, initial_state))
+    if needs_grad:
+        o, ht = _ChunkDeltaRule.apply(*flat, h0, plan, solver, output_final_state)
+    else:
+        o, ht, _ = _forward(*flat, h0, plan, solver, store_ht=output_final_state, for_backward=False)
+    return o.view(out_shape), ht
+
+
+def triton_recurrent_step_(q, a, b, u, state, *, mode="sum", scale=None):
+    """Decode step(s) on a cached state, updated IN PLACE (no host sync, CUDA-graph friendly).
+
+    q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V]; state [B, H, K, V] fp32 contiguous.
+    Returns o [B, T, H, V] (dtype of u).
+    """
+    if state.dtype != torch.float32 or not state.is_contiguous():
+        raise ValueError("state must be a contiguous float32 tensor [B, H, K, V]")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    batch, seq_len, n_heads = a.shape[:3]
+    cu = torch.arange(0, batch + 1, device=a.device, dtype=torch.int32) * seq_len
+    flat = [x.reshape(batch * seq_len, *x.shape[2:]).contiguous() for x in (q, a, b, u)]
+    o = launch_recurrent_(*flat, state, cu, scale=scale, product=mode == "product", out_dtype=u.dtype)
+    return o.view(batch, seq_len, n_heads, u.shape[-1])

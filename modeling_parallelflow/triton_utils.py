@@ -1,0 +1,80 @@
+"""Host helpers shared by the Triton delta-rule kernels: chunk choice, chunk map, dot precision.
+
+Every chunked kernel works on the varlen layout: tokens flattened to [TT, H, ...] (TT = B * T) and
+sequence offsets `cu` [N + 1] (int32). A plain batch is the varlen case cu = [0, T, 2T, ..., B*T].
+Chunks never straddle a sequence boundary; global chunk g of sequence n, local chunk i, is
+g = chunk_off[n] + i, and per-chunk buffers (states, inverses) are indexed by g.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+CR_TARGET = 64  # rows (token, rank) per chunk the kernels are tuned for: C * R near 64
+MAX_RANK = 8
+MAX_HEAD_DIM = 256
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def pick_chunk(chunk_size: int, rank: int) -> int:
+    """Token chunk C actually used: min(chunk_size, largest power of two <= 64 / R), at least 16.
+
+    R = 1 -> 64, R = 2 -> 32, R >= 3 -> 16 (C * R padded to the next power of two inside the kernels).
+    """
+    if chunk_size < 16 or chunk_size & (chunk_size - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16 for the Triton kernels, got {chunk_size}")
+    by_rank = max(16, 1 << ((CR_TARGET // rank).bit_length() - 1))
+    return min(chunk_size, by_rank)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get near-fp32 tensor-core dots (3xTF32); bf16/fp16 dots ignore the setting."""
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def seq_offsets(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
+    """cu [N + 1] int32 over the flattened token axis."""
+    if cu_seqlens is not None:
+        return cu_seqlens.to(device=device, dtype=torch.int32)
+    return torch.arange(0, batch + 1, device=device, dtype=torch.int32) * seq_len
+
+
+def chunk_map(cu: torch.Tensor, total_tokens: int, chunk: int, n_seq: int, seq_len: int | None):
+    """(chunk_seq [G], chunk_tok [G], chunk_off [N + 1]) without a host sync.
+
+    G = total_tokens // C + N bounds the number of chunks (exact for a plain batch); surplus chunks get
+    a start token at or past their sequence's end, so the kernels mask every row of them away.
+    """
+    device = cu.device
+    if seq_len is not None:  # plain batch: every sequence has ceil(T / C) chunks
+        per = triton.cdiv(seq_len, chunk)
+        g = torch.arange(n_seq * per, device=device, dtype=torch.int32)
+        seq = g // per
+        tok = seq * seq_len + (g % per) * chunk
+        off = torch.arange(n_seq + 1, device=device, dtype=torch.int32) * per
+        return seq, tok.to(torch.int32), off
+    lens = cu[1:] - cu[:-1]
+    off = torch.zeros(n_seq + 1, device=device, dtype=torch.int32)
+    off[1:] = torch.cumsum((lens + chunk - 1) // chunk, 0)
+    g = torch.arange(total_tokens // chunk + n_seq, device=device, dtype=torch.int32)
+    seq = torch.searchsorted(off[1:].contiguous(), g, right=True).clamp_(max=n_seq - 1).to(torch.int32)
+    tok = cu[seq.long()] + (g - off[seq.long()]) * chunk
+    return seq, tok.to(torch.int32), off
+
+
+@triton.jit
+def chunk_rows(t0, eos, h, H: tl.constexpr, R: tl.constexpr, C: tl.constexpr, CRP: tl.constexpr):
+    """Rows (t, r) of the chunk starting at token t0, flattened t-major: j = t * R + r, padded to CRP.
+
+    Returns the token-in-chunk of each row [CRP], the row offset into a [TT, H, R, *] tensor (int64)
+    and the validity mask (inside the chunk and before the sequence end eos).
+    """
+    j = tl.arange(0, CRP)
+    t = j // R
+    tok = t0 + t
+    valid = (j < C * R) & (tok < eos)
+    row = (tok.to(tl.int64) * H + h) * R + j % R
+    return t, row, valid

@@ -1,0 +1,189 @@
+"""Triton delta-rule kernels against the float64 token loop.
+
+Tier 2 (`triton_interpret`): small fp32 cases under TRITON_INTERPRET=1 on the CPU (also run on a GPU).
+Tier 3 (`gpu`): the bf16/fp16 grid with measured tolerances.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+triton_dispatch = pytest.importorskip("modeling_parallelflow.triton_dispatch")
+
+
+def loop_reference(q, a, b, u, *, mode, scale, initial_state=None, cu_seqlens=None):
+    """Float64 token loop on general drivers: h <- h + B_t (A_t^T h + U_t^T), o_t = scale h_t^T q_t."""
+    q, a, b, u = (x.double() for x in (q, a, b, u))
+    batch, seq_len, n_heads, rank, k_dim = a.shape
+    v_dim = u.shape[-1]
+    if cu_seqlens is None:
+        bounds = [(i, 0, seq_len) for i in range(batch)]
+    else:
+        bounds = [(0, int(s), int(e)) for s, e in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True)]
+    outs = torch.zeros(batch, seq_len, n_heads, v_dim, dtype=torch.float64)
+    finals = []
+    for n, (bi, start, end) in enumerate(bounds):
+        h = torch.zeros(n_heads, k_dim, v_dim, dtype=torch.float64)
+        if initial_state is not None:
+            h = h + initial_state[n].double()
+        rows = []
+        for t in range(start, end):
+            if mode == "sum":
+                x = torch.einsum("hrk,hkv->hrv", a[bi, t], h) + u[bi, t]
+                h = h + torch.einsum("hrk,hrv->hkv", b[bi, t], x)
+            else:
+                for r in range(rank):
+                    x = torch.einsum("hk,hkv->hv", a[bi, t, :, r], h) + u[bi, t, :, r]
+                    h = h + b[bi, t, :, r, :, None] * x[:, None, :]
+            rows.append(scale * torch.einsum("hk,hkv->hv", q[bi, t], h))
+        if rows:
+            outs[bi, start:end] = torch.stack(rows)
+        finals.append(h)
+    return outs, torch.stack(finals)
+
+
+def make_inputs(batch, seq_len, n_heads, rank, k_dim, v_dim, *, dtype, device, n_states=None):
+    """Delta-rule drivers from unit keys and sigmoid betas (a = -beta k, b = k, u = beta v)."""
+    q = torch.randn(batch, seq_len, n_heads, k_dim, device=device)
+    k = torch.nn.functional.normalize(torch.randn(batch, seq_len, n_heads, rank, k_dim, device=device), dim=-1)
+    v = torch.randn(batch, seq_len, n_heads, rank, v_dim, device=device)
+    beta = torch.rand(batch, seq_len, n_heads, rank, 1, device=device) / rank
+    a, b, u = -beta * k, k, beta * v
+    h0 = None if n_states is None else torch.randn(n_states, n_heads, k_dim, v_dim, device=device)
+    return [x.to(dtype) for x in (q, a, b, u)], h0
+
+
+def rel_err(x, ref):
+    return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+def run_case(batch, seq_len, n_heads, rank, k_dim, v_dim, mode, *, with_h0, chunk_size, dtype, device,
+             cu=None, backward=True, algorithm="tensor_inv"):
+    n_states = batch if cu is None else len(cu) - 1
+    (q, a, b, u), h0 = make_inputs(batch, seq_len, n_heads, rank, k_dim, v_dim, dtype=dtype, device=device,
+                                   n_states=n_states if with_h0 else None)
+    cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
+    leaves = [x.clone().requires_grad_(backward) for x in (q, a, b, u)]
+    h0_leaf = None if h0 is None else h0.clone().requires_grad_(backward)
+    o, ht = triton_dispatch.triton_delta_rule_drivers(
+        *leaves, mode=mode, scale=k_dim**-0.5, initial_state=h0_leaf, output_final_state=True,
+        cu_seqlens=cu_t, chunk_size=chunk_size, algorithm=algorithm)
+    ref_leaves = [x.detach().cpu().double().requires_grad_(backward) for x in (q, a, b, u)]
+    ref_h0 = None if h0 is None else h0.detach().cpu().double().requires_grad_(backward)
+    o_ref, ht_ref = loop_reference(*ref_leaves, mode=mode, scale=k_dim**-0.5, initial_state=ref_h0,
+                                   cu_seqlens=cu)
+    errs = {"o": rel_err(o.cpu(), o_ref), "ht": rel_err(ht.cpu(), ht_ref)}
+    if backward:
+        do = torch.randn_like(o_ref)
+        dht = torch.randn_like(ht_ref)
+        ((o.float() * do.to(device=device, dtype=torch.float32)).sum()
+         + (ht * dht.to(device=device, dtype=torch.float32)).sum()).backward()
+        ((o_ref * do).sum() + (ht_ref * dht).sum()).backward()
+        for name, x, xr in zip("qabu", leaves, ref_leaves, strict=True):
+            errs["d" + name] = rel_err(x.grad.cpu(), xr.grad)
+        if h0 is not None:
+            errs["dh0"] = rel_err(h0_leaf.grad.cpu(), ref_h0.grad)
+    return errs
+
+
+# (B, T, H, R, K, V, mode, with_h0, chunk_size, cu_seqlens): odd T, one above / below a chunk multiple.
+INTERPRET_CASES = [
+    pytest.param(2, 37, 1, 1, 16, 16, "sum", True, 16, None, id="R1-sum-T37-h0"),
+    pytest.param(1, 33, 2, 2, 16, 32, "product", False, 16, None, id="R2-product-T33-H2"),
+    pytest.param(1, 17, 1, 3, 32, 16, "sum", True, 16, None, id="R3-sum-T17-CRpad"),
+    pytest.param(1, 40, 1, 2, 24, 20, "sum", True, 16, [0, 5, 21, 40], id="R2-sum-varlen-oddK"),
+    pytest.param(1, 31, 1, 2, 16, 16, "product", True, 16, [0, 16, 31], id="R2-product-varlen-h0"),
+]
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("batch,seq_len,n_heads,rank,k_dim,v_dim,mode,with_h0,chunk_size,cu", INTERPRET_CASES)
+def test_chunk_matches_loop_fp32(batch, seq_len, n_heads, rank, k_dim, v_dim, mode, with_h0, chunk_size, cu):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    errs = run_case(batch, seq_len, n_heads, rank, k_dim, v_dim, mode, with_h0=with_h0, chunk_size=chunk_size,
+                    dtype=torch.float32, device=device, cu=cu)
+    # interpreter fp32 arithmetic gives ~1e-6; 3xTF32 / TF32-free dots on a GPU stay below 1e-4
+    assert max(errs.values()) < 2e-4, errs
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("mode", ["sum", "product"])
+def test_recurrent_matches_loop_and_updates_in_place(mode):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (q, a, b, u), h0 = make_inputs(2, 3, 2, 2, 16, 32, dtype=torch.float32, device=device, n_states=2)
+    o_ref, ht_ref = loop_reference(q.cpu(), a.cpu(), b.cpu(), u.cpu(), mode=mode, scale=0.25,
+                                   initial_state=h0.cpu())
+    o, ht = triton_dispatch.triton_delta_rule_drivers(q, a, b, u, mode=mode, scale=0.25, initial_state=h0,
+                                                      output_final_state=True, algorithm="recurrent")
+    assert rel_err(o.cpu(), o_ref) < 1e-5 and rel_err(ht.cpu(), ht_ref) < 1e-5
+    state = h0.clone()
+    o_step = triton_dispatch.triton_recurrent_step_(q, a, b, u, state, mode=mode, scale=0.25)
+    assert rel_err(o_step.cpu(), o_ref) < 1e-5 and rel_err(state.cpu(), ht_ref) < 1e-5
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("mode", ["sum", "product"])
+def test_tensor_inv_wu_solves_the_chunk_system(mode):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rank, chunk = 2, 16
+    (_, a, b, u), _ = make_inputs(1, 20, 1, rank, 16, 16, dtype=torch.float32, device=device)
+    w, uu = triton_dispatch.tensor_inv_wu(a, b, u, mode=mode, chunk_size=chunk)
+    for start in (0, chunk):  # second chunk is partial (4 tokens)
+        sl = slice(start, start + chunk)
+        rows = lambda x: x[0, sl, 0].reshape(-1, x.shape[-1]).cpu().double()  # noqa: E731
+        ar, br, ur = rows(a), rows(b), rows(u)
+        tok = torch.arange(ar.shape[0]) // rank
+        mask = tok[:, None] > tok[None, :] if mode == "sum" else torch.ones(len(tok), len(tok)).tril(-1).bool()
+        lhs = torch.eye(len(tok), dtype=torch.float64) - (ar @ br.T) * mask
+        assert rel_err(rows(w), torch.linalg.solve(lhs, ar)) < 1e-5
+        assert rel_err(rows(uu), torch.linalg.solve(lhs, ur)) < 1e-5
+
+
+@pytest.mark.triton_interpret
+def test_sigdelta_selects_its_solver_or_says_it_is_missing():
+    (q, a, b, u), _ = make_inputs(1, 16, 1, 1, 16, 16, dtype=torch.float32, device="cpu")
+    if importlib.util.find_spec("modeling_parallelflow.triton_sigdelta") is None:
+        with pytest.raises(NotImplementedError, match="sigdelta"):
+            triton_dispatch.triton_delta_rule_drivers(q, a, b, u, algorithm="sigdelta")
+    else:
+        o, _ = triton_dispatch.triton_delta_rule_drivers(q, a, b, u, algorithm="sigdelta", chunk_size=16)
+        o_ref, _ = loop_reference(q, a, b, u, mode="sum", scale=16**-0.5)
+        assert rel_err(o, o_ref) < 1e-4
+
+
+def test_bad_arguments_raise_clear_errors():
+    (q, a, b, u), _ = make_inputs(1, 16, 1, 1, 16, 16, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="chunk_size"):
+        triton_dispatch.triton_delta_rule_drivers(q, a, b, u, chunk_size=24)
+    with pytest.raises(ValueError, match="mode"):
+        triton_dispatch.triton_delta_rule_drivers(q, a, b, u, mode="prod")
+    with pytest.raises(ValueError, match="head widths"):
+        big = torch.zeros(1, 2, 1, 1, 512)
+        triton_dispatch.triton_delta_rule_drivers(q[:, :2], big, big, big[..., :16])
+
+
+# Tier 3: measured on an H100 (bf16 / fp16 inputs, fp32 state); see benchmarks/README.md.
+GPU_GRID = [
+    pytest.param(rank, mode, dtype, k_dim, id=f"R{rank}-{mode}-{str(dtype)[6:]}-K{k_dim}")
+    for rank in (1, 2, 3, 4, 8)
+    for mode in ("sum", "product")
+    for dtype in (torch.bfloat16, torch.float16)
+    for k_dim in (64, 128)
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank,mode,dtype,k_dim", GPU_GRID)
+def test_chunk_matches_loop_gpu(rank, mode, dtype, k_dim):
+    errs = run_case(2, 200, 2, rank, k_dim, k_dim, mode, with_h0=True, chunk_size=64, dtype=dtype,
+                    device="cuda")
+    assert max(errs.values()) < 2e-2, errs
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank,mode", [(1, "sum"), (2, "product"), (4, "sum")])
+def test_chunk_varlen_gpu(rank, mode):
+    errs = run_case(1, 300, 2, rank, 128, 128, mode, with_h0=True, chunk_size=64, dtype=torch.bfloat16,
+                    device="cuda", cu=[0, 1, 64, 65, 200, 300])
+    assert max(errs.values()) < 2e-2, errs
