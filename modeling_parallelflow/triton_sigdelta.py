@@ -32,6 +32,8 @@ from torch import Tensor
 try:
     import triton
     import triton.language as tl
+
+    from .triton_utils import chunk_map, dot_precision, next_pow2, seq_offsets
 except ImportError:  # the torch backend works without triton
     triton = None
 
@@ -42,19 +44,19 @@ SOLVES = ("sweep", "doubling")
 if triton is not None:
 
     @triton.jit
-    def _block_solve(acc_w, acc_u, n_ii, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr):
+    def _block_solve(acc_w, acc_u, n_ii, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr, PREC: tl.constexpr):
         """(I - n_ii) [W | U] = [acc_w | acc_u] for a strictly step-lower n_ii [BR, BR]."""
         if SOLVE == 0:
             for s in range(NSTEP):  # one sigDelta step: every later row takes G(k, s) W(s, s)
                 n_s = tl.where(step[None, :] == s, n_ii, 0.0)
-                acc_w += tl.dot(n_s, acc_w)
-                acc_u += tl.dot(n_s, acc_u)
+                acc_w += tl.dot(n_s, acc_w, input_precision=PREC)
+                acc_u += tl.dot(n_s, acc_u, input_precision=PREC)
         else:
             p = n_ii
             for _ in range(NSTEP):  # NSTEP = ceil(log2(steps)) here; n_ii ** steps == 0
-                acc_w += tl.dot(p, acc_w)
-                acc_u += tl.dot(p, acc_u)
-                p = tl.dot(p, p)
+                acc_w += tl.dot(p, acc_w, input_precision=PREC)
+                acc_u += tl.dot(p, acc_u, input_precision=PREC)
+                p = tl.dot(p, p, input_precision=PREC)
         return acc_w, acc_u
 
     @triton.jit
@@ -64,10 +66,9 @@ if triton is not None:
         u_ptr,
         w_ptr,
         uu_ptr,
-        cu_ptr,
-        idx_ptr,
-        T,
-        NC,
+        chunk_seq,
+        chunk_tok,
+        cu,
         H: tl.constexpr,
         R: tl.constexpr,
         K: tl.constexpr,
@@ -78,25 +79,16 @@ if triton is not None:
         BK: tl.constexpr,
         BV: tl.constexpr,
         PRODUCT: tl.constexpr,
-        VARLEN: tl.constexpr,
         SOLVE: tl.constexpr,
         NSTEP: tl.constexpr,
+        PREC: tl.constexpr,
     ):
         """One program per (chunk, head): W, U rows of the chunk, block of BT tokens after block."""
         i_c = tl.program_id(0)
         i_h = tl.program_id(1)
-        if VARLEN:
-            i_n = tl.load(idx_ptr + 2 * i_c)
-            i_k = tl.load(idx_ptr + 2 * i_c + 1)
-            bos = tl.load(cu_ptr + i_n).to(tl.int64)
-            eos = tl.load(cu_ptr + i_n + 1).to(tl.int64)
-        else:
-            i_n = i_c // NC
-            i_k = i_c % NC
-            bos = i_n.to(tl.int64) * T
-            eos = bos + T
-        t0 = bos + i_k * C
-        n_tok = tl.minimum(eos - t0, C).to(tl.int32)
+        t0 = tl.load(chunk_tok + i_c).to(tl.int64)
+        eos = tl.load(cu + tl.load(chunk_seq + i_c) + 1).to(tl.int64)
+        n_tok = tl.maximum(tl.minimum(eos - t0, C), 0).to(tl.int32)  # surplus chunks: 0
         BR: tl.constexpr = BT * RP
         rows = tl.arange(0, BR)
         r_tok = rows // RP
@@ -114,43 +106,28 @@ if triton is not None:
             tok_i = i * BT + r_tok
             m_i = (tok_i < n_tok) & (r_rank < R)
             row_i = ((t0 + tok_i) * H + i_h) * R + r_rank  # [BR] row index into [B*T*H*R]
-            a_i = tl.load(a_ptr + row_i[:, None] * K + ok[None, :], mask=m_i[:, None] & mk[None, :], other=0.0)
+            ik, im_k = row_i[:, None] * K + ok[None, :], m_i[:, None] & mk[None, :]
+            iv, im_v = row_i[:, None] * V + ov[None, :], m_i[:, None] & mv[None, :]
+            a_i = tl.load(a_ptr + ik, mask=im_k, other=0.0)
             acc_w = a_i.to(tl.float32)
-            acc_u = tl.load(
-                u_ptr + row_i[:, None] * V + ov[None, :], mask=m_i[:, None] & mv[None, :], other=0.0
-            ).to(tl.float32)
+            acc_u = tl.load(u_ptr + iv, mask=im_v, other=0.0).to(tl.float32)
             for j in range(0, i):  # the sweep steps of earlier blocks, applied at once
-                m_j = r_rank < R
                 row_j = ((t0 + j * BT + r_tok) * H + i_h) * R + r_rank
-                b_j = tl.load(
-                    b_ptr + row_j[:, None] * K + ok[None, :], mask=m_j[:, None] & mk[None, :], other=0.0
-                )
-                n_ij = tl.dot(a_i, tl.trans(b_j))  # G(k, m) for k in block i, m in block j [BR, BR]
-                y_w = tl.load(w_ptr + row_j[:, None] * K + ok[None, :], mask=m_j[:, None] & mk[None, :], other=0.0)
-                y_u = tl.load(uu_ptr + row_j[:, None] * V + ov[None, :], mask=m_j[:, None] & mv[None, :], other=0.0)
-                acc_w += tl.dot(n_ij, y_w.to(tl.float32))
-                acc_u += tl.dot(n_ij, y_u.to(tl.float32))
-            b_i = tl.load(b_ptr + row_i[:, None] * K + ok[None, :], mask=m_i[:, None] & mk[None, :], other=0.0)
-            n_ii = tl.where(step[None, :] < step[:, None], tl.dot(a_i, tl.trans(b_i)), 0.0)
-            acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, step, SOLVE, NSTEP)
-            tl.store(w_ptr + row_i[:, None] * K + ok[None, :], acc_w.to(dtype), mask=m_i[:, None] & mk[None, :])
-            tl.store(uu_ptr + row_i[:, None] * V + ov[None, :], acc_u.to(dtype), mask=m_i[:, None] & mv[None, :])
+                jk, jm_k = row_j[:, None] * K + ok[None, :], (r_rank < R)[:, None] & mk[None, :]
+                jv, jm_v = row_j[:, None] * V + ov[None, :], (r_rank < R)[:, None] & mv[None, :]
+                b_j = tl.load(b_ptr + jk, mask=jm_k, other=0.0)
+                n_ij = tl.dot(a_i, tl.trans(b_j), input_precision=PREC)  # G(k, m), k in block i, m in j
+                y_w = tl.load(w_ptr + jk, mask=jm_k, other=0.0).to(tl.float32)  # final W(m, m)
+                y_u = tl.load(uu_ptr + jv, mask=jm_v, other=0.0).to(tl.float32)
+                acc_w += tl.dot(n_ij, y_w, input_precision=PREC)
+                acc_u += tl.dot(n_ij, y_u, input_precision=PREC)
+            b_i = tl.load(b_ptr + ik, mask=im_k, other=0.0)
+            n_ii = tl.dot(a_i, tl.trans(b_i), input_precision=PREC)
+            n_ii = tl.where(step[None, :] < step[:, None], n_ii, 0.0)  # mask M inside the block
+            acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, step, SOLVE, NSTEP, PREC)
+            tl.store(w_ptr + ik, acc_w.to(dtype), mask=im_k)
+            tl.store(uu_ptr + iv, acc_u.to(dtype), mask=im_v)
             tl.debug_barrier()  # the next blocks read these rows back (other threads of this program)
-
-
-def _next_pow2(x: int) -> int:
-    return 1 << max(0, x - 1).bit_length()
-
-
-def chunk_indices(cu_seqlens: Tensor, chunk_size: int) -> Tensor:
-    """[n_chunks, 2] int32 (sequence, chunk within it) for packed sequences; chunks restart per sequence."""
-    bounds = cu_seqlens.tolist()
-    pairs = [
-        (n, c)
-        for n in range(len(bounds) - 1)
-        for c in range(-(-(bounds[n + 1] - bounds[n]) // chunk_size))
-    ]
-    return torch.tensor(pairs, dtype=torch.int32, device=cu_seqlens.device).reshape(-1, 2)
 
 
 def sigdelta_wu(
@@ -193,31 +170,23 @@ def sigdelta_wu(
         raise ValueError(f"cu_seqlens needs B == 1, got B = {bsz}")
     a, b, u = a.contiguous(), b.contiguous(), u.contiguous()
     w, uu = torch.empty_like(a), torch.empty_like(u)
-    rank_p = _next_pow2(rank)
-    tokens = max(1, min(block_rows // rank_p, _next_pow2(chunk_size)))
+    rank_p = next_pow2(rank)
+    tokens = max(1, min(block_rows // rank_p, next_pow2(chunk_size)))
     tokens = max(tokens, 16 // rank_p)  # tl.dot needs 16 rows
     steps = tokens * rank_p if mode == "product" else tokens
     nstep = steps if solve == "sweep" else max(1, (steps - 1).bit_length())
-    if cu_seqlens is None:
-        n_chunks = -(-seq_len // chunk_size)
-        grid = (bsz * n_chunks, heads)
-        idx = cu = a  # unused pointers
-    else:
-        idx = chunk_indices(cu_seqlens, chunk_size)
-        cu, n_chunks = cu_seqlens, 0
-        grid = (idx.shape[0], heads)
-    if grid[0] == 0:
-        return w, uu
-    _sigdelta_wu_kernel[grid](
+    cu = seq_offsets(bsz, seq_len, cu_seqlens, a.device)
+    plain_len = seq_len if cu_seqlens is None else None
+    cmap = chunk_map(cu, bsz * seq_len, chunk_size, cu.numel() - 1, plain_len)
+    _sigdelta_wu_kernel[(cmap[0].numel(), heads)](
         a,
         b,
         u,
         w,
         uu,
+        cmap[0],
+        cmap[1],
         cu,
-        idx,
-        seq_len,
-        n_chunks,
         H=heads,
         R=rank,
         K=key_dim,
@@ -225,12 +194,12 @@ def sigdelta_wu(
         C=chunk_size,
         RP=rank_p,
         BT=tokens,
-        BK=max(16, _next_pow2(key_dim)),
-        BV=max(16, _next_pow2(val_dim)),
+        BK=max(16, next_pow2(key_dim)),
+        BV=max(16, next_pow2(val_dim)),
         PRODUCT=mode == "product",
-        VARLEN=cu_seqlens is not None,
         SOLVE=SOLVES.index(solve),
         NSTEP=nstep,
+        PREC=dot_precision(a.dtype),
         num_warps=num_warps,
     )
     return w, uu
