@@ -1,10 +1,10 @@
 """Backward of the chunked tensorInv delta rule in Triton, three launches.
 
 Per chunk (h0 entering state, h1 leaving state, T = (I - N)^-1, X = W h0 + U, P = (Q B^T) * M_out):
-    dX  = scale P^T dO + B dh1                        dh0 = dh1 + scale Q^T dO + W^T dX
-    dQ  = scale (dO h0^T + ((dO X^T) * M_out) B)       dB  = dP^T Q + X dh1^T + dN^T A,  dP = scale (dO X^T) * M_out
-    dW  = dX h0^T;  dA~ = T^T dW;  dU~ = T^T dX        dN  = M * (dA~ W^T + dU~ U^T)
-    dA  = dA~ + dN B;  du = dU~
+    dX  = scale P^T dO + B dh1                   dh0 = dh1 + scale Q^T dO + W^T dX
+    dP  = scale (dO X^T) * M_out                 dQ  = scale dO h0^T + dP B
+    dW  = dX h0^T;  dA~ = T^T dW;  dU~ = T^T dX   dN  = M * (dA~ W^T + dU~ U^T)
+    dA  = dA~ + dN B;  du = dU~                   dB  = dP^T Q + X dh1^T + dN^T A
 
 1. `_bwd_dh_kernel`: sequential over chunks in reverse (per sequence, head, V block): dh in registers,
    writes dh1 of every chunk and dX; returns the initial-state gradient.
@@ -16,15 +16,35 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk_fwd import solve_mask, scan_block_v
+from .triton_chunk_fwd import scan_block_v, solve_mask
 from .triton_utils import chunk_rows, dot_precision, next_pow2
 
 
 @triton.jit
-def _bwd_dh_kernel(q, b, w, do, dx, dh0, dht, dstates, cu, chunk_off, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                   CRP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_DH0: tl.constexpr,
-                   HAS_DHT: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dh_kernel(
+    q,
+    b,
+    w,
+    do,
+    dx,
+    dh0,
+    dht,
+    dstates,
+    cu,
+    chunk_off,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_DH0: tl.constexpr,
+    HAS_DHT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -47,8 +67,11 @@ def _bwd_dh_kernel(q, b, w, do, dx, dh0, dht, dstates, cu, chunk_off, scale,
     for ii in range(n_chunks):
         i = n_chunks - 1 - ii
         t0 = bos + i * C
-        tl.store(dstates + ((g0 + i).to(tl.int64) * H + h) * K * V + hv_off,
-                 dstate.to(dstates.dtype.element_ty), mask=hv_mask)
+        tl.store(
+            dstates + ((g0 + i).to(tl.int64) * H + h) * K * V + hv_off,
+            dstate.to(dstates.dtype.element_ty),
+            mask=hv_mask,
+        )
         t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
         w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
@@ -70,9 +93,30 @@ def _bwd_dh_kernel(q, b, w, do, dx, dh0, dht, dstates, cu, chunk_off, scale,
 
 
 @triton.jit
-def _bwd_dq_kernel(q, b, w, uu, do, states, dstates, dq, db, chunk_seq, chunk_tok, cu, scale,
-                   H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                   CRP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PREC: tl.constexpr):
+def _bwd_dq_kernel(
+    q,
+    b,
+    w,
+    uu,
+    do,
+    states,
+    dstates,
+    dq,
+    db,
+    chunk_seq,
+    chunk_tok,
+    cu,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
@@ -108,15 +152,38 @@ def _bwd_dq_kernel(q, b, w, uu, do, states, dstates, dq, db, chunk_seq, chunk_to
     dp = tl.where(cidx[:, None] >= t[None, :], dox * scale, 0.0).to(w_t.dtype)
     dq_acc = dq_acc * scale + tl.dot(dp, b_t, input_precision=PREC)
     db_acc += tl.dot(tl.trans(dp), q_t, input_precision=PREC)
-    tl.store(dq + qrow[:, None] * K + kk[None, :], dq_acc.to(dq.dtype.element_ty), mask=qmask & kmask[None, :])
+    tl.store(
+        dq + qrow[:, None] * K + kk[None, :], dq_acc.to(dq.dtype.element_ty), mask=qmask & kmask[None, :]
+    )
     tl.store(db + row[:, None] * K + kk[None, :], db_acc, mask=rkmask)
 
 
 @triton.jit
-def _bwd_dab_kernel(a, b, w, uu, dx, states, tmat, da, db, du, chunk_seq, chunk_tok, cu,
-                    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                    CRP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRODUCT: tl.constexpr,
-                    PREC: tl.constexpr):
+def _bwd_dab_kernel(
+    a,
+    b,
+    w,
+    uu,
+    dx,
+    states,
+    tmat,
+    da,
+    db,
+    du,
+    chunk_seq,
+    chunk_tok,
+    cu,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRODUCT: tl.constexpr,
+    PREC: tl.constexpr,
+):
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
@@ -136,8 +203,9 @@ def _bwd_dab_kernel(a, b, w, uu, dx, states, tmat, da, db, du, chunk_seq, chunk_
         vv = v0 + tl.arange(0, BV)
         vmask = vv < V
         rvmask = valid[:, None] & vmask[None, :]
-        s0 = tl.load(states + st_base + kk[:, None] * V + vv[None, :],
-                     mask=kmask[:, None] & vmask[None, :], other=0.0).to(w_t.dtype)
+        s0 = tl.load(
+            states + st_base + kk[:, None] * V + vv[None, :], mask=kmask[:, None] & vmask[None, :], other=0.0
+        ).to(w_t.dtype)
         dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
         u_t = tl.load(uu + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
         dw += tl.dot(dx_t, tl.trans(s0), input_precision=PREC)
@@ -156,8 +224,24 @@ def _bwd_dab_kernel(a, b, w, uu, dx, states, tmat, da, db, du, chunk_seq, chunk_
     tl.store(db + row[:, None] * K + kk[None, :], db_t, mask=rkmask)
 
 
-def launch_chunk_bwd(q, a, b, w, uu, do, states, tmat, cu, cmap, dht, *, chunk: int, scale: float,
-                     product: bool, need_dh0: bool):
+def launch_chunk_bwd(
+    q,
+    a,
+    b,
+    w,
+    uu,
+    do,
+    states,
+    tmat,
+    cu,
+    cmap,
+    dht,
+    *,
+    chunk: int,
+    scale: float,
+    product: bool,
+    need_dh0: bool,
+):
     """Gradients of the chunked forward. Shapes as in the forward ([TT, H, ...] flattened tokens).
 
     Returns dq, da, du (input dtype), db (fp32), dh0 [N, H, K, V] fp32 or None.
@@ -172,25 +256,89 @@ def launch_chunk_bwd(q, a, b, w, uu, do, states, tmat, cu, cmap, dht, *, chunk: 
     prec = dot_precision(a.dtype)
     dstates = torch.empty_like(states)
     dx = torch.empty_like(uu)
-    dh0 = torch.empty(n_seq, n_heads, k_dim, v_dim, device=q.device, dtype=torch.float32) if need_dh0 else None
+    dh0 = (
+        torch.empty(n_seq, n_heads, k_dim, v_dim, device=q.device, dtype=torch.float32) if need_dh0 else None
+    )
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
     _bwd_dh_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
-        q, b, w, do, dx, dh0 if need_dh0 else dx, dht if dht is not None else dx, dstates, cu, off, scale,
-        H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CRP=crp, BK=bk, BV=bv, HAS_DH0=need_dh0,
-        HAS_DHT=dht is not None, PREC=prec, num_warps=4,
+        q,
+        b,
+        w,
+        do,
+        dx,
+        dh0 if need_dh0 else dx,
+        dht if dht is not None else dx,
+        dstates,
+        cu,
+        off,
+        scale,
+        H=n_heads,
+        K=k_dim,
+        V=v_dim,
+        R=rank,
+        C=chunk,
+        CRP=crp,
+        BK=bk,
+        BV=bv,
+        HAS_DH0=need_dh0,
+        HAS_DHT=dht is not None,
+        PREC=prec,
+        num_warps=4,
     )
     dq = torch.empty_like(q)
     db = torch.empty(a.shape, device=a.device, dtype=torch.float32)
     bv_par = min(64, max(16, next_pow2(v_dim)))
     _bwd_dq_kernel[(n_chunks, n_heads)](
-        q, b, w, uu, do, states, dstates, dq, db, seq, tok, cu, scale,
-        H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CRP=crp, BK=bk, BV=bv_par, PREC=prec, num_warps=8,
+        q,
+        b,
+        w,
+        uu,
+        do,
+        states,
+        dstates,
+        dq,
+        db,
+        seq,
+        tok,
+        cu,
+        scale,
+        H=n_heads,
+        K=k_dim,
+        V=v_dim,
+        R=rank,
+        C=chunk,
+        CRP=crp,
+        BK=bk,
+        BV=bv_par,
+        PREC=prec,
+        num_warps=8,
     )
     da = torch.empty_like(a)
     du = torch.empty_like(uu)
     _bwd_dab_kernel[(n_chunks, n_heads)](
-        a, b, w, uu, dx, states, tmat, da, db, du, seq, tok, cu,
-        H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CRP=crp, BK=bk, BV=bv_par, PRODUCT=product,
-        PREC=prec, num_warps=8,
+        a,
+        b,
+        w,
+        uu,
+        dx,
+        states,
+        tmat,
+        da,
+        db,
+        du,
+        seq,
+        tok,
+        cu,
+        H=n_heads,
+        K=k_dim,
+        V=v_dim,
+        R=rank,
+        C=chunk,
+        CRP=crp,
+        BK=bk,
+        BV=bv_par,
+        PRODUCT=product,
+        PREC=prec,
+        num_warps=8,
     )
     return dq, da, db, du, dh0

@@ -54,9 +54,23 @@ def solve_mask(t, CRP: tl.constexpr, PRODUCT: tl.constexpr):
 
 
 @triton.jit
-def chunk_inverse(a, b, h, t0, eos, H: tl.constexpr, K: tl.constexpr, R: tl.constexpr,
-                  C: tl.constexpr, CRP: tl.constexpr, BK: tl.constexpr, LOG_NB: tl.constexpr,
-                  PRODUCT: tl.constexpr, PREC: tl.constexpr, INV_PREC: tl.constexpr):
+def chunk_inverse(
+    a,
+    b,
+    h,
+    t0,
+    eos,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    LOG_NB: tl.constexpr,
+    PRODUCT: tl.constexpr,
+    PREC: tl.constexpr,
+    INV_PREC: tl.constexpr,
+):
     """Loads A, B rows of one chunk and returns (T, A, B, row, valid)."""
     t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
     kk = tl.arange(0, BK)
@@ -69,26 +83,50 @@ def chunk_inverse(a, b, h, t0, eos, H: tl.constexpr, K: tl.constexpr, R: tl.cons
 
 
 @triton.jit
-def _wu_kernel(a, b, u, w, uu, tmat, chunk_seq, chunk_tok, cu,
-               H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-               CRP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, LOG_NB: tl.constexpr,
-               PRODUCT: tl.constexpr, COMPUTE_WU: tl.constexpr, STORE_T: tl.constexpr,
-               PREC: tl.constexpr, INV_PREC: tl.constexpr):
+def _wu_kernel(
+    a,
+    b,
+    u,
+    w,
+    uu,
+    tmat,
+    chunk_seq,
+    chunk_tok,
+    cu,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    LOG_NB: tl.constexpr,
+    PRODUCT: tl.constexpr,
+    COMPUTE_WU: tl.constexpr,
+    STORE_T: tl.constexpr,
+    PREC: tl.constexpr,
+    INV_PREC: tl.constexpr,
+):
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + n + 1)
-    t_inv, a_t, b_t, row, valid = chunk_inverse(a, b, h, t0, eos, H, K, R, C, CRP, BK, LOG_NB,
-                                                PRODUCT, PREC, INV_PREC)
+    t_inv, a_t, b_t, row, valid = chunk_inverse(
+        a, b, h, t0, eos, H, K, R, C, CRP, BK, LOG_NB, PRODUCT, PREC, INV_PREC
+    )
     j = tl.arange(0, CRP)
     if STORE_T:
         tl.store(tmat + ((g.to(tl.int64) * H + h) * CRP + j[:, None]) * CRP + j[None, :], t_inv)
     if COMPUTE_WU:
         kk = tl.arange(0, BK)
         w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BK]
-        tl.store(w + row[:, None] * K + kk[None, :], w_t.to(w.dtype.element_ty),
-                 mask=valid[:, None] & (kk[None, :] < K))
+        tl.store(
+            w + row[:, None] * K + kk[None, :],
+            w_t.to(w.dtype.element_ty),
+            mask=valid[:, None] & (kk[None, :] < K),
+        )
         for v0 in tl.static_range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
             vmask = valid[:, None] & (vv[None, :] < V)
@@ -98,10 +136,31 @@ def _wu_kernel(a, b, u, w, uu, tmat, chunk_seq, chunk_tok, cu,
 
 
 @triton.jit
-def _fwd_scan_kernel(q, b, w, uu, o, h0, ht, states, cu, chunk_off, scale,
-                     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr, C: tl.constexpr,
-                     CRP: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
-                     STORE_HT: tl.constexpr, STORE_STATES: tl.constexpr, PREC: tl.constexpr):
+def _fwd_scan_kernel(
+    q,
+    b,
+    w,
+    uu,
+    o,
+    h0,
+    ht,
+    states,
+    cu,
+    chunk_off,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    HAS_H0: tl.constexpr,
+    STORE_HT: tl.constexpr,
+    STORE_STATES: tl.constexpr,
+    PREC: tl.constexpr,
+):
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -139,8 +198,11 @@ def _fwd_scan_kernel(q, b, w, uu, o, h0, ht, states, cu, chunk_off, scale,
         p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
         p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [C, CRP]
         o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
-        tl.store(o + qrow[:, None] * V + vv[None, :], (o_t * scale).to(o.dtype.element_ty),
-                 mask=qmask & vmask[None, :])
+        tl.store(
+            o + qrow[:, None] * V + vv[None, :],
+            (o_t * scale).to(o.dtype.element_ty),
+            mask=qmask & vmask[None, :],
+        )
         state += tl.dot(tl.trans(b_t), x_in, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + nh.to(tl.int64) * K * V + hv_off, state, mask=hv_mask)
@@ -162,20 +224,55 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
     seq, tok, _ = cmap
     w = torch.empty_like(a) if compute_wu else None
     uu = torch.empty_like(u) if compute_wu else None
-    tmat = torch.empty(seq.numel(), n_heads, crp, crp, device=a.device, dtype=torch.float32) if store_t else None
+    tmat = (
+        torch.empty(seq.numel(), n_heads, crp, crp, device=a.device, dtype=torch.float32) if store_t else None
+    )
     _wu_kernel[(seq.numel(), n_heads)](
-        a, b, u if compute_wu else a, w if compute_wu else a, uu if compute_wu else a,
-        tmat if store_t else a, seq, tok, cu,
-        H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CRP=crp, BK=max(16, next_pow2(k_dim)),
-        BV=min(64, max(16, next_pow2(v_dim))), LOG_NB=(crp // 16).bit_length() - 1, PRODUCT=product,
-        COMPUTE_WU=compute_wu, STORE_T=store_t, PREC=dot_precision(a.dtype), INV_PREC="tf32x3",
+        a,
+        b,
+        u if compute_wu else a,
+        w if compute_wu else a,
+        uu if compute_wu else a,
+        tmat if store_t else a,
+        seq,
+        tok,
+        cu,
+        H=n_heads,
+        K=k_dim,
+        V=v_dim,
+        R=rank,
+        C=chunk,
+        CRP=crp,
+        BK=max(16, next_pow2(k_dim)),
+        BV=min(64, max(16, next_pow2(v_dim))),
+        LOG_NB=(crp // 16).bit_length() - 1,
+        PRODUCT=product,
+        COMPUTE_WU=compute_wu,
+        STORE_T=store_t,
+        PREC=dot_precision(a.dtype),
+        INV_PREC="tf32x3",
         num_warps=4 if crp <= 64 else 8,
     )
     return w, uu, tmat
 
 
-def launch_fwd_scan(q, b, w, uu, cu, chunk_off, h0, *, chunk: int, scale: float, out_dtype,
-                    store_ht: bool, store_states: bool, n_chunks: int, states_dtype=None):
+def launch_fwd_scan(
+    q,
+    b,
+    w,
+    uu,
+    cu,
+    chunk_off,
+    h0,
+    *,
+    chunk: int,
+    scale: float,
+    out_dtype,
+    store_ht: bool,
+    store_states: bool,
+    n_chunks: int,
+    states_dtype=None,
+):
     """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V] -> (o [TT, H, V], ht [N, H, K, V] fp32, states)."""
     total, n_heads, rank, k_dim = w.shape
     v_dim = uu.shape[-1]
@@ -187,11 +284,30 @@ def launch_fwd_scan(q, b, w, uu, cu, chunk_off, h0, *, chunk: int, scale: float,
         states = torch.empty(n_chunks, n_heads, k_dim, v_dim, device=q.device, dtype=states_dtype)
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
     _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
-        q, b, w, uu, o, h0 if h0 is not None else o, ht if store_ht else o,
-        states if store_states else o, cu, chunk_off, scale,
-        H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CRP=max(16, next_pow2(chunk * rank)),
-        BK=max(16, next_pow2(k_dim)), BV=bv, HAS_H0=h0 is not None, STORE_HT=store_ht,
-        STORE_STATES=store_states, PREC=dot_precision(w.dtype), num_warps=4,
+        q,
+        b,
+        w,
+        uu,
+        o,
+        h0 if h0 is not None else o,
+        ht if store_ht else o,
+        states if store_states else o,
+        cu,
+        chunk_off,
+        scale,
+        H=n_heads,
+        K=k_dim,
+        V=v_dim,
+        R=rank,
+        C=chunk,
+        CRP=max(16, next_pow2(chunk * rank)),
+        BK=max(16, next_pow2(k_dim)),
+        BV=bv,
+        HAS_H0=h0 is not None,
+        STORE_HT=store_ht,
+        STORE_STATES=store_states,
+        PREC=dot_precision(w.dtype),
+        num_warps=4,
     )
     return o, ht, states
 

@@ -63,25 +63,46 @@ class _Plan:
 
 def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backward: bool):
     if solver is None:
-        w, uu, tmat = launch_wu(a, b, u, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product,
-                                store_t=for_backward)
+        w, uu, tmat = launch_wu(
+            a, b, u, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product, store_t=for_backward
+        )
     else:
         shape5 = (plan.batch, plan.seq_len) + a.shape[1:]
-        w, uu = solver(a.view(shape5), b.view(shape5), u.view(shape5[:-1] + u.shape[-1:]), mode=plan.mode,
-                       chunk_size=plan.chunk, cu_seqlens=plan.cu_seqlens)
+        w, uu = solver(
+            a.view(shape5),
+            b.view(shape5),
+            u.view(shape5[:-1] + u.shape[-1:]),
+            mode=plan.mode,
+            chunk_size=plan.chunk,
+            cu_seqlens=plan.cu_seqlens,
+        )
         w, uu, tmat = plan.flat(w), plan.flat(uu), None
     states_dtype = torch.bfloat16 if a.dtype == torch.bfloat16 else torch.float32
-    o, ht, states = launch_fwd_scan(q, b, w, uu, plan.cu, plan.cmap[2], h0, chunk=plan.chunk, scale=plan.scale,
-                                    out_dtype=u.dtype, store_ht=store_ht, store_states=for_backward,
-                                    n_chunks=plan.cmap[0].numel(), states_dtype=states_dtype)
+    o, ht, states = launch_fwd_scan(
+        q,
+        b,
+        w,
+        uu,
+        plan.cu,
+        plan.cmap[2],
+        h0,
+        chunk=plan.chunk,
+        scale=plan.scale,
+        out_dtype=u.dtype,
+        store_ht=store_ht,
+        store_states=for_backward,
+        n_chunks=plan.cmap[0].numel(),
+        states_dtype=states_dtype,
+    )
     return o, ht, (w, uu, tmat, states)
 
 
 class _ChunkDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, a, b, u, h0, plan, solver, store_ht):
-        o, ht, (w, uu, tmat, states) = _forward(q, a, b, u, h0, plan, solver, store_ht=store_ht,
-                                               for_backward=True)
+        o, ht, (w, uu, tmat, states) = _forward(
+            q, a, b, u, h0, plan, solver, store_ht=store_ht, for_backward=True
+        )
         ctx.save_for_backward(q, a, b, w, uu, tmat, states)
         ctx.plan = plan
         ctx.h0_dtype = None if h0 is None else h0.dtype
@@ -92,12 +113,33 @@ class _ChunkDeltaRule(torch.autograd.Function):
         q, a, b, w, uu, tmat, states = ctx.saved_tensors
         plan = ctx.plan
         if tmat is None:
-            _, _, tmat = launch_wu(a, b, None, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product,
-                                   compute_wu=False, store_t=True)
+            _, _, tmat = launch_wu(
+                a,
+                b,
+                None,
+                plan.cu,
+                plan.cmap,
+                chunk=plan.chunk,
+                product=plan.product,
+                compute_wu=False,
+                store_t=True,
+            )
         dq, da, db, du, dh0 = launch_chunk_bwd(
-            q, a, b, w, uu, do.contiguous(), states, tmat, plan.cu, plan.cmap,
-            None if dht is None else dht.contiguous(), chunk=plan.chunk, scale=plan.scale,
-            product=plan.product, need_dh0=ctx.h0_dtype is not None,
+            q,
+            a,
+            b,
+            w,
+            uu,
+            do.contiguous(),
+            states,
+            tmat,
+            plan.cu,
+            plan.cmap,
+            None if dht is None else dht.contiguous(),
+            chunk=plan.chunk,
+            scale=plan.scale,
+            product=plan.product,
+            need_dh0=ctx.h0_dtype is not None,
         )
         dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
         return dq, da, db.to(b.dtype), du, dh0, None, None, None
@@ -114,13 +156,27 @@ def _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm):
     if not 1 <= rank <= MAX_RANK:
         raise ValueError(f"the Triton kernels support rank R in 1..{MAX_RANK}, got R={rank}")
     if k_dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
-        raise ValueError(f"the Triton kernels support head widths up to {MAX_HEAD_DIM}, got K={k_dim}, V={v_dim}")
+        raise ValueError(
+            f"the Triton kernels support head widths up to {MAX_HEAD_DIM}, got K={k_dim}, V={v_dim}"
+        )
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs batch size 1, got B={q.shape[0]}")
 
 
-def triton_delta_rule_drivers(q, a, b, u, *, mode="sum", scale=None, initial_state=None,
-                              output_final_state=False, cu_seqlens=None, chunk_size=64, algorithm="auto"):
+def triton_delta_rule_drivers(
+    q,
+    a,
+    b,
+    u,
+    *,
+    mode="sum",
+    scale=None,
+    initial_state=None,
+    output_final_state=False,
+    cu_seqlens=None,
+    chunk_size=64,
+    algorithm="auto",
+):
     """Rank-R delta rule on general drivers with the Triton kernels.
 
     q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V]; initial_state [N, H, K, V] (any float);
@@ -135,8 +191,10 @@ def triton_delta_rule_drivers(q, a, b, u, *, mode="sum", scale=None, initial_sta
     q, a, b = (x.to(dtype) for x in (q, a, b))
     if algorithm == "recurrent":
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, a, b, u)):
-            raise NotImplementedError("algorithm='recurrent' on the Triton backend is forward-only (decoding); "
-                                      "use algorithm='tensor_inv' for training")
+            raise NotImplementedError(
+                "algorithm='recurrent' on the Triton backend is forward-only (decoding); "
+                "use algorithm='tensor_inv' for training"
+            )
         batch, seq_len = a.shape[:2]
         cu = seq_offsets(batch, seq_len, cu_seqlens, a.device)
         n_seq, n_heads, k_dim, v_dim = cu.numel() - 1, a.shape[2], a.shape[4], u.shape[4]
@@ -153,7 +211,8 @@ def triton_delta_rule_drivers(q, a, b, u, *, mode="sum", scale=None, initial_sta
     h0 = None if initial_state is None else initial_state.contiguous()
     out_shape = q.shape[:3] + u.shape[-1:]
     needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, a, b, u, initial_state))
+        x is not None and x.requires_grad for x in (q, a, b, u, initial_state)
+    )
     if needs_grad:
         o, ht = _ChunkDeltaRule.apply(*flat, h0, plan, solver, output_final_state)
     else:

@@ -15,9 +15,23 @@ from .triton_utils import next_pow2
 
 
 @triton.jit
-def _recurrent_kernel(q, a, b, u, o, state, cu, scale,
-                      H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, R: tl.constexpr,
-                      BK: tl.constexpr, BV: tl.constexpr, PRODUCT: tl.constexpr):
+def _recurrent_kernel(
+    q,
+    a,
+    b,
+    u,
+    o,
+    state,
+    cu,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PRODUCT: tl.constexpr,
+):
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -63,7 +77,21 @@ def launch_recurrent_(q, a, b, u, state, cu, *, scale: float, product: bool, out
     bk = max(16, next_pow2(k_dim))
     bv = min(max(16, next_pow2(v_dim)), 32 if bk > 128 else 64)
     _recurrent_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
-        q, a, b, u, o, state, cu, scale, H=n_heads, K=k_dim, V=v_dim, R=rank, BK=bk, BV=bv,
-        PRODUCT=product, num_warps=4,
+        q,
+        a,
+        b,
+        u,
+        o,
+        state,
+        cu,
+        scale,
+        H=n_heads,
+        K=k_dim,
+        V=v_dim,
+        R=rank,
+        BK=bk,
+        BV=bv,
+        PRODUCT=product,
+        num_warps=4,
     )
     return o

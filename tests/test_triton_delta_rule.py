@@ -46,7 +46,9 @@ def loop_reference(q, a, b, u, *, mode, scale, initial_state=None, cu_seqlens=No
 def make_inputs(batch, seq_len, n_heads, rank, k_dim, v_dim, *, dtype, device, n_states=None):
     """Delta-rule drivers from unit keys and sigmoid betas (a = -beta k, b = k, u = beta v)."""
     q = torch.randn(batch, seq_len, n_heads, k_dim, device=device)
-    k = torch.nn.functional.normalize(torch.randn(batch, seq_len, n_heads, rank, k_dim, device=device), dim=-1)
+    k = torch.nn.functional.normalize(
+        torch.randn(batch, seq_len, n_heads, rank, k_dim, device=device), dim=-1
+    )
     v = torch.randn(batch, seq_len, n_heads, rank, v_dim, device=device)
     beta = torch.rand(batch, seq_len, n_heads, rank, 1, device=device) / rank
     a, b, u = -beta * k, k, beta * v
@@ -58,27 +60,61 @@ def rel_err(x, ref):
     return ((x.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
 
 
-def run_case(batch, seq_len, n_heads, rank, k_dim, v_dim, mode, *, with_h0, chunk_size, dtype, device,
-             cu=None, backward=True, algorithm="tensor_inv"):
+def run_case(
+    batch,
+    seq_len,
+    n_heads,
+    rank,
+    k_dim,
+    v_dim,
+    mode,
+    *,
+    with_h0,
+    chunk_size,
+    dtype,
+    device,
+    cu=None,
+    backward=True,
+    algorithm="tensor_inv",
+):
     n_states = batch if cu is None else len(cu) - 1
-    (q, a, b, u), h0 = make_inputs(batch, seq_len, n_heads, rank, k_dim, v_dim, dtype=dtype, device=device,
-                                   n_states=n_states if with_h0 else None)
+    (q, a, b, u), h0 = make_inputs(
+        batch,
+        seq_len,
+        n_heads,
+        rank,
+        k_dim,
+        v_dim,
+        dtype=dtype,
+        device=device,
+        n_states=n_states if with_h0 else None,
+    )
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=device)
     leaves = [x.clone().requires_grad_(backward) for x in (q, a, b, u)]
     h0_leaf = None if h0 is None else h0.clone().requires_grad_(backward)
     o, ht = triton_dispatch.triton_delta_rule_drivers(
-        *leaves, mode=mode, scale=k_dim**-0.5, initial_state=h0_leaf, output_final_state=True,
-        cu_seqlens=cu_t, chunk_size=chunk_size, algorithm=algorithm)
+        *leaves,
+        mode=mode,
+        scale=k_dim**-0.5,
+        initial_state=h0_leaf,
+        output_final_state=True,
+        cu_seqlens=cu_t,
+        chunk_size=chunk_size,
+        algorithm=algorithm,
+    )
     ref_leaves = [x.detach().cpu().double().requires_grad_(backward) for x in (q, a, b, u)]
     ref_h0 = None if h0 is None else h0.detach().cpu().double().requires_grad_(backward)
-    o_ref, ht_ref = loop_reference(*ref_leaves, mode=mode, scale=k_dim**-0.5, initial_state=ref_h0,
-                                   cu_seqlens=cu)
+    o_ref, ht_ref = loop_reference(
+        *ref_leaves, mode=mode, scale=k_dim**-0.5, initial_state=ref_h0, cu_seqlens=cu
+    )
     errs = {"o": rel_err(o.cpu(), o_ref), "ht": rel_err(ht.cpu(), ht_ref)}
     if backward:
         do = torch.randn_like(o_ref)
         dht = torch.randn_like(ht_ref)
-        ((o.float() * do.to(device=device, dtype=torch.float32)).sum()
-         + (ht * dht.to(device=device, dtype=torch.float32)).sum()).backward()
+        (
+            (o.float() * do.to(device=device, dtype=torch.float32)).sum()
+            + (ht * dht.to(device=device, dtype=torch.float32)).sum()
+        ).backward()
         ((o_ref * do).sum() + (ht_ref * dht).sum()).backward()
         for name, x, xr in zip("qabu", leaves, ref_leaves, strict=True):
             errs["d" + name] = rel_err(x.grad.cpu(), xr.grad)
@@ -101,8 +137,20 @@ INTERPRET_CASES = [
 @pytest.mark.parametrize("batch,seq_len,n_heads,rank,k_dim,v_dim,mode,with_h0,chunk_size,cu", INTERPRET_CASES)
 def test_chunk_matches_loop_fp32(batch, seq_len, n_heads, rank, k_dim, v_dim, mode, with_h0, chunk_size, cu):
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    errs = run_case(batch, seq_len, n_heads, rank, k_dim, v_dim, mode, with_h0=with_h0, chunk_size=chunk_size,
-                    dtype=torch.float32, device=device, cu=cu)
+    errs = run_case(
+        batch,
+        seq_len,
+        n_heads,
+        rank,
+        k_dim,
+        v_dim,
+        mode,
+        with_h0=with_h0,
+        chunk_size=chunk_size,
+        dtype=torch.float32,
+        device=device,
+        cu=cu,
+    )
     # interpreter fp32 arithmetic gives ~1e-6; 3xTF32 / TF32-free dots on a GPU stay below 1e-4
     assert max(errs.values()) < 2e-4, errs
 
@@ -112,10 +160,12 @@ def test_chunk_matches_loop_fp32(batch, seq_len, n_heads, rank, k_dim, v_dim, mo
 def test_recurrent_matches_loop_and_updates_in_place(mode):
     device = "cuda" if torch.cuda.is_available() else "cpu"
     (q, a, b, u), h0 = make_inputs(2, 3, 2, 2, 16, 32, dtype=torch.float32, device=device, n_states=2)
-    o_ref, ht_ref = loop_reference(q.cpu(), a.cpu(), b.cpu(), u.cpu(), mode=mode, scale=0.25,
-                                   initial_state=h0.cpu())
-    o, ht = triton_dispatch.triton_delta_rule_drivers(q, a, b, u, mode=mode, scale=0.25, initial_state=h0,
-                                                      output_final_state=True, algorithm="recurrent")
+    o_ref, ht_ref = loop_reference(
+        q.cpu(), a.cpu(), b.cpu(), u.cpu(), mode=mode, scale=0.25, initial_state=h0.cpu()
+    )
+    o, ht = triton_dispatch.triton_delta_rule_drivers(
+        q, a, b, u, mode=mode, scale=0.25, initial_state=h0, output_final_state=True, algorithm="recurrent"
+    )
     assert rel_err(o.cpu(), o_ref) < 1e-5 and rel_err(ht.cpu(), ht_ref) < 1e-5
     state = h0.clone()
     o_step = triton_dispatch.triton_recurrent_step_(q, a, b, u, state, mode=mode, scale=0.25)
@@ -130,11 +180,12 @@ def test_tensor_inv_wu_solves_the_chunk_system(mode):
     (_, a, b, u), _ = make_inputs(1, 20, 1, rank, 16, 16, dtype=torch.float32, device=device)
     w, uu = triton_dispatch.tensor_inv_wu(a, b, u, mode=mode, chunk_size=chunk)
     for start in (0, chunk):  # second chunk is partial (4 tokens)
-        sl = slice(start, start + chunk)
-        rows = lambda x: x[0, sl, 0].reshape(-1, x.shape[-1]).cpu().double()  # noqa: E731
+        rows = lambda x, s=slice(start, start + chunk): x[0, s, 0].reshape(-1, x.shape[-1]).cpu().double()  # noqa: E731
         ar, br, ur = rows(a), rows(b), rows(u)
         tok = torch.arange(ar.shape[0]) // rank
-        mask = tok[:, None] > tok[None, :] if mode == "sum" else torch.ones(len(tok), len(tok)).tril(-1).bool()
+        mask = (
+            tok[:, None] > tok[None, :] if mode == "sum" else torch.ones(len(tok), len(tok)).tril(-1).bool()
+        )
         lhs = torch.eye(len(tok), dtype=torch.float64) - (ar @ br.T) * mask
         assert rel_err(rows(w), torch.linalg.solve(lhs, ar)) < 1e-5
         assert rel_err(rows(uu), torch.linalg.solve(lhs, ur)) < 1e-5
@@ -176,14 +227,27 @@ GPU_GRID = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank,mode,dtype,k_dim", GPU_GRID)
 def test_chunk_matches_loop_gpu(rank, mode, dtype, k_dim):
-    errs = run_case(2, 200, 2, rank, k_dim, k_dim, mode, with_h0=True, chunk_size=64, dtype=dtype,
-                    device="cuda")
+    errs = run_case(
+        2, 200, 2, rank, k_dim, k_dim, mode, with_h0=True, chunk_size=64, dtype=dtype, device="cuda"
+    )
     assert max(errs.values()) < 2e-2, errs
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank,mode", [(1, "sum"), (2, "product"), (4, "sum")])
 def test_chunk_varlen_gpu(rank, mode):
-    errs = run_case(1, 300, 2, rank, 128, 128, mode, with_h0=True, chunk_size=64, dtype=torch.bfloat16,
-                    device="cuda", cu=[0, 1, 64, 65, 200, 300])
+    errs = run_case(
+        1,
+        300,
+        2,
+        rank,
+        128,
+        128,
+        mode,
+        with_h0=True,
+        chunk_size=64,
+        dtype=torch.bfloat16,
+        device="cuda",
+        cu=[0, 1, 64, 65, 200, 300],
+    )
     assert max(errs.values()) < 2e-2, errs
