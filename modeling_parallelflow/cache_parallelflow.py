@@ -1,0 +1,137 @@
+"""PFlowCache: per-layer decoding state of a ParallelFlow model.
+
+pflow layers keep the short-convolution tails and the fp32 recurrent state; attention layers keep keys and
+values. The cache counts the tokens it has seen so `generate()` can ask `get_seq_length()`.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+
+class PFlowLayerState:
+    """One layer's state. pflow: `conv` {"q","k","v": [B, C, W-1]}, `recurrent` [B, H, K, V] fp32.
+    attention: `keys` / `values` [B, Hkv, S, D] (sliding layers keep the last `window - 1` positions)."""
+
+    def __init__(self, layer_type: str, sliding_window: int | None = None):
+        self.layer_type = layer_type
+        self.sliding_window = sliding_window if layer_type == "sliding_attention" else None
+        self.conv: dict[str, torch.Tensor] = {}
+        self.recurrent: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        named = {f"conv.{k}": v for k, v in self.conv.items()}
+        for name in ("recurrent", "keys", "values"):
+            if getattr(self, name) is not None:
+                named[name] = getattr(self, name)
+        return named
+
+    def apply(self, fn) -> None:
+        """Replace every batch-leading tensor t by fn(t)."""
+        self.conv = {k: fn(v) for k, v in self.conv.items()}
+        for name in ("recurrent", "keys", "values"):
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)))
+
+
+class PFlowCache(Cache):
+    """Decoding cache for `PFlowForCausalLM` (not compileable: generate() keeps the 2D attention mask)."""
+
+    is_compileable = False
+
+    def __init__(self, config, batch_size: int | None = None, dtype=None, device=None):
+        # Cache.__init__ differs between transformers releases; this class keeps its own layer list.
+        self.layer_types = list(config.layer_types)
+        self.layers = [PFlowLayerState(t, config.sliding_window) for t in self.layer_types]
+        self.seen_tokens = 0
+        self.offloading = False
+        self.layer_class_to_replicate = None
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"PFlowCache(layers={self.layer_types}, seen_tokens={self.seen_tokens})"
+
+    # --- attention layers -------------------------------------------------------------------------------
+    def update_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
+        """Append keys/values [B, Hkv, T, D]; return everything the new queries attend to and the number of
+        positions before them that were kept."""
+        layer = self.layers[layer_idx]
+        if layer.keys is None:
+            past = 0
+            all_keys, all_values = keys, values
+        else:
+            past = layer.keys.shape[2]
+            all_keys = torch.cat([layer.keys, keys], dim=2)
+            all_values = torch.cat([layer.values, values], dim=2)
+        keep = all_keys.shape[2] if layer.sliding_window is None else layer.sliding_window - 1
+        layer.keys, layer.values = all_keys[:, :, -keep:] if keep > 0 else all_keys[:, :, :0], (
+            all_values[:, :, -keep:] if keep > 0 else all_values[:, :, :0]
+        )
+        return all_keys, all_values, past
+
+    # --- bookkeeping used by generate() -----------------------------------------------------------------
+    def advance(self, num_tokens: int) -> None:
+        """Called once per model forward, after every layer has run."""
+        self.seen_tokens += num_tokens
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_query_offset(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def has_previous_state(self, layer_idx: int | None = None, state_idx: int | None = None) -> bool:
+        return self.seen_tokens > 0
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.seen_tokens > 0
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [t == "sliding_attention" for t in self.layer_types]
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [t == "pflow" for t in self.layer_types]
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def batch_size(self) -> int | None:
+        for layer in self.layers:
+            for tensor in layer.tensors().values():
+                return tensor.shape[0]
+        return None
+
+    def crop(self, max_length: int) -> None:
+        raise NotImplementedError("PFlowCache cannot be cropped: a recurrent state cannot forget tokens")
+
+    def reset(self) -> None:
+        self.layers = [PFlowLayerState(t, layer.sliding_window) for t, layer in zip(self.layer_types, self.layers)]
+        self.seen_tokens = 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for layer in self.layers:
+            layer.apply(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        for layer in self.layers:
+            layer.apply(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        for layer in self.layers:
+            layer.apply(lambda t: t[indices])

@@ -1,0 +1,184 @@
+"""PFlowConfig: the configuration of a ParallelFlow (rank-R delta rule) language model.
+
+Field names follow flash-linear-attention's DeltaNet config where one exists, and Llama's for the optional
+softmax-attention layers of a hybrid.
+"""
+
+from __future__ import annotations
+
+from transformers import PretrainedConfig
+
+LAYER_TYPES = ("pflow", "attention", "sliding_attention")
+RANK_MODES = ("sum", "product")
+FLOWS = ("euler", "exact")
+ALGORITHMS = ("auto", "tensor_inv", "sigdelta", "recurrent")
+KERNEL_BACKENDS = ("auto", "triton", "torch")
+HIDDEN_ACTS = ("silu", "swish")
+MAX_RANK = 8
+
+
+def _require(condition: bool, field: str, allowed: str, value) -> None:
+    if not condition:
+        raise ValueError(f"PFlowConfig.{field} must be {allowed}, got {value!r}")
+
+
+class PFlowConfig(PretrainedConfig):
+    """Configuration of `PFlowModel` / `PFlowForCausalLM`.
+
+    Mixer ("pflow" layers): each token emits one query [H, K], `rank` keys [H, R, K], `rank` values [H, R, V]
+    and `rank` step sizes [H, R]; the state [H, K, V] follows the rank-R delta rule.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers, intermediate_size, hidden_act: the usual LM sizes.
+            `intermediate_size=None` takes fla's rule: 2/3 * 4 * hidden_size rounded up to a multiple of 256.
+        num_heads: heads of the delta-rule mixer. `head_k_dim` / `head_v_dim` default to hidden_size // num_heads.
+        rank: R >= 1 (at most 8) keys/values/betas per head per token.
+        rank_mode: "sum" (ParallelFlow Euler step: the R components act together) or "product" (DeltaProduct:
+            the R components act one after the other).
+        flow: "euler" (one Euler step per token) or "exact" (product of exponentials: exact integration of the
+            constant-rate step; a rescaling of the drivers).
+        allow_neg_eigval: betas in (0, 2) instead of (0, 1): transition eigenvalues in [-1, 1].
+        use_short_conv, conv_size: depthwise causal convolution on q, k, v (kernel `conv_size`).
+        use_gate: output gate (RMSNorm(o) * SiLU(g_proj(x))), as fla's DeltaNet `use_gate`.
+        layer_types: per layer "pflow", "attention" (softmax, RoPE) or "sliding_attention" (needs `sliding_window`).
+        num_attention_heads, num_key_value_heads, attention_head_dim, rope_theta, sliding_window: softmax layers.
+        chunk_size: tokens per chunk of the chunked algorithms.
+        algorithm: "auto", "tensor_inv", "sigdelta" or "recurrent" (training/prefill algorithm).
+        kernel_backend: "auto" (Triton on CUDA when available, else torch), "triton" or "torch".
+    """
+
+    model_type = "parallelflow"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        num_hidden_layers: int = 24,
+        num_heads: int = 8,
+        head_k_dim: int | None = None,
+        head_v_dim: int | None = None,
+        rank: int = 1,
+        rank_mode: str = "sum",
+        flow: str = "euler",
+        allow_neg_eigval: bool = False,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        use_gate: bool = False,
+        layer_types: list[str] | None = None,
+        num_attention_heads: int | None = None,
+        num_key_value_heads: int | None = None,
+        attention_head_dim: int | None = None,
+        sliding_window: int | None = None,
+        rope_theta: float = 10000.0,
+        intermediate_size: int | None = None,
+        hidden_act: str = "silu",
+        chunk_size: int = 64,
+        algorithm: str = "auto",
+        kernel_backend: str = "auto",
+        max_position_embeddings: int = 2048,
+        norm_eps: float = 1e-6,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = False,
+        use_cache: bool = True,
+        pad_token_id: int | None = None,
+        bos_token_id: int | None = 1,
+        eos_token_id: int | None = 2,
+        **kwargs,
+    ):
+        # transformers' own __init__ validator rejects layer names it does not know, so our fields are set after it.
+        super().__init__(
+            pad_token_id=pad_token_id,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_heads = num_heads
+        self.head_k_dim = head_k_dim if head_k_dim is not None else hidden_size // max(num_heads, 1)
+        self.head_v_dim = head_v_dim if head_v_dim is not None else self.head_k_dim
+        self.rank = rank
+        self.rank_mode = rank_mode
+        self.flow = flow
+        self.allow_neg_eigval = allow_neg_eigval
+        self.use_short_conv = use_short_conv
+        self.conv_size = conv_size
+        self.use_gate = use_gate
+        self.layer_types = list(layer_types) if layer_types is not None else ["pflow"] * num_hidden_layers
+        self.num_attention_heads = num_attention_heads if num_attention_heads is not None else num_heads
+        self.num_key_value_heads = (
+            num_key_value_heads if num_key_value_heads is not None else self.num_attention_heads
+        )
+        self.attention_head_dim = (
+            attention_head_dim
+            if attention_head_dim is not None
+            else hidden_size // max(self.num_attention_heads, 1)
+        )
+        self.sliding_window = sliding_window
+        self.rope_theta = rope_theta
+        if intermediate_size is None:
+            intermediate_size = 256 * ((int(hidden_size * 4 * 2 / 3) + 255) // 256)
+        self.intermediate_size = intermediate_size
+        self.hidden_act = hidden_act
+        self.chunk_size = chunk_size
+        self.algorithm = algorithm
+        self.kernel_backend = kernel_backend
+        self.max_position_embeddings = max_position_embeddings
+        self.norm_eps = norm_eps
+        self.initializer_range = initializer_range
+        self.tie_word_embeddings = tie_word_embeddings
+        self.use_cache = use_cache
+        self.pad_token_id = pad_token_id
+        self.bos_token_id = bos_token_id
+        self.eos_token_id = eos_token_id
+        self.validate_pflow()
+
+    def validate(self) -> None:
+        """transformers' config validators, except its layer-type check (it knows only its own attention layer
+        names; ours are LAYER_TYPES), then ours."""
+        for validator in getattr(PretrainedConfig, "__class_validators__", ()):
+            if validator.__name__ != "validate_layer_type":
+                validator(self)
+        self.validate_pflow()
+
+    def validate_pflow(self) -> None:
+        """Raise `ValueError` naming the first invalid field and its allowed range."""
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_k_dim", "head_v_dim",
+                      "intermediate_size", "max_position_embeddings", "num_attention_heads",
+                      "num_key_value_heads", "attention_head_dim"):
+            value = getattr(self, field)
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
+                     "an integer >= 1", value)
+        _require(isinstance(self.rank, int) and 1 <= self.rank <= MAX_RANK, "rank",
+                 f"an integer in [1, {MAX_RANK}]", self.rank)
+        _require(self.rank_mode in RANK_MODES, "rank_mode", f"one of {RANK_MODES}", self.rank_mode)
+        _require(self.flow in FLOWS, "flow", f"one of {FLOWS}", self.flow)
+        _require(self.algorithm in ALGORITHMS, "algorithm", f"one of {ALGORITHMS}", self.algorithm)
+        _require(self.kernel_backend in KERNEL_BACKENDS, "kernel_backend", f"one of {KERNEL_BACKENDS}",
+                 self.kernel_backend)
+        _require(self.hidden_act in HIDDEN_ACTS, "hidden_act", f"one of {HIDDEN_ACTS}", self.hidden_act)
+        _require(isinstance(self.conv_size, int) and 1 <= self.conv_size <= 16, "conv_size",
+                 "an integer in [1, 16]", self.conv_size)
+        _require(isinstance(self.chunk_size, int) and self.chunk_size >= 1
+                 and self.chunk_size & (self.chunk_size - 1) == 0 and self.chunk_size <= 256,
+                 "chunk_size", "a power of two in [1, 256]", self.chunk_size)
+        _require(isinstance(self.norm_eps, float | int) and self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
+        _require(isinstance(self.initializer_range, float | int) and self.initializer_range > 0,
+                 "initializer_range", "> 0", self.initializer_range)
+        _require(len(self.layer_types) == self.num_hidden_layers, "layer_types",
+                 f"a list of num_hidden_layers={self.num_hidden_layers} entries", self.layer_types)
+        for layer_type in self.layer_types:
+            _require(layer_type in LAYER_TYPES, "layer_types", f"a list of {LAYER_TYPES}", self.layer_types)
+        if "sliding_attention" in self.layer_types:
+            _require(isinstance(self.sliding_window, int) and self.sliding_window >= 1, "sliding_window",
+                     "an integer >= 1 when layer_types has 'sliding_attention'", self.sliding_window)
+        if any(t != "pflow" for t in self.layer_types):
+            _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
+                     f"a divisor of num_attention_heads={self.num_attention_heads}", self.num_key_value_heads)
+            _require(self.attention_head_dim % 2 == 0, "attention_head_dim", "even (RoPE rotates pairs)",
+                     self.attention_head_dim)
+        if self.tie_word_embeddings not in (True, False):
+            raise ValueError(f"PFlowConfig.tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")

@@ -1,0 +1,462 @@
+"""ParallelFlow language model: rank-R delta-rule mixers (optionally mixed with softmax attention layers),
+Llama-style blocks with SwiGLU MLPs.
+
+Shapes: B batch, T new tokens, S attended key positions, D hidden, H heads, R rank, K key width, V value width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.generation import GenerationMixin
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel
+
+from .cache_parallelflow import PFlowCache, PFlowLayerState
+from .configuration_parallelflow import PFlowConfig
+from .ops import delta_rule, delta_rule_drivers
+from .ops_exact_flow import exact_flow_drivers
+
+DECODE_MAX_TOKENS = 8  # cached continuations this short run the recurrent algorithm (same maths, less work)
+
+
+class PFlowRMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in fp32."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class PFlowMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, config: PFlowConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """[N + 1] boundaries -> [total] sequence index of every packed token."""
+    positions = torch.arange(total, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens[1:].to(positions.dtype), positions, right=True)
+
+
+def causal_depthwise_conv(
+    x: torch.Tensor, weight: torch.Tensor, tail: torch.Tensor | None, segments: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal depthwise conv of x [B, T, C] with weight [C, 1, W] continuing from tail [B, C, W-1].
+
+    Returns (y [B, T, C], new tail [B, C, W-1]). With `segments` [T] (packed sequences, B = 1) no tap crosses a
+    sequence boundary.
+    """
+    batch, length, channels = x.shape
+    width = weight.shape[-1]
+    if tail is None:
+        tail = x.new_zeros(batch, channels, width - 1)
+    xx = torch.cat([tail.to(x.dtype), x.transpose(1, 2)], dim=-1)  # [B, C, W-1+T]
+    if segments is None:
+        y = F.conv1d(xx, weight.to(x.dtype), groups=channels)
+    else:
+        windows = xx.unfold(-1, width, 1)  # [B, C, T, W]: taps t-W+1 .. t
+        tap = torch.arange(length, device=x.device)[:, None] + torch.arange(width, device=x.device) - (width - 1)
+        same = (tap >= 0) & (segments[tap.clamp(min=0)] == segments[:, None])  # [T, W]
+        y = (windows * same.to(x.dtype) * weight.to(x.dtype)[:, 0, None, :]).sum(-1)
+    return y.transpose(1, 2), xx[:, :, xx.shape[-1] - (width - 1) :]
+
+
+class PFlowMixer(nn.Module):
+    """The rank-R delta-rule token mixer (a DeltaNet layer with R keys, values and betas per head)."""
+
+    def __init__(self, config: PFlowConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        h, r, k, v = config.num_heads, config.rank, config.head_k_dim, config.head_v_dim
+        self.num_heads, self.rank, self.head_k_dim, self.head_v_dim = h, r, k, v
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, h * k, bias=False)
+        self.k_proj = nn.Linear(d, h * r * k, bias=False)
+        self.v_proj = nn.Linear(d, h * r * v, bias=False)
+        self.b_proj = nn.Linear(d, h * r, bias=False)
+        if config.use_short_conv:
+            w = config.conv_size
+            self.q_conv1d = nn.Conv1d(h * k, h * k, w, groups=h * k, bias=False)
+            self.k_conv1d = nn.Conv1d(h * r * k, h * r * k, w, groups=h * r * k, bias=False)
+            self.v_conv1d = nn.Conv1d(h * r * v, h * r * v, w, groups=h * r * v, bias=False)
+        if config.use_gate:
+            self.g_proj = nn.Linear(d, h * v, bias=False)
+        self.o_norm = PFlowRMSNorm(v, eps=config.norm_eps)
+        self.o_proj = nn.Linear(h * v, d, bias=False)
+
+    def _features(self, name: str, x: torch.Tensor, state: PFlowLayerState | None, segments, pad_mask):
+        """proj -> (pads zeroed) -> short causal conv -> SiLU."""
+        y = getattr(self, f"{name}_proj")(x)
+        if pad_mask is not None:
+            y = torch.where(pad_mask[..., None], y, torch.zeros_like(y))
+        if self.config.use_short_conv:
+            tail = state.conv.get(name) if state is not None else None
+            y, new_tail = causal_depthwise_conv(y, getattr(self, f"{name}_conv1d").weight, tail, segments)
+            if state is not None:
+                state.conv[name] = new_tail
+        return F.silu(y)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        pad_mask: torch.Tensor | None = None,
+        state: PFlowLayerState | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, D], pad_mask [B, T] bool (True = real token) -> [B, T, D]; updates `state` in place."""
+        batch, length, _ = x.shape
+        h, r, k, v = self.num_heads, self.rank, self.head_k_dim, self.head_v_dim
+        q = F.normalize(self._features("q", x, state, segments, pad_mask).view(batch, length, h, k), dim=-1)
+        keys = F.normalize(self._features("k", x, state, segments, pad_mask).view(batch, length, h, r, k), dim=-1)
+        values = self._features("v", x, state, segments, pad_mask).view(batch, length, h, r, v)
+        beta = torch.sigmoid(self.b_proj(x).float()).view(batch, length, h, r)
+        beta = beta * (2.0 if self.config.allow_neg_eigval else 1.0)
+        if self.config.rank_mode == "sum":
+            beta = beta / r  # sum of the R steps stays <= 1 (or 2): the transition never expands the state
+        if pad_mask is not None:
+            beta = beta * pad_mask[..., None, None]  # pads leave the state untouched
+        beta = beta.to(values.dtype)
+
+        initial_state = state.recurrent if state is not None else None
+        algorithm = self.config.algorithm
+        if initial_state is not None and length <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
+            algorithm = "recurrent"
+        op_kwargs = dict(
+            mode=self.config.rank_mode,
+            initial_state=initial_state,
+            output_final_state=state is not None,
+            cu_seqlens=cu_seqlens,
+            chunk_size=self.config.chunk_size,
+            algorithm=algorithm,
+            backend=self.config.kernel_backend,
+        )
+        if self.config.flow == "exact":
+            beta_col = beta[..., None]
+            a, u = exact_flow_drivers(-beta_col * keys, keys, beta_col * values, self.config.rank_mode)
+            o, final_state = delta_rule_drivers(q, a, keys, u, **op_kwargs)
+        else:
+            o, final_state = delta_rule(q, keys, values, beta, **op_kwargs)
+        if state is not None:
+            state.recurrent = final_state
+
+        o = self.o_norm(o)  # [B, T, H, V]
+        if self.config.use_gate:
+            o = o * F.silu(self.g_proj(x).view(batch, length, h, v))
+        return self.o_proj(o.reshape(batch, length, h * v))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Llama RoPE (halves rotated) of x [B, N, T, D] at positions [B, T]."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, device=x.device, dtype=torch.float32) / dim))
+    angles = positions[:, None, :, None].float() * inv_freq  # [B, 1, T, D/2]
+    angles = torch.cat([angles, angles], dim=-1)
+    return (x.float() * angles.cos() + rotate_half(x.float()) * angles.sin()).to(x.dtype)
+
+
+class PFlowAttention(nn.Module):
+    """Softmax attention (full or sliding window) with RoPE and grouped KV heads, through SDPA."""
+
+    def __init__(self, config: PFlowConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.attention_head_dim
+        self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
+        d = config.hidden_size
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        key_valid: torch.Tensor | None,
+        cache: PFlowCache | None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """x [B, T, D], positions [B, T], key_valid [B, past + T] bool or None -> [B, T, D]."""
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, positions, self.config.rope_theta)
+        k = apply_rope(k, positions, self.config.rope_theta)
+        past_total = cache.get_seq_length() if cache is not None else 0
+        if cache is not None:
+            k, v, kept_past = cache.update_attention(self.layer_idx, k, v)
+        else:
+            kept_past = 0
+        # Slots count every position the cache has seen; keys hold slots first_slot .. past_total + T - 1.
+        first_slot = past_total - kept_past
+        query_slot = past_total + torch.arange(length, device=x.device)
+        key_slot = first_slot + torch.arange(k.shape[2], device=x.device)
+        allowed = key_slot[None, :] <= query_slot[:, None]  # [T, S]
+        if self.window is not None:
+            allowed = allowed & (query_slot[:, None] - key_slot[None, :] < self.window)
+        if segments is not None:
+            allowed = allowed & (segments[:, None] == segments[None, :])
+        allowed = allowed[None, None].expand(batch, 1, length, k.shape[2])
+        if key_valid is not None:
+            allowed = allowed & key_valid[:, None, None, first_slot:]
+        allowed = allowed | (key_slot[None, :] == query_slot[:, None])  # a pad query sees itself: no NaN rows
+        groups = self.num_heads // self.num_kv_heads
+        if groups > 1:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        return self.o_proj(o.transpose(1, 2).reshape(batch, length, self.num_heads * self.head_dim))
+
+
+class PFlowDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm block: x + mixer(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: PFlowConfig, layer_idx: int):
+        super().__init__()
+        self.layer_type = config.layer_types[layer_idx]
+        self.layer_idx = layer_idx
+        self.input_layernorm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps)
+        if self.layer_type == "pflow":
+            self.linear_attn = PFlowMixer(config, layer_idx)
+        else:
+            self.self_attn = PFlowAttention(config, layer_idx)
+        self.post_attention_layernorm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.mlp = PFlowMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        positions: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: PFlowCache | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        x = self.input_layernorm(hidden_states)
+        if self.layer_type == "pflow":
+            pad_mask = attention_mask[:, -x.shape[1] :] if attention_mask is not None else None
+            state = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+            x = self.linear_attn(x, pad_mask, state, cu_seqlens, segments)
+        else:
+            x = self.self_attn(x, positions, attention_mask, past_key_values, segments)
+        hidden_states = residual + x
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class PFlowPreTrainedModel(PreTrainedModel):
+    config_class = PFlowConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PFlowDecoderLayer"]
+    _supports_sdpa = True
+    _is_stateful = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            bound = 1.0 / math.sqrt(module.kernel_size[0])  # depthwise: fan_in = kernel width
+            init.uniform_(module.weight, -bound, bound)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, PFlowRMSNorm):
+            init.ones_(module.weight)
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # forward() builds its own PFlowCache
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As PreTrainedModel's, and `auto_map` names both AutoModel and AutoModelForCausalLM."""
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        auto_map.setdefault("AutoConfig", "configuration_parallelflow.PFlowConfig")
+        auto_map.setdefault("AutoModel", "modeling_parallelflow.PFlowModel")
+        auto_map.setdefault("AutoModelForCausalLM", "modeling_parallelflow.PFlowForCausalLM")
+        self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _validate_packed(cu_seqlens: torch.Tensor, batch: int, length: int, cache) -> None:
+    if batch != 1:
+        raise ValueError(f"cu_seqlens needs packed inputs of batch size 1, got batch size {batch}")
+    if cache is not None:
+        raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache")
+    if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
+        raise ValueError(f"cu_seqlens must be 1D, start at 0 and end at the sequence length {length}")
+
+
+class PFlowModel(PFlowPreTrainedModel):
+    def __init__(self, config: PFlowConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(PFlowDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: PFlowCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """input_ids [B, T] (or inputs_embeds [B, T, D]); attention_mask [B, past + T] with 1 = token, 0 = pad
+        (left padding for batched generation); cu_seqlens [N + 1] packs N sequences into a batch of one."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        batch, length = hidden_states.shape[:2]
+        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
+        if past_key_values is not None and not isinstance(past_key_values, PFlowCache):
+            raise ValueError(f"past_key_values must be a PFlowCache, got {type(past_key_values).__name__}")
+        if use_cache and past_key_values is None:
+            past_key_values = PFlowCache(self.config)
+        if not use_cache:
+            past_key_values = None
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        segments = None
+        if cu_seqlens is not None:
+            _validate_packed(cu_seqlens, batch, length, past_key_values)
+            segments = segment_ids_from_cu_seqlens(cu_seqlens, length)
+        key_valid = None
+        if attention_mask is not None:
+            if attention_mask.ndim != 2 or attention_mask.shape[0] != batch:
+                raise ValueError(
+                    f"attention_mask must be 2D [batch, past + new tokens], got shape {tuple(attention_mask.shape)}"
+                )
+            if attention_mask.shape[1] < length:
+                raise ValueError(
+                    f"attention_mask covers {attention_mask.shape[1]} positions but {length} new tokens were given"
+                )
+            key_valid = attention_mask[:, -(past + length) :].bool() if not bool(attention_mask.all()) else None
+        if position_ids is None:
+            if key_valid is not None:
+                position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+            elif segments is not None:
+                starts = cu_seqlens.to(segments.device)[segments]
+                position_ids = (torch.arange(length, device=segments.device) - starts)[None]
+            else:
+                position_ids = torch.arange(past, past + length, device=hidden_states.device)[None].expand(batch, -1)
+
+        for layer in self.layers:
+            hidden_states = layer(
+                hidden_states,
+                position_ids,
+                attention_mask=key_valid,
+                past_key_values=past_key_values,
+                cu_seqlens=cu_seqlens,
+                segments=segments,
+            )
+        if past_key_values is not None:
+            past_key_values.advance(length)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+
+
+class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PFlowConfig):
+        super().__init__(config)
+        self.model = PFlowModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: PFlowCache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cu_seqlens: torch.Tensor | None = None,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Labels [B, T] are the input ids (not shifted; -100 is ignored). logits_to_keep = n keeps the last n."""
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            cu_seqlens=cu_seqlens,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+
+
+# save_pretrained copies this file and its relative imports next to the weights and writes `auto_map`, so a
+# checkpoint loads with trust_remote_code=True where this package is not installed.
+PFlowConfig.register_for_auto_class()
+PFlowModel.register_for_auto_class("AutoModel")
+PFlowForCausalLM.register_for_auto_class("AutoModelForCausalLM")
