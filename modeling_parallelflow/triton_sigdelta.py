@@ -39,6 +39,25 @@ except ImportError:  # the torch backend works without triton
 
 MODES = ("sum", "product")
 SOLVES = ("sweep", "doubling")
+# Measured (benchmarks/SIGDELTA.md, H100, bf16, K = V = 128): the smallest C * R from which sigDelta's W/U
+# stage beats tensorInv's, per rank R; None: tensorInv wins at every C * R measured.
+SIGDELTA_FROM_CR: dict[int, int | None] = {1: 256, 2: 256, 4: 256, 8: 256}
+# (block_rows, solve) per rows-per-chunk C * R, from the same run.
+BLOCK_CONFIG: dict[int, tuple[int, str]] = {}
+DEFAULT_BLOCK = (32, "sweep")
+
+
+def choose_wu_solver(rank: int, chunk_size: int, k_dim: int, v_dim: int) -> str:
+    """The faster W/U stage for this shape, "sigdelta" or "tensor_inv", from the measured crossover table."""
+    if triton is None or max(k_dim, v_dim) > 256:
+        return "tensor_inv"
+    start = SIGDELTA_FROM_CR.get(min(next_pow2(rank), 8))
+    return "sigdelta" if start is not None and chunk_size * rank >= start else "tensor_inv"
+
+
+def block_config(rank: int, chunk_size: int) -> tuple[int, str]:
+    """(block_rows, solve) the kernel uses by default for this C * R (measured table, else 32 / sweep)."""
+    return BLOCK_CONFIG.get(next_pow2(chunk_size * rank), DEFAULT_BLOCK)
 
 
 if triton is not None:
@@ -138,8 +157,8 @@ def sigdelta_wu(
     mode: str,
     chunk_size: int,
     cu_seqlens: Tensor | None = None,
-    block_rows: int = 32,
-    solve: str = "sweep",
+    block_rows: int | None = None,
+    solve: str | None = None,
     num_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """Chunk-local W and U by the sigDelta sweep (same contract as `tensor_inv_wu`).
@@ -147,10 +166,15 @@ def sigdelta_wu(
     a, b [B, T, H, R, K]; u [B, T, H, R, V]; cu_seqlens int [N + 1] (B == 1) restarts chunks per sequence.
     Returns w [B, T, H, R, K], uu [B, T, H, R, V] in the inputs' dtype (float32 arithmetic).
     block_rows: rows per block (tokens per block = block_rows / RP, at least 16 rows); solve: "sweep"
-    (the step-by-step recursion inside a block) or "doubling" (log2 products), see the module docstring.
+    (the step-by-step recursion inside a block) or "doubling" (log2 products), see the module docstring;
+    None takes `block_config`.
     """
     if triton is None:
         raise ImportError("sigdelta_wu needs triton")
+    if block_rows is None or solve is None:
+        default_rows, default_solve = block_config(a.shape[3], chunk_size)
+        block_rows = default_rows if block_rows is None else block_rows
+        solve = default_solve if solve is None else solve
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if solve not in SOLVES:
