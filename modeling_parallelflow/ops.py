@@ -97,6 +97,7 @@ def _check_options(
     q: Tensor,
     sizes: dict[str, int],
     tensors: dict[str, Tensor],
+    *,
     mode: str,
     scale: float | None,
     initial_state: Tensor | None,
@@ -105,8 +106,9 @@ def _check_options(
     chunk_size: int,
     algorithm: str,
     backend: str,
-) -> float:
-    """Validate everything but the main tensors' shapes and dtypes; returns the resolved scale."""
+) -> dict:
+    """Validate everything but the main tensors' shapes and dtypes; returns the keyword arguments of `_run`
+    (scale resolved to a float)."""
     _check_choice("mode", mode, MODES)
     _check_choice("algorithm", algorithm, ALGORITHMS)
     _check_choice("backend", backend, BACKENDS)
@@ -149,7 +151,16 @@ def _check_options(
             raise ValueError(
                 f"{name} is on {x.device} but q is on {q.device}: all tensors must share a device"
             )
-    return float(scale)
+    return dict(
+        mode=mode,
+        scale=float(scale),
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        algorithm=algorithm,
+        backend=backend,
+    )
 
 
 def _run(
@@ -215,24 +226,10 @@ def delta_rule_drivers(
     )
     _check_dtypes(("q", "a", "b", "u"), (q, a, b, u), same=True)
     tensors = {"a": a, "b": b, "u": u}
-    scale = _check_options(
+    options = _check_options(
         q,
         sizes,
         tensors,
-        mode,
-        scale,
-        initial_state,
-        output_final_state,
-        cu_seqlens,
-        chunk_size,
-        algorithm,
-        backend,
-    )
-    return _run(
-        q,
-        a,
-        b,
-        u,
         mode=mode,
         scale=scale,
         initial_state=initial_state,
@@ -242,6 +239,7 @@ def delta_rule_drivers(
         algorithm=algorithm,
         backend=backend,
     )
+    return _run(q, a, b, u, **options)
 
 
 def delta_rule(
@@ -272,25 +270,10 @@ def delta_rule(
     _check_dtypes(("q", "k", "v"), (q, k, v), same=True)
     _check_dtypes(("beta",), (beta,), same=False)
     tensors = {"k": k, "v": v, "beta": beta}
-    scale = _check_options(
+    options = _check_options(
         q,
         sizes,
         tensors,
-        mode,
-        scale,
-        initial_state,
-        output_final_state,
-        cu_seqlens,
-        chunk_size,
-        algorithm,
-        backend,
-    )
-    beta = beta[..., None]
-    return _run(
-        q,
-        (-beta * k).to(k.dtype),
-        k,
-        (beta * v).to(v.dtype),
         mode=mode,
         scale=scale,
         initial_state=initial_state,
@@ -300,3 +283,5 @@ def delta_rule(
         algorithm=algorithm,
         backend=backend,
     )
+    beta = beta[..., None]
+    return _run(q, (-beta * k).to(k.dtype), k, (beta * v).to(v.dtype), **options)
