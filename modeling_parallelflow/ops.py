@@ -29,10 +29,12 @@ _warned_fallback = False
 def _load_triton() -> tuple[Callable | None, ImportError | None]:
     """(triton_delta_rule_drivers, None) if the Triton kernels import, else (None, the ImportError)."""
     try:
-        from .triton_dispatch import triton_delta_rule_drivers
+        from . import triton_dispatch
     except ImportError as err:
         return None, err
-    return triton_delta_rule_drivers, None
+    if not getattr(triton_dispatch, "HAS_TRITON", True):  # the module imports, its kernels did not
+        return None, ImportError("triton_dispatch.HAS_TRITON is False (is the `triton` package installed?)")
+    return triton_dispatch.triton_delta_rule_drivers, None
 
 
 def _resolve_backend(backend: str, is_cuda: bool) -> str:
