@@ -42,8 +42,8 @@ SOLVES = ("sweep", "doubling")
 # Measured (benchmarks/SIGDELTA.md, H100, bf16, K = V = 128): the smallest C * R from which sigDelta's W/U
 # stage beats tensorInv's, per rank R; None: tensorInv wins at every C * R measured.
 SIGDELTA_FROM_CR: dict[int, int | None] = {1: 256, 2: 256, 4: 256, 8: 256}
-# (block_rows, solve) per rows-per-chunk C * R, from the same run.
-BLOCK_CONFIG: dict[int, tuple[int, str]] = {}
+# (block_rows, solve) per (padded rank RP, rows per chunk C * R), from the same run.
+BLOCK_CONFIG: dict[tuple[int, int], tuple[int, str]] = {}
 DEFAULT_BLOCK = (32, "sweep")
 
 
@@ -57,7 +57,7 @@ def choose_wu_solver(rank: int, chunk_size: int, k_dim: int, v_dim: int) -> str:
 
 def block_config(rank: int, chunk_size: int) -> tuple[int, str]:
     """(block_rows, solve) the kernel uses by default for this C * R (measured table, else 32 / sweep)."""
-    return BLOCK_CONFIG.get(next_pow2(chunk_size * rank), DEFAULT_BLOCK)
+    return BLOCK_CONFIG.get((next_pow2(rank), next_pow2(chunk_size * rank)), DEFAULT_BLOCK)
 
 
 if triton is not None:

@@ -1,0 +1,368 @@
+"""sigDelta vs tensorInv on the GPU, same process, same inputs: the W/U stage alone and the full op.
+
+    python benchmarks/bench_sigdelta.py --out benchmarks/results/sigdelta_h100.json   # GPU run (~6 min)
+    python benchmarks/bench_sigdelta.py --report benchmarks/results/sigdelta_h100.json  # table + chart
+
+Sections (results JSON keys):
+- "correctness": bf16 at a small shape against float64 (torch `chunk_wu` for the W/U stage, the token
+  loop for the op, forward and backward), both solvers, every R, both masks;
+- "wu": the W/U stage at 32,768 tokens (T x B = 4096 x 8), H = 16, K = V = 128, bf16, over R in
+  {1, 2, 4, 8} and C in {16, ..., 256}; sigDelta in several (block_rows, solve) variants;
+- "op": the public op (triton backend) forward and forward+backward at the same shape, both algorithms,
+  the chunk sizes the pipeline runs (triton_utils.pick_chunk; C * R up to 256 by raising CR_TARGET).
+Times are medians of `triton.testing.do_bench` in ms.
+"""
+
+import argparse
+import functools
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from modeling_parallelflow import triton_sigdelta, triton_utils  # noqa: E402
+from modeling_parallelflow.ops import delta_rule_drivers  # noqa: E402
+from modeling_parallelflow.ops_chunk_torch import chunk_wu  # noqa: E402
+from modeling_parallelflow.ops_reference import delta_rule_reference  # noqa: E402
+from modeling_parallelflow.triton_chunk_fwd import tensor_inv_wu  # noqa: E402
+
+RANKS = (1, 2, 4, 8)
+CHUNKS = (16, 32, 64, 128, 256)
+VARIANTS = ((16, "sweep"), (32, "sweep"), (64, "sweep"), (32, "doubling"), (64, "doubling"))
+TINV_MAX_CR = 256  # tensorInv keeps the whole C*R x C*R inverse of a chunk in one program's registers
+
+
+def drivers(batch, seq_len, heads, rank, k_dim, v_dim, mode, dtype, device):
+    """q, a = -beta k, b = k, u = beta v with unit keys and sigmoid-like betas (never zeros)."""
+    q = torch.randn(batch, seq_len, heads, k_dim, device=device)
+    k = torch.nn.functional.normalize(torch.randn(batch, seq_len, heads, rank, k_dim, device=device), dim=-1)
+    beta = torch.rand(batch, seq_len, heads, rank, 1, device=device) / (rank if mode == "sum" else 1)
+    u = beta * torch.randn(batch, seq_len, heads, rank, v_dim, device=device)
+    return [x.to(dtype) for x in (q, -beta * k, k, u)]
+
+
+def rel_err(x, ref):
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    return ((x - ref).norm() / ref.norm()).item()
+
+
+def wu_reference(a, b, u, mode, chunk):
+    """float64 tensorInv W, U (torch chunk_wu) of a plain batch, chunk after chunk."""
+    flat = [x.double().cpu() for x in (a, b, u)]
+    w, uu = torch.zeros_like(flat[0]), torch.zeros_like(flat[2])
+    for c0 in range(0, a.shape[1], chunk):
+        sl = slice(c0, c0 + chunk)
+        w_c, u_c = chunk_wu(*(x[:, sl].movedim(2, 1) for x in flat), mode)  # [B, H, c, R, *]
+        w[:, sl], uu[:, sl] = w_c.movedim(1, 2), u_c.movedim(1, 2)
+    return w, uu
+
+
+def wu_solvers(rank, chunk, variants):
+    """name -> W/U launcher (a, b, u, mode) for tensorInv and each sigDelta variant."""
+    out = {}
+    if chunk * rank <= TINV_MAX_CR:
+        out["tensor_inv"] = lambda a, b, u, mode: tensor_inv_wu(a, b, u, mode=mode, chunk_size=chunk)
+    for rows, solve in variants:
+
+        def run(a, b, u, mode, rows=rows, solve=solve):
+            return triton_sigdelta.sigdelta_wu(
+                a, b, u, mode=mode, chunk_size=chunk, block_rows=rows, solve=solve
+            )
+
+        out[f"sigdelta/{rows}/{solve}"] = run
+    return out
+
+
+def bench(fn, smoke):
+    if smoke:  # CPU interpreter: one timed call, enough to exercise the code path
+        start = time.perf_counter()
+        fn()
+        return (time.perf_counter() - start) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+class Recorder:
+    """Accumulates results and rewrites the JSON after every entry (a killed run keeps what it measured)."""
+
+    def __init__(self, path, meta):
+        self.path, self.data = path, {"meta": meta, "correctness": [], "wu": [], "op": []}
+
+    def add(self, section, row):
+        self.data[section].append(row)
+        print(section, json.dumps(row), flush=True)
+        if self.path:
+            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.path).write_text(json.dumps(self.data, indent=1))
+
+
+def meta(args, device):
+    import triton
+
+    commit = os.environ.get("PFLOW_COMMIT")
+    if commit is None:
+        proc = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+        commit = proc.stdout.strip() or "unknown"
+    gpu = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
+    return {
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": commit,
+        "shape": {
+            "tokens": args.batch * args.seq_len,
+            "T": args.seq_len,
+            "B": args.batch,
+            "H": args.heads,
+            "K": args.dim,
+            "V": args.dim,
+            "dtype": "bfloat16",
+        },  # fmt: skip
+    }
+
+
+def correctness(rec, args, device, dtype):
+    """W/U stage vs float64 chunk_wu at C*R up to 256, and the op fwd+bwd vs the float64 token loop."""
+    batch, seq_len, heads, dim = 1, (40 if args.smoke else 300), 2, args.small_dim
+    for rank in RANKS:
+        for mode in ("sum", "product"):
+            chunk = 256 // rank if not args.smoke else 16
+            _, a, b, u = drivers(batch, seq_len, heads, rank, dim, dim, mode, dtype, device)
+            w_ref, u_ref = wu_reference(a, b, u, mode, chunk)
+            for name, fn in wu_solvers(rank, chunk, [triton_sigdelta.block_config(rank, chunk)]).items():
+                w, uu = fn(a, b, u, mode)
+                rec.add("correctness", {"what": "wu", "solver": name, "R": rank, "mode": mode, "C": chunk,
+                                        "w": rel_err(w, w_ref), "u": rel_err(uu, u_ref)})  # fmt: skip
+            q, a, b, u = drivers(batch, seq_len // 2, heads, rank, dim, dim, mode, dtype, device)
+            h0 = torch.randn(batch, heads, dim, dim, device=device)
+            ref = [x.detach().double().requires_grad_() for x in (q, a, b, u, h0)]
+            o_ref, ht_ref = delta_rule_reference(*ref[:4], mode=mode, scale=dim**-0.5, initial_state=ref[4],
+                                                 output_final_state=True, dtype=torch.float64)  # fmt: skip
+            do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
+            ((o_ref * do).sum() + (ht_ref * dht).sum()).backward()
+            for algorithm in ("tensor_inv", "sigdelta"):
+                leaves = [x.clone().requires_grad_() for x in (q, a, b, u, h0)]
+                o, ht = delta_rule_drivers(*leaves[:4], mode=mode, initial_state=leaves[4],
+                                           output_final_state=True, chunk_size=64, algorithm=algorithm,
+                                           backend="triton")  # fmt: skip
+                ((o.float() * do.float()).sum() + (ht * dht.float()).sum()).backward()
+                row = {"what": "op", "solver": algorithm, "R": rank, "mode": mode, "o": rel_err(o, o_ref),
+                       "ht": rel_err(ht, ht_ref)}  # fmt: skip
+                row.update(
+                    {f"d{n}": rel_err(x.grad, r.grad) for n, x, r in zip("qabuh", leaves, ref, strict=True)}
+                )
+                rec.add("correctness", row)
+
+
+def wu_timings(rec, args, device, dtype, deadline):
+    """The W/U stage alone: every solver at every (R, C), sum form; the product form at a few points."""
+    points = [(r, c, "sum") for r in RANKS for c in CHUNKS if c * r <= 512]
+    points += [(r, c, "product") for r in (2, 4) for c in (64 // r, 256 // r)]
+    if args.smoke:
+        points = [(1, 16, "sum"), (2, 16, "product")]
+    for rank, chunk, mode in points:
+        if time.time() > deadline:
+            rec.add("wu", {"skipped": "time budget", "R": rank, "C": chunk, "mode": mode})
+            continue
+        _, a, b, u = drivers(
+            args.batch, args.seq_len, args.heads, rank, args.dim, args.dim, mode, dtype, device
+        )
+        moved = sum(x.numel() * x.element_size() for x in (a, b, u)) + a.nbytes + u.nbytes
+        variants = VARIANTS if mode == "sum" else VARIANTS[:3]
+        for name, fn in wu_solvers(rank, chunk, variants).items():
+            row = {"R": rank, "C": chunk, "CR": chunk * rank, "mode": mode, "solver": name}
+            try:
+                ms = bench(functools.partial(fn, a, b, u, mode), args.smoke)
+                row.update(ms=ms, tbps=moved / ms / 1e9)
+            except Exception as err:  # compile failures (registers, shared memory) are results too
+                row.update(error=f"{type(err).__name__}: {str(err)[:200]}")
+            rec.add("wu", row)
+
+
+def best_variants(rows):
+    """(rank, C*R) -> fastest (block_rows, solve) of the sum-form W/U timings."""
+    best = {}
+    for row in rows:
+        if row.get("mode") == "sum" and row.get("solver", "").startswith("sigdelta") and "ms" in row:
+            key = (row["R"], row["CR"])
+            if key not in best or row["ms"] < best[key][0]:
+                _, rows_, solve = row["solver"].split("/")
+                best[key] = (row["ms"], (int(rows_), solve))
+    return {key: value[1] for key, value in best.items()}
+
+
+def fwd_bwd(op, leaves, do):
+    op(*leaves)[0].backward(do)
+
+
+def op_timings(rec, args, device, dtype, deadline):
+    """Public op, triton backend: forward and forward+backward, both algorithms, same inputs."""
+    best = best_variants(rec.data["wu"])
+    points = [(r, c) for r in RANKS for c in (16, 32, 64, 128, 256) if c * r <= 256]
+    points.sort(key=lambda p: p[0] * p[1])  # the pipeline's default C*R <= 64 first, then larger chunks
+    if args.smoke:
+        points = [(1, 16), (2, 16)]
+    for rank, chunk in points:
+        if time.time() > deadline:
+            rec.add("op", {"skipped": "time budget", "R": rank, "C": chunk})
+            continue
+        triton_utils.CR_TARGET = max(64, chunk * rank)  # let the pipeline run this chunk size
+        if (rank, chunk * rank) in best:
+            triton_sigdelta.BLOCK_CONFIG[(rank, chunk * rank)] = best[(rank, chunk * rank)]
+        q, a, b, u = drivers(
+            args.batch, args.seq_len, args.heads, rank, args.dim, args.dim, "sum", dtype, device
+        )
+        do = torch.randn(q.shape[:3] + (args.dim,), device=device, dtype=dtype)
+        for algorithm in ("tensor_inv", "sigdelta"):
+            row = {"R": rank, "C": chunk, "CR": chunk * rank, "solver": algorithm,
+                   "sigdelta_config": triton_sigdelta.block_config(rank, chunk)}  # fmt: skip
+            try:
+                op = functools.partial(
+                    delta_rule_drivers, chunk_size=chunk, algorithm=algorithm, backend="triton"
+                )
+                with torch.no_grad():
+                    row["fwd_ms"] = bench(functools.partial(op, q, a, b, u), args.smoke)
+                leaves = [x.clone().requires_grad_() for x in (q, a, b, u)]
+                row["fwdbwd_ms"] = bench(functools.partial(fwd_bwd, op, leaves, do), args.smoke)
+            except Exception as err:
+                row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
+            rec.add("op", row)
+    triton_utils.CR_TARGET = 64
+
+
+def wu_best(rows, mode, rank, chunk, solver):
+    """Fastest timed row of one solver family ("tensor_inv" or "sigdelta") at (mode, R, C), or None."""
+    hits = [r for r in rows if "ms" in r and (r["mode"], r["R"], r["C"]) == (mode, rank, chunk)]
+    hits = [r for r in hits if r["solver"].split("/")[0] == solver]
+    return min(hits, key=lambda r: r["ms"], default=None)
+
+
+def cell(row, key):
+    if row is None:
+        return "n/a"
+    return f"{row[key]:.3f}" if key in row else row.get("error", "n/a")[:40]
+
+
+def report(data, chart):
+    """Markdown tables (W/U stage, op, correctness) and a chart of both solvers' times against C * R."""
+    info = data["meta"]
+    lines = [
+        f"GPU {info['gpu']}, torch {info['torch']}, triton {info['triton']}, commit {info['commit'][:12]}, "
+        f"device copy {info.get('copy_tbps', 0):.2f} TB/s",
+        "",
+        "| mode | R | C | C*R | tensorInv ms | sigDelta ms (rows/solve) | speed-up | sigDelta TB/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    wu = data["wu"]
+    for mode, rank, chunk in sorted({(r["mode"], r["R"], r["C"]) for r in wu if "ms" in r}):
+        tinv, sig = (wu_best(wu, mode, rank, chunk, name) for name in ("tensor_inv", "sigdelta"))
+        ratio = f"{tinv['ms'] / sig['ms']:.2f}" if tinv and sig else "n/a"
+        variant = sig["solver"].split("/", 1)[1] if sig else ""
+        tbps = f"{sig['tbps']:.2f}" if sig else "n/a"
+        lines.append(
+            f"| {mode} | {rank} | {chunk} | {chunk * rank} | {cell(tinv, 'ms')} "
+            f"| {cell(sig, 'ms')} ({variant}) | {ratio} | {tbps} |"
+        )
+    lines += ["", "| R | C | C*R | fwd tensorInv | fwd sigDelta | fwd+bwd tensorInv | fwd+bwd sigDelta |"]
+    lines.append("|---|---|---|---|---|---|---|")
+    ops = {(r["R"], r["C"], r["solver"]): r for r in data["op"] if "solver" in r}
+    for rank, chunk in sorted({(r, c) for r, c, _ in ops}):
+        t, g = ops.get((rank, chunk, "tensor_inv")), ops.get((rank, chunk, "sigdelta"))
+        lines.append(
+            f"| {rank} | {chunk} | {rank * chunk} | {cell(t, 'fwd_ms')} | {cell(g, 'fwd_ms')} "
+            f"| {cell(t, 'fwdbwd_ms')} | {cell(g, 'fwdbwd_ms')} |"
+        )
+    lines += ["", "| check | solver | R | mode | max relative error vs float64 |", "|---|---|---|---|---|"]
+    for r in data["correctness"]:
+        worst = max(v for v in r.values() if isinstance(v, float))
+        lines.append(f"| {r['what']} | {r['solver']} | {r['R']} | {r['mode']} | {worst:.2e} |")
+    plot(data, chart)
+    return "\n".join(lines)
+
+
+def plot(data, chart):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for rank, color in zip(RANKS, ("C0", "C1", "C2", "C3"), strict=True):
+        for solver, style in (("tensor_inv", "o--"), ("sigdelta", "s-")):
+            chunks = sorted({r["C"] for r in data["wu"] if r.get("R") == rank and r.get("mode") == "sum"})
+            best = [(c * rank, wu_best(data["wu"], "sum", rank, c, solver)) for c in chunks]
+            pts = [(cr, r["ms"]) for cr, r in best if r is not None]
+            if pts:
+                axes[0].plot(*zip(*pts, strict=True), style, color=color, label=f"R={rank} {solver}")
+            ops = [r for r in data["op"] if r.get("R") == rank and r.get("solver") == solver]
+            pts = sorted((r["CR"], r["fwdbwd_ms"]) for r in ops if "fwdbwd_ms" in r)
+            if pts:
+                axes[1].plot(*zip(*pts, strict=True), style, color=color, label=f"R={rank} {solver}")
+    for ax, title in zip(axes, ("W/U stage alone (sum form)", "op forward+backward (sum form)"), strict=True):
+        ax.set(xscale="log", yscale="log", xlabel="C * R (rows per chunk)", ylabel="ms (median)", title=title)
+        ax.set_xticks([16, 32, 64, 128, 256, 512], labels=["16", "32", "64", "128", "256", "512"])
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7, ncol=2)
+    fig.suptitle(f"sigDelta vs tensorInv: 32K tokens, H=16, K=V=128, bf16, {data['meta']['gpu']}")
+    fig.tight_layout()
+    fig.savefig(chart, dpi=110)
+
+
+def copy_bandwidth(device):
+    """Device-to-device copy rate (bytes read + written per second), the memory ceiling of this GPU."""
+    import triton.testing
+
+    x = torch.empty(2**28, device=device, dtype=torch.float32).uniform_()
+    y = torch.empty_like(x)
+    ms = triton.testing.do_bench(lambda: y.copy_(x), warmup=25, rep=100, return_mode="median")
+    return 2 * x.nbytes / ms / 1e9
+
+
+def main():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", help="results JSON path")
+    parser.add_argument("--report", help="results JSON -> markdown table and chart (no GPU needed)")
+    parser.add_argument("--chart", default="benchmarks/sigdelta_wu.png")
+    parser.add_argument("--seq-len", type=int, default=4096)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--small-dim", type=int, default=64)
+    parser.add_argument("--budget-s", type=float, default=480, help="stop timing new points after this")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter: code path only")
+    parser.add_argument("--sections", default="correctness,wu,op")
+    args = parser.parse_args()
+    if args.report:
+        print(report(json.loads(Path(args.report).read_text()), args.chart))
+        return
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.smoke:
+        args.seq_len, args.batch, args.heads, args.dim, args.small_dim = 32, 1, 1, 16, 16
+    deadline = time.time() + args.budget_s
+    rec = Recorder(args.out, meta(args, device))
+    if device == "cuda":
+        rec.data["meta"]["copy_tbps"] = copy_bandwidth(device)
+    torch.manual_seed(0)
+    sections = args.sections.split(",")
+    if "correctness" in sections:
+        correctness(rec, args, device, torch.bfloat16 if device == "cuda" else torch.float32)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if "wu" in sections:
+        wu_timings(rec, args, device, dtype, deadline)
+    if "op" in sections:
+        op_timings(rec, args, device, dtype, deadline)
+
+
+if __name__ == "__main__":
+    main()
