@@ -18,12 +18,20 @@ a rank-R (rank-1) update of every later row. The kernel runs this sweep blocked,
 - entering block i, the BT*i sweep steps of the earlier blocks are applied at once (they only add
   G(k, m) W(m, m) terms whose W(m, m) are final): acc_i = [A_i | U~_i] + sum_{j<i} (A_i B_j^T) Y_j,
   a tensor-core product; Y_j are the rows this program already stored (read back from w, uu);
-- inside the block the sweep runs step by step, `solve="sweep"`: acc += (N_ii masked to the columns
-  of step s) @ acc for s = 0..steps-1 (the literal recursion; a masked product keeps it on tensor cores).
-  `solve="doubling"` is the measured alternative: (I - N)^-1 = prod_s (I + N^(2^s)) for the nilpotent
-  in-block N, log2(steps) products.
+- inside the block the sweep runs step by step (s = 0..steps-1, N_s = N_ii masked to the columns of
+  step s, so one step is the rank-R update G(k, s) W(s, s) of every later row, kept on tensor cores):
+  `solve="direct"`: acc += N_s @ acc on the W and U rows themselves (the literal recursion);
+  `solve="blockinv"`: the same sweep on the block's identity, E += N_s @ E, which gives
+  E = (I - N_ii)^-1 (W(m, k) is linear in its boundary data), then acc = E @ acc once: the steps work
+  on [BR, BR] instead of [BR, K + V].
 
-Products with fp32 operands run at Triton's default dot precision (tf32 on NVIDIA GPUs).
+Both are forward substitution, so as stable as the token loop. A power-series shortcut
+(I - N)^-1 = prod_s (I + N^(2^s)) (log2 depth) was measured and dropped: with correlated keys its
+terms grow like binomials before cancelling (fp32 relative error 3e4 at 64 rows, 1e-3 at 16 rows
+with beta near 2; benchmarks/SIGDELTA.md). tests/test_triton_sigdelta.py checks correlated keys.
+
+Products run at `triton_utils.dot_precision` (3xTF32 for fp32 inputs, TF32 for the fp32 products of
+bf16/fp16 inputs); rows Y_j of earlier blocks are read back in the output dtype.
 """
 
 import torch
@@ -38,13 +46,13 @@ except ImportError:  # the torch backend works without triton
     triton = None
 
 MODES = ("sum", "product")
-SOLVES = ("sweep", "doubling")
+SOLVES = ("direct", "blockinv")
 # Measured (benchmarks/SIGDELTA.md, H100, bf16, K = V = 128): the smallest C * R from which sigDelta's W/U
 # stage beats tensorInv's, per rank R; None: tensorInv wins at every C * R measured.
 SIGDELTA_FROM_CR: dict[int, int | None] = {1: 256, 2: 256, 4: 256, 8: 256}
 # (block_rows, solve) per (padded rank RP, rows per chunk C * R), from the same run.
 BLOCK_CONFIG: dict[tuple[int, int], tuple[int, str]] = {}
-DEFAULT_BLOCK = (32, "sweep")
+DEFAULT_BLOCK = (32, "blockinv")
 
 
 def choose_wu_solver(rank: int, chunk_size: int, k_dim: int, v_dim: int) -> str:
@@ -56,7 +64,7 @@ def choose_wu_solver(rank: int, chunk_size: int, k_dim: int, v_dim: int) -> str:
 
 
 def block_config(rank: int, chunk_size: int) -> tuple[int, str]:
-    """(block_rows, solve) the kernel uses by default for this C * R (measured table, else 32 / sweep)."""
+    """(block_rows, solve) the kernel uses by default for this C * R (measured table, else 32 / blockinv)."""
     return BLOCK_CONFIG.get((next_pow2(rank), next_pow2(chunk_size * rank)), DEFAULT_BLOCK)
 
 
@@ -64,18 +72,19 @@ if triton is not None:
 
     @triton.jit
     def _block_solve(acc_w, acc_u, n_ii, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr, PREC: tl.constexpr):
-        """(I - n_ii) [W | U] = [acc_w | acc_u] for a strictly step-lower n_ii [BR, BR]."""
+        """(I - n_ii) [W | U] = [acc_w | acc_u] by the sweep, n_ii [BR, BR] strictly lower in step."""
         if SOLVE == 0:
             for s in range(NSTEP):  # one sigDelta step: every later row takes G(k, s) W(s, s)
                 n_s = tl.where(step[None, :] == s, n_ii, 0.0)
                 acc_w += tl.dot(n_s, acc_w, input_precision=PREC)
                 acc_u += tl.dot(n_s, acc_u, input_precision=PREC)
         else:
-            p = n_ii
-            for _ in range(NSTEP):  # NSTEP = ceil(log2(steps)) here; n_ii ** steps == 0
-                acc_w += tl.dot(p, acc_w, input_precision=PREC)
-                acc_u += tl.dot(p, acc_u, input_precision=PREC)
-                p = tl.dot(p, p, input_precision=PREC)
+            rows = tl.arange(0, n_ii.shape[0])
+            e_ii = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)  # boundary data: the identity
+            for s in range(NSTEP):
+                e_ii += tl.dot(tl.where(step[None, :] == s, n_ii, 0.0), e_ii, input_precision=PREC)
+            acc_w = tl.dot(e_ii, acc_w, input_precision=PREC)
+            acc_u = tl.dot(e_ii, acc_u, input_precision=PREC)
         return acc_w, acc_u
 
     @triton.jit
@@ -159,15 +168,15 @@ def sigdelta_wu(
     cu_seqlens: Tensor | None = None,
     block_rows: int | None = None,
     solve: str | None = None,
-    num_warps: int = 4,
+    num_warps: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Chunk-local W and U by the sigDelta sweep (same contract as `tensor_inv_wu`).
 
     a, b [B, T, H, R, K]; u [B, T, H, R, V]; cu_seqlens int [N + 1] (B == 1) restarts chunks per sequence.
     Returns w [B, T, H, R, K], uu [B, T, H, R, V] in the inputs' dtype (float32 arithmetic).
-    block_rows: rows per block (tokens per block = block_rows / RP, at least 16 rows); solve: "sweep"
-    (the step-by-step recursion inside a block) or "doubling" (log2 products), see the module docstring;
-    None takes `block_config`.
+    block_rows: rows per block (tokens per block = block_rows / RP, at least 16 rows); solve: "direct" or
+    "blockinv" (see the module docstring); None takes `block_config`. num_warps None: 4, or 8 for
+    blocks of more than 8K fp32 accumulator values.
     """
     if triton is None:
         raise ImportError("sigdelta_wu needs triton")
@@ -198,7 +207,10 @@ def sigdelta_wu(
     tokens = max(1, min(block_rows // rank_p, next_pow2(chunk_size)))
     tokens = max(tokens, 16 // rank_p)  # tl.dot needs 16 rows
     steps = tokens * rank_p if mode == "product" else tokens
-    nstep = steps if solve == "sweep" else max(1, (steps - 1).bit_length())
+    rows = tokens * rank_p
+    bk, bv = max(16, next_pow2(key_dim)), max(16, next_pow2(val_dim))
+    if num_warps is None:
+        num_warps = 8 if rows * (bk + bv) > 8192 else 4
     cu = seq_offsets(bsz, seq_len, cu_seqlens, a.device)
     plain_len = seq_len if cu_seqlens is None else None
     cmap = chunk_map(cu, bsz * seq_len, chunk_size, cu.numel() - 1, plain_len)
@@ -218,11 +230,11 @@ def sigdelta_wu(
         C=chunk_size,
         RP=rank_p,
         BT=tokens,
-        BK=max(16, next_pow2(key_dim)),
-        BV=max(16, next_pow2(val_dim)),
+        BK=bk,
+        BV=bv,
         PRODUCT=mode == "product",
         SOLVE=SOLVES.index(solve),
-        NSTEP=nstep,
+        NSTEP=steps,
         PREC=dot_precision(a.dtype),
         num_warps=num_warps,
     )
