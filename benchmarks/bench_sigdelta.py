@@ -39,10 +39,31 @@ VARIANTS = ((16, "direct"), (32, "direct"), (16, "blockinv"), (32, "blockinv"), 
 TINV_MAX_CR = 256  # tensorInv keeps the whole C*R x C*R inverse of a chunk in one program's registers
 
 
-def drivers(batch, seq_len, heads, rank, k_dim, v_dim, mode, dtype, device):
-    """q, a = -beta k, b = k, u = beta v with unit keys and sigmoid-like betas (never zeros)."""
+def wu_points(smoke):
+    """(R, C, mode) of the W/U timings: every C * R <= 512 in the sum form; product form at C*R 64, 256."""
+    if smoke:
+        return [(1, 16, "sum"), (2, 16, "product")]
+    points = [(r, c, "sum") for r in RANKS for c in CHUNKS if c * r <= 512]
+    return points + [(r, 256 // r, "product") for r in RANKS] + [(2, 32, "product"), (4, 16, "product")]
+
+
+def op_points(smoke):
+    """(R, C) of the op timings, the pipeline's default C * R <= 64 first, then larger chunks."""
+    if smoke:
+        return [(1, 16), (2, 16)]
+    return sorted(((r, c) for r in RANKS for c in CHUNKS if c * r <= 256), key=lambda p: p[0] * p[1])
+
+
+def drivers(batch, seq_len, heads, rank, k_dim, v_dim, mode, dtype, device, correlated=False):
+    """q, a = -beta k, b = k, u = beta v with unit keys and betas in (0, 1) (/ R in the sum form).
+
+    correlated: keys = normalize(one shared key + 0.1 noise), the hard case for (I - N)^-1.
+    """
     q = torch.randn(batch, seq_len, heads, k_dim, device=device)
-    k = torch.nn.functional.normalize(torch.randn(batch, seq_len, heads, rank, k_dim, device=device), dim=-1)
+    k = torch.randn(batch, seq_len, heads, rank, k_dim, device=device)
+    if correlated:
+        k = torch.randn(k_dim, device=device) + 0.1 * k
+    k = torch.nn.functional.normalize(k, dim=-1)
     beta = torch.rand(batch, seq_len, heads, rank, 1, device=device) / (rank if mode == "sum" else 1)
     u = beta * torch.randn(batch, seq_len, heads, rank, v_dim, device=device)
     return [x.to(dtype) for x in (q, -beta * k, k, u)]
@@ -54,14 +75,15 @@ def rel_err(x, ref):
 
 
 def wu_reference(a, b, u, mode, chunk):
-    """float64 tensorInv W, U (torch chunk_wu) of a plain batch, chunk after chunk."""
-    flat = [x.double().cpu() for x in (a, b, u)]
-    w, uu = torch.zeros_like(flat[0]), torch.zeros_like(flat[2])
-    for c0 in range(0, a.shape[1], chunk):
-        sl = slice(c0, c0 + chunk)
-        w_c, u_c = chunk_wu(*(x[:, sl].movedim(2, 1) for x in flat), mode)  # [B, H, c, R, *]
-        w[:, sl], uu[:, sl] = w_c.movedim(1, 2), u_c.movedim(1, 2)
-    return w, uu
+    """float64 tensorInv W, U (torch chunk_wu, on the CPU) of a plain batch; zero rows pad the last chunk."""
+    seq_len = a.shape[1]
+    pad = -seq_len % chunk
+    chunks = [
+        torch.nn.functional.pad(x.double().cpu(), (0, 0, 0, 0, 0, 0, 0, pad)).unflatten(1, (-1, chunk))
+        for x in (a, b, u)
+    ]  # [B, n, C, H, R, *]
+    w, uu = chunk_wu(*(x.movedim(3, 1) for x in chunks), mode)  # [B, H, n, C, R, *]
+    return [x.movedim(1, 3).flatten(1, 2)[:, :seq_len] for x in (w, uu)]
 
 
 def wu_solvers(rank, chunk, variants):
@@ -132,16 +154,18 @@ def meta(args, device):
 
 def correctness(rec, args, device, dtype):
     """W/U stage vs float64 chunk_wu at C*R up to 256, and the op fwd+bwd vs the float64 token loop."""
-    batch, seq_len, heads, dim = 1, (40 if args.smoke else 300), 2, args.small_dim
+    batch, seq_len, heads, dim = 1, (40 if args.smoke else 300), args.heads, args.dim
     for rank in RANKS:
         for mode in ("sum", "product"):
             chunk = 256 // rank if not args.smoke else 16
-            _, a, b, u = drivers(batch, seq_len, heads, rank, dim, dim, mode, dtype, device)
-            w_ref, u_ref = wu_reference(a, b, u, mode, chunk)
-            for name, fn in wu_solvers(rank, chunk, [triton_sigdelta.block_config(rank, chunk)]).items():
-                w, uu = fn(a, b, u, mode)
-                rec.add("correctness", {"what": "wu", "solver": name, "R": rank, "mode": mode, "C": chunk,
-                                        "w": rel_err(w, w_ref), "u": rel_err(uu, u_ref)})  # fmt: skip
+            for correlated in (False, True):
+                _, a, b, u = drivers(batch, seq_len, heads, rank, dim, dim, mode, dtype, device, correlated)
+                w_ref, u_ref = wu_reference(a, b, u, mode, chunk)
+                for name, fn in wu_solvers(rank, chunk, VARIANTS).items():
+                    w, uu = fn(a, b, u, mode)
+                    rec.add("correctness", {"what": "wu-correlated" if correlated else "wu", "solver": name,
+                                            "R": rank, "mode": mode, "C": chunk, "w": rel_err(w, w_ref),
+                                            "u": rel_err(uu, u_ref)})  # fmt: skip
             q, a, b, u = drivers(batch, seq_len // 2, heads, rank, dim, dim, mode, dtype, device)
             h0 = torch.randn(batch, heads, dim, dim, device=device)
             ref = [x.detach().double().requires_grad_() for x in (q, a, b, u, h0)]
@@ -165,11 +189,7 @@ def correctness(rec, args, device, dtype):
 
 def wu_timings(rec, args, device, dtype, deadline):
     """The W/U stage alone: every solver at every (R, C), sum form; the product form at a few points."""
-    points = [(r, c, "sum") for r in RANKS for c in CHUNKS if c * r <= 512]
-    points += [(r, c, "product") for r in (2, 4) for c in (64 // r, 256 // r)]
-    if args.smoke:
-        points = [(1, 16, "sum"), (2, 16, "product")]
-    for rank, chunk, mode in points:
+    for rank, chunk, mode in wu_points(args.smoke):
         if time.time() > deadline:
             rec.add("wu", {"skipped": "time budget", "R": rank, "C": chunk, "mode": mode})
             continue
@@ -177,10 +197,15 @@ def wu_timings(rec, args, device, dtype, deadline):
             args.batch, args.seq_len, args.heads, rank, args.dim, args.dim, mode, dtype, device
         )
         moved = sum(x.numel() * x.element_size() for x in (a, b, u)) + a.nbytes + u.nbytes
-        variants = VARIANTS if mode == "sum" else VARIANTS[:3]
-        for name, fn in wu_solvers(rank, chunk, variants).items():
+        ref = wu_reference(a[:1, :, :2], b[:1, :, :2], u[:1, :, :2], mode, chunk)  # 2 heads of sequence 0
+        for name, fn in wu_solvers(rank, chunk, VARIANTS).items():
             row = {"R": rank, "C": chunk, "CR": chunk * rank, "mode": mode, "solver": name}
+            if ("wu", rank, chunk, mode, name) in args.failed:
+                rec.add("wu", {**row, "error": "compile failed or timed out in the precompile phase"})
+                continue
             try:
+                w, uu = fn(a, b, u, mode)
+                row.update(err_w=rel_err(w[:1, :, :2], ref[0]), err_u=rel_err(uu[:1, :, :2], ref[1]))
                 ms = bench(functools.partial(fn, a, b, u, mode), args.smoke)
                 row.update(ms=ms, tbps=moved / ms / 1e9)
             except Exception as err:  # compile failures (registers, shared memory) are results too
@@ -207,13 +232,9 @@ def fwd_bwd(op, leaves, do):
 def op_timings(rec, args, device, dtype, deadline):
     """Public op, triton backend: forward and forward+backward, both algorithms, same inputs."""
     best = best_variants(rec.data["wu"])
-    points = [(r, c) for r in RANKS for c in (16, 32, 64, 128, 256) if c * r <= 256]
-    points.sort(key=lambda p: p[0] * p[1])  # the pipeline's default C*R <= 64 first, then larger chunks
-    if args.smoke:
-        points = [(1, 16), (2, 16)]
-    for rank, chunk in points:
-        if time.time() > deadline:
-            rec.add("op", {"skipped": "time budget", "R": rank, "C": chunk})
+    for rank, chunk in op_points(args.smoke):
+        if time.time() > deadline or ("op", rank, chunk) in args.failed:
+            rec.add("op", {"skipped": "time budget or precompile failure", "R": rank, "C": chunk})
             continue
         triton_utils.CR_TARGET = max(64, chunk * rank)  # let the pipeline run this chunk size
         if (rank, chunk * rank) in best:
@@ -317,6 +338,56 @@ def plot(data, chart):
     fig.savefig(chart, dpi=110)
 
 
+def compile_job(job, heads, dim):
+    """Run one configuration once on tiny inputs (T = C) so that its kernels land in Triton's cache."""
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    if job[0] == "wu":
+        _, rank, chunk, mode, name = job
+        _, a, b, u = drivers(1, chunk, heads, rank, dim, dim, mode, dtype, device)
+        wu_solvers(rank, chunk, VARIANTS)[name](a, b, u, mode)
+    else:
+        _, rank, chunk = job
+        triton_utils.CR_TARGET = max(64, chunk * rank)
+        q, a, b, u = drivers(1, chunk, heads, rank, dim, dim, "sum", dtype, device)
+        h0 = torch.randn(1, heads, dim, dim, device=device)
+        for algorithm in ("tensor_inv", "sigdelta"):
+            for state in (None, h0):  # the correctness section passes an initial state, the timings none
+                leaves = [x.clone().requires_grad_() for x in (q, a, b, u)]
+                o, _ = delta_rule_drivers(
+                    *leaves, initial_state=state, output_final_state=state is not None, chunk_size=chunk,
+                    algorithm=algorithm, backend="triton",
+                )  # fmt: skip
+                o.float().sum().backward()
+                with torch.no_grad():
+                    delta_rule_drivers(q, a, b, u, chunk_size=chunk, algorithm=algorithm, backend="triton")
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return "ok"
+
+
+def precompile(args):
+    """Warm Triton's on-disk cache from several processes; returns job -> "ok" / error / "timeout"."""
+    import multiprocessing
+
+    wu_jobs = [(r, c, m, name) for r, c, m in wu_points(args.smoke) for name in wu_solvers(r, c, VARIANTS)]
+    jobs = [("wu", *job) for job in wu_jobs] + [("op", r, c) for r, c in op_points(args.smoke)]
+    jobs.sort(key=lambda job: -job[1] * job[2])  # the largest (slowest to compile) first
+    pool = multiprocessing.get_context("spawn").Pool(args.compile_workers)
+    pending = {job: pool.apply_async(compile_job, (job, args.heads, args.dim)) for job in jobs}
+    deadline, status = time.time() + args.compile_budget_s, {}
+    for job, result in pending.items():
+        try:
+            status[job] = result.get(timeout=max(1.0, deadline - time.time()))
+        except multiprocessing.TimeoutError:
+            status[job] = "timeout"
+        except Exception as err:
+            status[job] = f"{type(err).__name__}: {str(err)[:200]}"
+    pool.terminate()
+    return status
+
+
 def copy_bandwidth(device):
     """Device-to-device copy rate (bytes read + written per second), the memory ceiling of this GPU."""
     import triton.testing
@@ -338,7 +409,8 @@ def main():
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dim", type=int, default=128)
-    parser.add_argument("--small-dim", type=int, default=64)
+    parser.add_argument("--compile-workers", type=int, default=12, help="processes that warm the cache")
+    parser.add_argument("--compile-budget-s", type=float, default=240)
     parser.add_argument("--budget-s", type=float, default=480, help="stop timing new points after this")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU interpreter: code path only")
     parser.add_argument("--sections", default="correctness,wu,op")
@@ -348,11 +420,20 @@ def main():
         return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.smoke:
-        args.seq_len, args.batch, args.heads, args.dim, args.small_dim = 32, 1, 1, 16, 16
+        args.seq_len, args.batch, args.heads, args.dim = 32, 1, 1, 16
     deadline = time.time() + args.budget_s
     rec = Recorder(args.out, meta(args, device))
+    args.failed = set()
     if device == "cuda":
         rec.data["meta"]["copy_tbps"] = copy_bandwidth(device)
+    if args.compile_workers > 0:
+        start = time.time()
+        status = precompile(args)
+        rec.data["meta"]["precompile_s"] = time.time() - start
+        rec.data["meta"]["precompile"] = {"/".join(map(str, job)): st for job, st in status.items()}
+        print("precompiled", sum(st == "ok" for st in status.values()), "of", len(status), flush=True)
+        deadline += time.time() - start
+        args.failed = {job for job, st in status.items() if st != "ok"}
     torch.manual_seed(0)
     sections = args.sections.split(",")
     if "correctness" in sections:
