@@ -9,7 +9,7 @@ Sections (results JSON keys):
 - "wu": the W/U stage at 32,768 tokens (T x B = 4096 x 8), H = 16, K = V = 128, bf16, over R in
   {1, 2, 4, 8} and C in {16, ..., 256}; sigDelta in several (block_rows, solve) variants;
 - "op": the public op (triton backend) forward and forward+backward at the same shape, both algorithms,
-  the chunk sizes the pipeline runs (triton_utils.pick_chunk; C * R up to 256 by raising CR_TARGET).
+  the chunk sizes the pipeline runs (triton_utils.pick_chunk; C * R up to 256 by raising TUNE["cr_target"]).
 Times are medians of `triton.testing.do_bench` in ms.
 """
 
@@ -232,11 +232,12 @@ def fwd_bwd(op, leaves, do):
 def op_timings(rec, args, device, dtype, deadline):
     """Public op, triton backend: forward and forward+backward, both algorithms, same inputs."""
     best = best_variants(rec.data["wu"])
+    default_target = triton_utils.TUNE["cr_target"]
     for rank, chunk in op_points(args.smoke):
         if time.time() > deadline or ("op", rank, chunk) in args.failed:
             rec.add("op", {"skipped": "time budget or precompile failure", "R": rank, "C": chunk})
             continue
-        triton_utils.CR_TARGET = max(64, chunk * rank)  # let the pipeline run this chunk size
+        triton_utils.TUNE["cr_target"] = max(64, chunk * rank)  # let the pipeline run this chunk size
         if (rank, chunk * rank) in best:
             triton_sigdelta.BLOCK_CONFIG[(rank, chunk * rank)] = best[(rank, chunk * rank)]
         q, a, b, u = drivers(
@@ -257,7 +258,7 @@ def op_timings(rec, args, device, dtype, deadline):
             except Exception as err:
                 row["error"] = f"{type(err).__name__}: {str(err)[:200]}"
             rec.add("op", row)
-    triton_utils.CR_TARGET = 64
+    triton_utils.TUNE["cr_target"] = default_target
 
 
 def wu_best(rows, mode, rank, chunk, solver):
@@ -349,7 +350,7 @@ def compile_job(job, heads, dim):
         wu_solvers(rank, chunk, VARIANTS)[name](a, b, u, mode)
     else:
         _, rank, chunk = job
-        triton_utils.CR_TARGET = max(64, chunk * rank)
+        triton_utils.TUNE["cr_target"] = max(64, chunk * rank)
         q, a, b, u = drivers(1, chunk, heads, rank, dim, dim, "sum", dtype, device)
         h0 = torch.randn(1, heads, dim, dim, device=device)
         for algorithm in ("tensor_inv", "sigdelta"):
