@@ -148,7 +148,7 @@ def meta(args, device):
             "K": args.dim,
             "V": args.dim,
             "dtype": "bfloat16",
-        },  # fmt: skip
+        },
     }
 
 
@@ -163,24 +163,51 @@ def correctness(rec, args, device, dtype):
                 w_ref, u_ref = wu_reference(a, b, u, mode, chunk)
                 for name, fn in wu_solvers(rank, chunk, VARIANTS).items():
                     w, uu = fn(a, b, u, mode)
-                    rec.add("correctness", {"what": "wu-correlated" if correlated else "wu", "solver": name,
-                                            "R": rank, "mode": mode, "C": chunk, "w": rel_err(w, w_ref),
-                                            "u": rel_err(uu, u_ref)})  # fmt: skip
+                    rec.add(
+                        "correctness",
+                        {
+                            "what": "wu-correlated" if correlated else "wu",
+                            "solver": name,
+                            "R": rank,
+                            "mode": mode,
+                            "C": chunk,
+                            "w": rel_err(w, w_ref),
+                            "u": rel_err(uu, u_ref),
+                        },
+                    )
             q, a, b, u = drivers(batch, seq_len // 2, heads, rank, dim, dim, mode, dtype, device)
             h0 = torch.randn(batch, heads, dim, dim, device=device)
             ref = [x.detach().double().requires_grad_() for x in (q, a, b, u, h0)]
-            o_ref, ht_ref = delta_rule_reference(*ref[:4], mode=mode, scale=dim**-0.5, initial_state=ref[4],
-                                                 output_final_state=True, dtype=torch.float64)  # fmt: skip
+            o_ref, ht_ref = delta_rule_reference(
+                *ref[:4],
+                mode=mode,
+                scale=dim**-0.5,
+                initial_state=ref[4],
+                output_final_state=True,
+                dtype=torch.float64,
+            )
             do, dht = torch.randn_like(o_ref), torch.randn_like(ht_ref)
             ((o_ref * do).sum() + (ht_ref * dht).sum()).backward()
             for algorithm in ("tensor_inv", "sigdelta"):
                 leaves = [x.clone().requires_grad_() for x in (q, a, b, u, h0)]
-                o, ht = delta_rule_drivers(*leaves[:4], mode=mode, initial_state=leaves[4],
-                                           output_final_state=True, chunk_size=64, algorithm=algorithm,
-                                           backend="triton")  # fmt: skip
+                o, ht = delta_rule_drivers(
+                    *leaves[:4],
+                    mode=mode,
+                    initial_state=leaves[4],
+                    output_final_state=True,
+                    chunk_size=64,
+                    algorithm=algorithm,
+                    backend="triton",
+                )
                 ((o.float() * do.float()).sum() + (ht * dht.float()).sum()).backward()
-                row = {"what": "op", "solver": algorithm, "R": rank, "mode": mode, "o": rel_err(o, o_ref),
-                       "ht": rel_err(ht, ht_ref)}  # fmt: skip
+                row = {
+                    "what": "op",
+                    "solver": algorithm,
+                    "R": rank,
+                    "mode": mode,
+                    "o": rel_err(o, o_ref),
+                    "ht": rel_err(ht, ht_ref),
+                }
                 row.update(
                     {f"d{n}": rel_err(x.grad, r.grad) for n, x, r in zip("qabuh", leaves, ref, strict=True)}
                 )
@@ -245,8 +272,13 @@ def op_timings(rec, args, device, dtype, deadline):
         )
         do = torch.randn(q.shape[:3] + (args.dim,), device=device, dtype=dtype)
         for algorithm in ("tensor_inv", "sigdelta"):
-            row = {"R": rank, "C": chunk, "CR": chunk * rank, "solver": algorithm,
-                   "sigdelta_config": triton_sigdelta.block_config(rank, chunk)}  # fmt: skip
+            row = {
+                "R": rank,
+                "C": chunk,
+                "CR": chunk * rank,
+                "solver": algorithm,
+                "sigdelta_config": triton_sigdelta.block_config(rank, chunk),
+            }
             try:
                 op = functools.partial(
                     delta_rule_drivers, chunk_size=chunk, algorithm=algorithm, backend="triton"
@@ -357,9 +389,13 @@ def compile_job(job, heads, dim):
             for state in (None, h0):  # the correctness section passes an initial state, the timings none
                 leaves = [x.clone().requires_grad_() for x in (q, a, b, u)]
                 o, _ = delta_rule_drivers(
-                    *leaves, initial_state=state, output_final_state=state is not None, chunk_size=chunk,
-                    algorithm=algorithm, backend="triton",
-                )  # fmt: skip
+                    *leaves,
+                    initial_state=state,
+                    output_final_state=state is not None,
+                    chunk_size=chunk,
+                    algorithm=algorithm,
+                    backend="triton",
+                )
                 o.float().sum().backward()
                 with torch.no_grad():
                     delta_rule_drivers(q, a, b, u, chunk_size=chunk, algorithm=algorithm, backend="triton")
@@ -387,6 +423,28 @@ def precompile(args):
             status[job] = f"{type(err).__name__}: {str(err)[:200]}"
     pool.terminate()
     return status
+
+
+def kernel_resources():
+    """Registers, spills and shared memory of every compiled W/U kernel of this process (occupancy)."""
+    from modeling_parallelflow.triton_chunk_fwd import _wu_kernel
+
+    out = []
+    for name, fn in (("sigdelta", triton_sigdelta._sigdelta_wu_kernel), ("tensor_inv", _wu_kernel)):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for key, kernel in caches[0].items():
+                meta_ = getattr(kernel, "metadata", None)
+                out.append(
+                    {
+                        "kernel": name,
+                        "key": str(key)[-400:],
+                        "n_regs": getattr(kernel, "n_regs", None),
+                        "n_spills": getattr(kernel, "n_spills", None),
+                        "shared": getattr(meta_, "shared", None),
+                        "num_warps": getattr(meta_, "num_warps", None),
+                    }
+                )
+    return out
 
 
 def copy_bandwidth(device):
@@ -444,6 +502,12 @@ def main():
         wu_timings(rec, args, device, dtype, deadline)
     if "op" in sections:
         op_timings(rec, args, device, dtype, deadline)
+    if device == "cuda":
+        try:
+            rec.data["meta"]["kernels"] = kernel_resources()
+        except Exception as err:  # Triton's cache layout differs between versions
+            rec.data["meta"]["kernels"] = f"{type(err).__name__}: {err}"
+        rec.add("op", {"done": True})
 
 
 if __name__ == "__main__":

@@ -98,9 +98,14 @@ def loop_grads(q, a, b, u, h0, mode, scale, cu_seqlens, do, dht):
     """Float64 token loop: o, final state and the gradients of (o . do + ht . dht)."""
     leaves = [x.detach().cpu().double().requires_grad_() for x in (q, a, b, u, h0)]
     o, ht = delta_rule_reference(
-        *leaves[:4], mode=mode, scale=scale, initial_state=leaves[4], output_final_state=True,
-        cu_seqlens=cu_seqlens, dtype=torch.float64,
-    )  # fmt: skip
+        *leaves[:4],
+        mode=mode,
+        scale=scale,
+        initial_state=leaves[4],
+        output_final_state=True,
+        cu_seqlens=cu_seqlens,
+        dtype=torch.float64,
+    )
     ((o * do).sum() + (ht * dht).sum()).backward()
     return o, ht, [x.grad for x in leaves]
 
@@ -124,9 +129,15 @@ def test_op_sigdelta_matches_loop_forward_backward(batch, seq_len, n_heads, rank
     cu_t = None if cu is None else torch.tensor(cu, dtype=torch.int32, device=DEVICE)
     leaves = [x.clone().requires_grad_() for x in (q, a, b, u, h0)]
     o, ht = delta_rule_drivers(
-        *leaves[:4], mode=mode, initial_state=leaves[4], output_final_state=True, cu_seqlens=cu_t,
-        chunk_size=16, algorithm="sigdelta", backend="triton",
-    )  # fmt: skip
+        *leaves[:4],
+        mode=mode,
+        initial_state=leaves[4],
+        output_final_state=True,
+        cu_seqlens=cu_t,
+        chunk_size=16,
+        algorithm="sigdelta",
+        backend="triton",
+    )
     do, dht = torch.randn(o.shape, dtype=torch.float64), torch.randn(ht.shape, dtype=torch.float64)
     ((o * do.to(o)).sum() + (ht * dht.to(ht)).sum()).backward()
     o_ref, ht_ref, grads = loop_grads(q, a, b, u, h0, mode, k_dim**-0.5, cu_t, do, dht)
@@ -171,9 +182,14 @@ def test_gpu_low_precision_no_worse_than_tensor_inv(rank, mode, dtype):
     for algorithm in ("tensor_inv", "sigdelta"):
         leaves = [x.clone().requires_grad_() for x in (q, a, b, u, h0)]
         o, ht = delta_rule_drivers(
-            *leaves[:4], mode=mode, initial_state=leaves[4], output_final_state=True, chunk_size=64,
-            algorithm=algorithm, backend="triton",
-        )  # fmt: skip
+            *leaves[:4],
+            mode=mode,
+            initial_state=leaves[4],
+            output_final_state=True,
+            chunk_size=64,
+            algorithm=algorithm,
+            backend="triton",
+        )
         ((o.float() * do.to(o.device, torch.float32)).sum() + (ht * dht.to(ht)).sum()).backward()
         errs[algorithm] = {"o": rel_err(o, o_ref), "ht": rel_err(ht, ht_ref)}
         errs[algorithm].update(grad_errs(leaves, grads))
