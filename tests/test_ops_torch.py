@@ -194,6 +194,12 @@ def test_exact_flow_equals_matrix_exp_steps(mode, rank, algorithm):
     torch.testing.assert_close(o, exact_flow_loop(x["q"], a, b, u, mode), **TOL64)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_flow_gradcheck(mode):
+    a, b, u = (torch.randn(2, 3, d, dtype=F64, requires_grad=True) for d in (K, K, V))
+    assert torch.autograd.gradcheck(lambda a, b, u: exact_flow_drivers(a, b, u, mode), (a, b, u))
+
+
 def test_exact_flow_rank1_is_one_minus_exp():
     x = make_inputs(1, 5, 1, "sum")
     a2, u2 = exact_flow_drivers(*drivers(x["k"], x["v"], x["beta"]), "sum")
