@@ -1,0 +1,285 @@
+"""Share a PFlow checkpoint on the Hugging Face Hub: `parallelflow push DIR REPO_ID` and its Python API.
+
+    from modeling_parallelflow.hub import push_to_hub
+    push_to_hub("runs/ft-merged", "me/pflow-small", private=True)
+
+`prepare_folder` writes what is uploaded: config.json, the weights (safetensors), the modeling code files
+(so `trust_remote_code=True` loads the model without this package), generation_config.json, the tokenizer
+and a README.md model card; `push_to_hub` writes it to a temporary folder and uploads it with
+`HfApi.create_repo` + `HfApi.upload_folder` (pass `api=` any object with those two methods, e.g. a recorder
+in tests). Load it back with
+`AutoModelForCausalLM.from_pretrained(REPO_ID, trust_remote_code=True)`.
+
+The card (`model_card`) describes the architecture from the config, and, when DIR has them, the training
+run from `parallelflow_meta.json` (written by `parallelflow finetune`/`merge`; `write_meta`) and lm-eval
+results from JSON files with a `"results"` table (DIR/*.json or DIR/evals/**/*.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+META_FILE = "parallelflow_meta.json"
+DEFAULT_COMMIT_MESSAGE = "Upload ParallelFlow model"
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def write_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
+    """Write the run metadata the model card reads: `kind` ("lora" | "full" | "merged" | ...),
+    `base_model`, `training_data` (path, format, records, train_tokens, eval_tokens, ...), `training`
+    (steps, hyperparameters) and `eval` (eval_loss, eval_loss_before on held-out fine-tuning data)."""
+    path = Path(directory) / META_FILE
+    path.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    """The metadata written by `write_meta` in `directory`, or {} when there is none."""
+    path = Path(directory) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def find_eval_results(directory: str | Path) -> dict[str, dict[str, float]]:
+    """task -> {metric: value} from lm-eval style JSON files (a top-level "results" object) in `directory`
+    or under `directory`/evals; later files (sorted by path) win for the same task."""
+    directory = Path(directory)
+    results: dict[str, dict[str, float]] = {}
+    for path in sorted([*directory.glob("*.json"), *directory.glob("evals/**/*.json")]):
+        try:
+            table = json.loads(path.read_text()).get("results")
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            continue
+        if not isinstance(table, dict):
+            continue
+        for task, metrics in table.items():
+            if isinstance(metrics, dict):
+                numbers = {
+                    k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and k != "alias"
+                }
+                if numbers:
+                    results[task] = numbers
+    return results
+
+
+def _display_source(name: str) -> str:
+    """A repo id as is; a local path by its folder name only (no user paths in a public card)."""
+    return name if _REPO_ID.match(name) and not Path(name).exists() else Path(name).name
+
+
+def _eval_rows(evals: dict[str, dict[str, float]]) -> list[str]:
+    rows = []
+    for task, metrics in sorted(evals.items()):
+        for key, value in sorted(metrics.items()):
+            if "_stderr" in key:
+                continue
+            metric, _, kind = key.partition(",")
+            stderr = metrics.get(f"{metric}_stderr,{kind}" if kind else f"{metric}_stderr")
+            shown = metric if kind in ("", "none") else f"{metric} ({kind})"
+            rows.append(f"| {task} | {shown} | {value:.4f} | {'' if stderr is None else f'{stderr:.4f}'} |")
+    return rows
+
+
+def model_card(
+    config,
+    *,
+    repo_id: str,
+    num_parameters: int,
+    meta: dict[str, Any] | None = None,
+    evals: dict[str, dict[str, float]] | None = None,
+) -> str:
+    """README.md text: YAML metadata, architecture (from the PFlowConfig), usage, training data and
+    evaluation results when known."""
+    from huggingface_hub import ModelCardData
+
+    meta, evals = meta or {}, evals or {}
+    base = meta.get("base_model")
+    card_data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["parallelflow", "delta-rule", "linear-attention", "custom_code"],
+        base_model=base if base and _display_source(base) == base else None,
+    )
+    layer_counts = Counter(config.layer_types)
+    layers = ", ".join(f"{count} x {kind}" for kind, count in layer_counts.items())
+    lines = [
+        "---",
+        card_data.to_yaml(),
+        "---",
+        "",
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        "A ParallelFlow causal language model: DeltaNet-style linear attention whose state follows the "
+        f"rank-{config.rank} delta rule (each token writes {config.rank} key/value pairs per head).",
+        "",
+        "## Architecture",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| parameters | {num_parameters:,} |",
+        f"| layers | {config.num_hidden_layers} ({layers}) |",
+        f"| layer types | {', '.join(config.layer_types)} |",
+        f"| hidden size | {config.hidden_size} |",
+        f"| delta-rule heads | {config.num_heads} |",
+        f"| key / value head dims | {config.head_k_dim} / {config.head_v_dim} |",
+        f"| rank R | {config.rank} |",
+        f"| rank mode | {config.rank_mode} |",
+        f"| flow | {config.flow} |",
+        f"| algorithm | {config.algorithm} |",
+        f"| negative eigenvalues | {config.allow_neg_eigval} |",
+        f"| short conv | {f'kernel {config.conv_size}' if config.use_short_conv else 'no'} |",
+        f"| output gate | {config.use_gate} |",
+        f"| vocabulary | {config.vocab_size} |",
+        f"| max positions | {config.max_position_embeddings} |",
+    ]
+    if any(kind != "pflow" for kind in config.layer_types):
+        window = f", window {config.sliding_window}" if "sliding_attention" in layer_counts else ""
+        kv_heads = config.num_key_value_heads
+        lines.append(f"| attention heads | {config.num_attention_heads} ({kv_heads} KV heads{window}) |")
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "The modeling code ships with the weights, so no extra package is needed:",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}", trust_remote_code=True)',
+        f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", trust_remote_code=True)',
+        'inputs = tokenizer("def ", return_tensors="pt")',
+        "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))",
+        "```",
+        "",
+        "On a CUDA GPU with `triton` installed the chunked Triton kernels run; elsewhere a PyTorch path.",
+        "",
+        "## Training",
+        "",
+    ]
+    data, training = meta.get("training_data"), meta.get("training")
+    if base:
+        lines.append(f"- base model: {_display_source(base)} ({meta.get('kind', 'fine-tuned')})")
+    if data:
+        lines.append(
+            f"- data: {Path(data['path']).name} ({data['format']}, {data['records']:,} records, "
+            f"{data['train_tokens']:,} training tokens)"
+        )
+    if training:
+        lines.append(
+            f"- {training['steps']} steps, batch {training['batch_size']} x {training['seq_len']} tokens, "
+            f"learning rate {training['learning_rate']:g}, {training['precision']}"
+        )
+        if "lora" in training:
+            lora = training["lora"]
+            lines.append(
+                f"- LoRA r={lora['r']}, alpha={lora['alpha']:g} on {', '.join(lora['target_modules'])}"
+            )
+    if not (base or data or training):
+        lines.append("Training data: not recorded.")
+    lines += ["", "## Evaluation", ""]
+    held_out = meta.get("eval", {}).get("eval_loss")
+    if held_out is not None:
+        lines += [f"Held-out loss on the fine-tuning data: {held_out:.4f} nats/token.", ""]
+    if evals:
+        lines += ["| task | metric | value | stderr |", "|---|---|---|---|", *_eval_rows(evals)]
+    elif held_out is None:
+        lines.append("No evaluation results recorded.")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _load(src: Path, tokenizer: str | Path | None):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (src / "adapter_config.json").is_file():
+        raise ValueError(
+            f"{src} holds a LoRA adapter; merge it first (parallelflow merge BASE {src} MERGED_DIR) "
+            "and push MERGED_DIR"
+        )
+    if not (src / "config.json").is_file():
+        raise ValueError(f"{src} is not a checkpoint folder (no config.json)")
+    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or src)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"no tokenizer in {tokenizer or src} ({err}); pass tokenizer= (--tokenizer)"
+        ) from err
+    return model, tok
+
+
+def prepare_folder(
+    src: str | Path, dst: str | Path, *, repo_id: str, tokenizer: str | Path | None = None
+) -> list[str]:
+    """Write the Hub folder for checkpoint `src` into the empty/new folder `dst`; the file names written.
+
+    The model is loaded and re-saved (so the code files and `auto_map` come from this installation), the
+    tokenizer comes from `tokenizer` (default `src`), and README.md is `model_card(...)`.
+    """
+    src, dst = Path(src), Path(dst)
+    if not _REPO_ID.match(repo_id):
+        raise ValueError(f"repo_id must look like 'owner/name', got {repo_id!r}")
+    model, tok = _load(src, tokenizer)
+    generation = model.generation_config
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(generation, name, None) is None and getattr(tok, name) is not None:
+            setattr(generation, name, getattr(tok, name))
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    card = model_card(
+        model.config,
+        repo_id=repo_id,
+        num_parameters=model.num_parameters(),
+        meta=read_meta(src),
+        evals=find_eval_results(src),
+    )
+    (dst / "README.md").write_text(card)
+    return sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
+
+
+def push_to_hub(
+    src: str | Path,
+    repo_id: str,
+    *,
+    private: bool = False,
+    commit_message: str = DEFAULT_COMMIT_MESSAGE,
+    tokenizer: str | Path | None = None,
+    api=None,
+):
+    """Upload checkpoint `src` (model, code files, generation config, tokenizer, model card) to `repo_id`,
+    creating the repo if needed. `api` defaults to `huggingface_hub.HfApi()` (token from `hf auth login`
+    or HF_TOKEN). Returns `upload_folder`'s result (a CommitInfo)."""
+    if api is None:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+    with tempfile.TemporaryDirectory(prefix="parallelflow-push-") as tmp:
+        prepare_folder(src, tmp, repo_id=repo_id, tokenizer=tokenizer)
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        return api.upload_folder(
+            repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message
+        )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("dir", help="checkpoint folder (a full model, e.g. from `parallelflow merge`)")
+    parser.add_argument("repo_id", help="target repo on the Hub, owner/name")
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--commit-message", default=DEFAULT_COMMIT_MESSAGE)
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: DIR)")
+
+
+def run(args: argparse.Namespace) -> int:
+    commit = push_to_hub(
+        args.dir,
+        args.repo_id,
+        private=args.private,
+        commit_message=args.commit_message,
+        tokenizer=args.tokenizer,
+    )
+    print(f"pushed {args.dir} to {getattr(commit, 'commit_url', None) or args.repo_id}")
+    return 0
