@@ -1,0 +1,221 @@
+"""`parallelflow push` with the Hub client replaced by a recorder, the model card, and loading the pushed
+folder back by repo id from an offline Hub cache in a fresh process without the package."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.dynamic_module_utils import get_relative_import_files
+
+import modeling_parallelflow.modeling_parallelflow as modeling_file
+from modeling_parallelflow import cli
+from modeling_parallelflow.hub import find_eval_results, model_card, push_to_hub, write_meta
+from tests.model_helpers import tiny_config, tiny_model
+from tests.test_finetune import make_base_checkpoint, sample_ids
+from tests.test_save_load import BLOCK_PACKAGE
+
+REPO_ID = "pflow-org/tiny-hybrid"
+SHA = "0123456789abcdef0123456789abcdef01234567"
+META = {
+    "kind": "merged",
+    "base_model": "pflow-org/tiny-base",
+    "training_data": {"path": "/home/me/data/stories.jsonl", "format": "text", "records": 300,
+                      "train_tokens": 1728, "eval_tokens": 224},
+    "training": {"steps": 30, "batch_size": 4, "seq_len": 32, "learning_rate": 0.01, "precision": "fp32",
+                 "lora": {"r": 8, "alpha": 32.0, "target_modules": ["q_proj", "v_proj"]}},
+    "eval": {"eval_loss": 0.2481, "eval_loss_before": 11.42},
+}  # fmt: skip
+LM_EVAL_RESULTS = {
+    "results": {"lambada_tiny": {"alias": "lambada_tiny", "acc,none": 0.25, "acc_stderr,none": 0.0433,
+                                 "perplexity,none": 123.4, "perplexity_stderr,none": 5.6}},
+    "config": {"model": "hf"},
+}  # fmt: skip
+
+
+class RecordingHubApi:
+    """Stands in for `huggingface_hub.HfApi`: records the calls and lays each upload out as the Hub cache
+    would after a download (HF_HUB_CACHE/models--org--name/refs/main + snapshots/<sha>/...)."""
+
+    def __init__(self, cache: Path):
+        self.cache = cache
+        self.calls: list[tuple[str, str, dict]] = []
+        self.uploaded: list[str] = []
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        self.calls.append(("upload_folder", repo_id, kwargs))
+        folder = Path(folder_path)
+        self.uploaded = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
+        shutil.copytree(folder, repo / "snapshots" / SHA)
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(SHA)
+        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{SHA}", oid=SHA)
+
+
+def expected_upload(tokenizer_dir: Path, tmp_path: Path) -> set[str]:
+    code = {
+        "modeling_parallelflow.py",
+        *(Path(p).name for p in get_relative_import_files(modeling_file.__file__)),
+    }
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp_path / "tokenizer-only")
+    tokenizer_files = {p.name for p in (tmp_path / "tokenizer-only").iterdir()}
+    return {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "README.md",
+        *code,
+        *tokenizer_files,
+    }
+
+
+@pytest.fixture
+def checkpoint(tmp_path) -> Path:
+    """A full checkpoint as `parallelflow merge` leaves it, plus run artefacts that must not be uploaded."""
+    src = make_base_checkpoint(tmp_path / "src")
+    write_meta(src, META)
+    (src / "lm_eval_results.json").write_text(json.dumps(LM_EVAL_RESULTS))
+    (src / "loss.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    return src
+
+
+def test_push_uploads_exactly_the_expected_files_and_loads_by_repo_id_offline(checkpoint, tmp_path):
+    api = RecordingHubApi(tmp_path / "hub-cache")
+    commit = push_to_hub(checkpoint, REPO_ID, private=True, commit_message="first", api=api)
+    assert commit.oid == SHA
+    assert [call[:2] for call in api.calls] == [("create_repo", REPO_ID), ("upload_folder", REPO_ID)]
+    assert api.calls[0][2]["private"] is True and api.calls[0][2]["exist_ok"] is True
+    assert api.calls[1][2]["commit_message"] == "first"
+
+    expected = expected_upload(checkpoint, tmp_path)
+    assert set(api.uploaded) == expected
+    for name in ("configuration_parallelflow.py", "cache_parallelflow.py", "ops.py", "ops_chunk_torch.py",
+                 "ops_reference.py", "tokenizer.json", "tokenizer_config.json"):  # fmt: skip
+        assert name in expected, name
+    snapshot = tmp_path / "hub-cache" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / SHA
+    config = json.loads((snapshot / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_parallelflow.PFlowForCausalLM"
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    generation = json.loads((snapshot / "generation_config.json").read_text())
+    assert generation["pad_token_id"] == tokenizer.pad_token_id
+
+    ids = sample_ids(checkpoint)
+    with torch.no_grad():
+        expected_logits = AutoModelForCausalLM.from_pretrained(checkpoint).eval()(ids).logits
+    text = "the cat sat on the mat."
+    torch.save(
+        {"ids": ids, "logits": expected_logits, "text_ids": tokenizer(text)["input_ids"]}, tmp_path / "ref.pt"
+    )
+    script = BLOCK_PACKAGE + textwrap.dedent(
+        f"""
+        import torch
+        try:
+            import modeling_parallelflow
+            raise SystemExit("package still importable")
+        except ImportError:
+            pass
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        ref = torch.load({str(tmp_path / "ref.pt")!r})
+        tokenizer = AutoTokenizer.from_pretrained({REPO_ID!r}, trust_remote_code=True)
+        assert tokenizer({text!r})["input_ids"] == ref["text_ids"]
+        model = AutoModelForCausalLM.from_pretrained({REPO_ID!r}, trust_remote_code=True).eval()
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        with torch.no_grad():
+            logits = model(ref["ids"]).logits
+        assert torch.equal(logits, ref["logits"]), (logits - ref["logits"]).abs().max()
+        print("HUB-CACHE-OK")
+        """
+    )
+    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_HUB_OFFLINE": "1",
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert "HUB-CACHE-OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_model_card_describes_architecture_training_and_evals(checkpoint, tmp_path):
+    api = RecordingHubApi(tmp_path / "hub-cache")
+    push_to_hub(checkpoint, REPO_ID, api=api)
+    card = next((tmp_path / "hub-cache").rglob("README.md")).read_text()
+    model = tiny_model("tiny-hybrid")
+    assert card.startswith("---\n") and "library_name: transformers" in card and "custom_code" in card
+    assert "base_model: pflow-org/tiny-base" in card
+    for fact in (
+        f"| parameters | {model.num_parameters():,} |",
+        "| rank R | 2 |",
+        "| rank mode | sum |",
+        "| flow | euler |",
+        "| algorithm | auto |",
+        "| layers | 4 (2 x pflow, 1 x sliding_attention, 1 x attention) |",
+        "| layer types | pflow, sliding_attention, pflow, attention |",
+        "stories.jsonl (text, 300 records, 1,728 training tokens)",
+        "LoRA r=8, alpha=32 on q_proj, v_proj",
+        "Held-out loss on the fine-tuning data: 0.2481",
+        "| lambada_tiny | acc | 0.2500 | 0.0433 |",
+        "| lambada_tiny | perplexity | 123.4000 | 5.6000 |",
+        f'AutoModelForCausalLM.from_pretrained("{REPO_ID}", trust_remote_code=True)',
+    ):
+        assert fact in card, fact
+    assert "/home/me" not in card
+
+
+def test_model_card_without_run_metadata():
+    card = model_card(tiny_config("tiny"), repo_id="me/x", num_parameters=1234)
+    assert "Training data: not recorded." in card and "No evaluation results recorded." in card
+    assert "attention heads" not in card and "base_model" not in card
+
+
+def test_find_eval_results_reads_lm_eval_json_files(tmp_path):
+    (tmp_path / "evals" / "model").mkdir(parents=True)
+    (tmp_path / "evals" / "model" / "results_2025.json").write_text(json.dumps(LM_EVAL_RESULTS))
+    (tmp_path / "config.json").write_text(json.dumps({"results": "not a table"}))
+    (tmp_path / "broken.json").write_text("{")
+    assert find_eval_results(tmp_path) == {
+        "lambada_tiny": {"acc,none": 0.25, "acc_stderr,none": 0.0433, "perplexity,none": 123.4,
+                         "perplexity_stderr,none": 5.6}
+    }  # fmt: skip
+
+
+def test_push_cli_uses_huggingface_hub_api(checkpoint, tmp_path, monkeypatch, capsys):
+    api = RecordingHubApi(tmp_path / "hub-cache")
+    monkeypatch.setattr("huggingface_hub.HfApi", lambda: api)
+    assert cli.main(["push", str(checkpoint), REPO_ID, "--private", "--commit-message", "via cli"]) == 0
+    assert api.calls[0][2]["private"] is True and api.calls[1][2]["commit_message"] == "via cli"
+    assert "README.md" in api.uploaded
+    assert f"https://huggingface.co/{REPO_ID}/commit/{SHA}" in capsys.readouterr().out
+
+
+def test_push_refuses_adapters_and_bad_repo_ids(checkpoint, tmp_path):
+    api = RecordingHubApi(tmp_path / "hub-cache")
+    with pytest.raises(ValueError, match="repo_id must look like 'owner/name'"):
+        push_to_hub(checkpoint, "no-owner", api=api)
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="parallelflow merge"):
+        push_to_hub(tmp_path / "adapter", REPO_ID, api=api)
+    assert api.calls == []
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="ops.py imports the Triton dispatcher as `from . import triton_dispatch`, which transformers' "
+    "code copier does not follow (it needs `from .triton_dispatch import ...`), so checkpoints ship "
+    "without the Triton kernels; remove this marker once ops.py is fixed",
+)
+def test_saved_checkpoints_ship_the_triton_kernels(tmp_path):
+    tiny_model("tiny").save_pretrained(tmp_path)
+    for name in ("triton_dispatch.py", "triton_chunk_fwd.py", "triton_chunk_bwd.py", "triton_recurrent.py"):
+        assert (tmp_path / name).is_file(), name
