@@ -35,7 +35,14 @@ from modeling_parallelflow.triton_chunk_fwd import tensor_inv_wu  # noqa: E402
 
 RANKS = (1, 2, 4, 8)
 CHUNKS = (16, 32, 64, 128, 256)
-VARIANTS = ((16, "direct"), (32, "direct"), (16, "blockinv"), (32, "blockinv"), (64, "blockinv"))
+VARIANTS = (
+    (32, "direct"),
+    (16, "blockinv"),
+    (32, "blockinv"),
+    (64, "blockinv"),
+    (16, "parallel"),
+    (32, "parallel"),
+)
 TINV_MAX_CR = 256  # tensorInv keeps the whole C*R x C*R inverse of a chunk in one program's registers
 
 

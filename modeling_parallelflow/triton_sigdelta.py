@@ -23,7 +23,10 @@ a rank-R (rank-1) update of every later row. The kernel runs this sweep blocked,
   `solve="direct"`: acc += N_s @ acc on the W and U rows themselves (the literal recursion);
   `solve="blockinv"`: the same sweep on the block's identity, E += N_s @ E, which gives
   E = (I - N_ii)^-1 (W(m, k) is linear in its boundary data), then acc = E @ acc once: the steps work
-  on [BR, BR] instead of [BR, K + V].
+  on [BR, BR] instead of [BR, K + V];
+  `solve="parallel"`: the blockinv sweeps of all NB blocks of the chunk run together before the chain
+  (batched [NB, BR, BR] products; they do not depend on it), so one program makes steps + NB
+  sequential moves instead of NB * steps.
 
 Both are forward substitution, so as stable as the token loop. A power-series shortcut
 (I - N)^-1 = prod_s (I + N^(2^s)) (log2 depth) was measured and dropped: with correlated keys its
@@ -46,7 +49,7 @@ except ImportError:  # the torch backend works without triton
     triton = None
 
 MODES = ("sum", "product")
-SOLVES = ("direct", "blockinv")
+SOLVES = ("direct", "blockinv", "parallel")
 # Measured (benchmarks/SIGDELTA.md, H100, bf16, K = V = 128): the smallest C * R from which sigDelta's W/U
 # stage beats tensorInv's, per rank R; None: tensorInv wins at every C * R measured.
 SIGDELTA_FROM_CR: dict[int, int | None] = {1: 256, 2: 256, 4: 256, 8: 256}
@@ -88,6 +91,44 @@ if triton is not None:
         return acc_w, acc_u
 
     @triton.jit
+    def _all_block_inverses(
+        a_ptr,
+        b_ptr,
+        t0,
+        n_tok,
+        i_h,
+        blk,
+        rows,
+        r_tok,
+        r_rank,
+        step,
+        H: tl.constexpr,
+        R: tl.constexpr,
+        K: tl.constexpr,
+        BT: tl.constexpr,
+        BK: tl.constexpr,
+        NSTEP: tl.constexpr,
+        PREC: tl.constexpr,
+    ):
+        """(I - N_ii)^-1 of every block of the chunk [NB, BR, BR]: the sweep on all identities at once."""
+        KB: tl.constexpr = min(BK, 32)
+        tok3 = blk[:, None, None] * BT + r_tok[None, :, None]  # [NB, BR, 1]
+        m3 = (tok3 < n_tok) & (r_rank[None, :, None] < R)
+        row3 = ((t0 + tok3) * H + i_h) * R + r_rank[None, :, None]
+        g3 = tl.zeros((blk.shape[0], rows.shape[0], rows.shape[0]), tl.float32)
+        for k0 in tl.static_range(0, BK, KB):
+            kk = k0 + tl.arange(0, KB)
+            off, msk = row3 * K + kk[None, None, :], m3 & (kk < K)[None, None, :]
+            a3 = tl.load(a_ptr + off, mask=msk, other=0.0)
+            b3 = tl.load(b_ptr + off, mask=msk, other=0.0)
+            g3 += tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC)  # diagonal Gram blocks
+        n3 = tl.where(step[None, None, :] < step[None, :, None], g3, 0.0)
+        e3 = tl.where(rows[None, :, None] == rows[None, None, :], 1.0, 0.0) + g3 * 0.0
+        for s in range(NSTEP):
+            e3 += tl.dot(tl.where(step[None, None, :] == s, n3, 0.0), e3, input_precision=PREC)
+        return e3
+
+    @triton.jit
     def _sigdelta_wu_kernel(
         a_ptr,
         b_ptr,
@@ -109,6 +150,7 @@ if triton is not None:
         PRODUCT: tl.constexpr,
         SOLVE: tl.constexpr,
         NSTEP: tl.constexpr,
+        NB: tl.constexpr,
         PREC: tl.constexpr,
     ):
         """One program per (chunk, head): W, U rows of the chunk, block of BT tokens after block."""
@@ -130,6 +172,11 @@ if triton is not None:
         mk = ok < K
         mv = ov < V
         dtype = w_ptr.dtype.element_ty
+        blk = tl.arange(0, NB)
+        if SOLVE == 2:  # the in-block sweeps of all NB blocks at once, on their identities
+            e3 = _all_block_inverses(
+                a_ptr, b_ptr, t0, n_tok, i_h, blk, rows, r_tok, r_rank, step, H, R, K, BT, BK, NSTEP, PREC
+            )
         for i in range(0, tl.cdiv(n_tok, BT)):
             tok_i = i * BT + r_tok
             m_i = (tok_i < n_tok) & (r_rank < R)
@@ -149,10 +196,15 @@ if triton is not None:
                 y_u = tl.load(uu_ptr + jv, mask=jm_v, other=0.0).to(tl.float32)
                 acc_w += tl.dot(n_ij, y_w, input_precision=PREC)
                 acc_u += tl.dot(n_ij, y_u, input_precision=PREC)
-            b_i = tl.load(b_ptr + ik, mask=im_k, other=0.0)
-            n_ii = tl.dot(a_i, tl.trans(b_i), input_precision=PREC)
-            n_ii = tl.where(step[None, :] < step[:, None], n_ii, 0.0)  # mask M inside the block
-            acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, step, SOLVE, NSTEP, PREC)
+            if SOLVE == 2:
+                e_ii = tl.sum(tl.where(blk[:, None, None] == i, e3, 0.0), axis=0)  # (I - N_ii)^-1
+                acc_w = tl.dot(e_ii, acc_w, input_precision=PREC)
+                acc_u = tl.dot(e_ii, acc_u, input_precision=PREC)
+            else:
+                b_i = tl.load(b_ptr + ik, mask=im_k, other=0.0)
+                n_ii = tl.dot(a_i, tl.trans(b_i), input_precision=PREC)
+                n_ii = tl.where(step[None, :] < step[:, None], n_ii, 0.0)  # mask M inside the block
+                acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, step, SOLVE, NSTEP, PREC)
             tl.store(w_ptr + ik, acc_w.to(dtype), mask=im_k)
             tl.store(uu_ptr + iv, acc_u.to(dtype), mask=im_v)
             tl.debug_barrier()  # the next blocks read these rows back (other threads of this program)
@@ -209,8 +261,10 @@ def sigdelta_wu(
     steps = tokens * rank_p if mode == "product" else tokens
     rows = tokens * rank_p
     bk, bv = max(16, next_pow2(key_dim)), max(16, next_pow2(val_dim))
+    n_blocks = next_pow2(-(-chunk_size // tokens))
     if num_warps is None:
-        num_warps = 8 if rows * (bk + bv) > 8192 else 4
+        big = rows * (bk + bv) > 8192 or (solve == "parallel" and n_blocks * rows * rows > 4096)
+        num_warps = 8 if big else 4
     cu = seq_offsets(bsz, seq_len, cu_seqlens, a.device)
     plain_len = seq_len if cu_seqlens is None else None
     cmap = chunk_map(cu, bsz * seq_len, chunk_size, cu.numel() - 1, plain_len)
@@ -235,6 +289,7 @@ def sigdelta_wu(
         PRODUCT=mode == "product",
         SOLVE=SOLVES.index(solve),
         NSTEP=steps,
+        NB=n_blocks,
         PREC=dot_precision(a.dtype),
         num_warps=num_warps,
     )

@@ -68,7 +68,7 @@ WU_CASES = [
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("solve", ["direct", "blockinv"])
+@pytest.mark.parametrize("solve", ["direct", "blockinv", "parallel"])
 @pytest.mark.parametrize("mode", ["sum", "product"])
 @pytest.mark.parametrize("batch,seq_len,n_heads,rank,k_dim,v_dim,chunk,cu", WU_CASES)
 def test_sigdelta_wu_equals_tensor_inv(batch, seq_len, n_heads, rank, k_dim, v_dim, chunk, cu, mode, solve):
@@ -82,7 +82,7 @@ def test_sigdelta_wu_equals_tensor_inv(batch, seq_len, n_heads, rank, k_dim, v_d
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("solve", ["direct", "blockinv"])
+@pytest.mark.parametrize("solve", ["direct", "blockinv", "parallel"])
 @pytest.mark.parametrize("mode,rank,c", [("sum", 1, 2.0), ("sum", 2, 1.0), ("product", 2, 1.0)])
 @pytest.mark.parametrize("block_rows", [16, 64])
 def test_correlated_keys_stay_accurate(block_rows, mode, rank, c, solve):
