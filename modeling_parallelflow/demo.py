@@ -188,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             ppl = math.exp(after[name])
             print(f"{name} loss: {before[name]:.3f} -> {after[name]:.3f} nats/token (perplexity {ppl:.1f})")
 
+        model.config.use_cache = True  # Trainer (transformers >= 5.2x) switches it off for training
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         plot.save()
