@@ -155,6 +155,22 @@ def test_choose_wu_solver_follows_the_table():
     assert triton_sigdelta.choose_wu_solver(2, 256, 512, 128) == "tensor_inv"  # K > 256: not supported
 
 
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("start,expect_sigdelta", [(16, True), (None, False)])
+def test_auto_algorithm_follows_choose_wu_solver(monkeypatch, start, expect_sigdelta):
+    """algorithm="auto" on the Triton backend runs sigdelta_wu exactly where the crossover table says."""
+    calls = []
+    real = triton_sigdelta.sigdelta_wu
+    monkeypatch.setitem(triton_sigdelta.SIGDELTA_FROM_CR, 2, start)
+    monkeypatch.setattr(triton_sigdelta, "sigdelta_wu", lambda *a, **k: calls.append(1) or real(*a, **k))
+    q, a, b, u = drivers(1, 20, 1, 2, 16, 16, "sum")
+    o, _ = delta_rule_drivers(q, a, b, u, chunk_size=16, algorithm="auto", backend="triton")
+    o_ref, _ = delta_rule_reference(
+        q.cpu(), a.cpu(), b.cpu(), u.cpu(), mode="sum", scale=0.25, dtype=torch.float64
+    )
+    assert bool(calls) == expect_sigdelta and rel_err(o, o_ref) < 2e-4
+
+
 def test_bad_arguments_name_the_argument():
     _, a, b, u = drivers(1, 8, 1, 1, 16, 16, "sum")
     with pytest.raises(ValueError, match="mode"):
