@@ -74,7 +74,9 @@ def block_config(rank: int, chunk_size: int) -> tuple[int, str]:
 if triton is not None:
 
     @triton.jit
-    def _block_solve(acc_w, acc_u, n_ii, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr, PREC: tl.constexpr):
+    def _block_solve(
+        acc_w, acc_u, n_ii, rows, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr, PREC: tl.constexpr
+    ):
         """(I - n_ii) [W | U] = [acc_w | acc_u] by the sweep, n_ii [BR, BR] strictly lower in step."""
         if SOLVE == 0:
             for s in range(NSTEP):  # one sigDelta step: every later row takes G(k, s) W(s, s)
@@ -82,7 +84,6 @@ if triton is not None:
                 acc_w += tl.dot(n_s, acc_w, input_precision=PREC)
                 acc_u += tl.dot(n_s, acc_u, input_precision=PREC)
         else:
-            rows = tl.arange(0, n_ii.shape[0])
             e_ii = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)  # boundary data: the identity
             for s in range(NSTEP):
                 e_ii += tl.dot(tl.where(step[None, :] == s, n_ii, 0.0), e_ii, input_precision=PREC)
@@ -106,16 +107,18 @@ if triton is not None:
         R: tl.constexpr,
         K: tl.constexpr,
         BT: tl.constexpr,
+        BR: tl.constexpr,
+        NB: tl.constexpr,
         BK: tl.constexpr,
+        KB: tl.constexpr,
         NSTEP: tl.constexpr,
         PREC: tl.constexpr,
     ):
         """(I - N_ii)^-1 of every block of the chunk [NB, BR, BR]: the sweep on all identities at once."""
-        KB: tl.constexpr = min(BK, 32)
         tok3 = blk[:, None, None] * BT + r_tok[None, :, None]  # [NB, BR, 1]
         m3 = (tok3 < n_tok) & (r_rank[None, :, None] < R)
         row3 = ((t0 + tok3) * H + i_h) * R + r_rank[None, :, None]
-        g3 = tl.zeros((blk.shape[0], rows.shape[0], rows.shape[0]), tl.float32)
+        g3 = tl.zeros((NB, BR, BR), tl.float32)
         for k0 in tl.static_range(0, BK, KB):
             kk = k0 + tl.arange(0, KB)
             off, msk = row3 * K + kk[None, None, :], m3 & (kk < K)[None, None, :]
@@ -123,7 +126,10 @@ if triton is not None:
             b3 = tl.load(b_ptr + off, mask=msk, other=0.0)
             g3 += tl.dot(a3, tl.permute(b3, (0, 2, 1)), input_precision=PREC)  # diagonal Gram blocks
         n3 = tl.where(step[None, None, :] < step[None, :, None], g3, 0.0)
-        e3 = tl.where(rows[None, :, None] == rows[None, None, :], 1.0, 0.0) + g3 * 0.0
+        e3 = (
+            tl.zeros((NB, BR, BR), tl.float32)
+            + tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)[None, :, :]
+        )
         for s in range(NSTEP):
             e3 += tl.dot(tl.where(step[None, None, :] == s, n3, 0.0), e3, input_precision=PREC)
         return e3
@@ -151,6 +157,7 @@ if triton is not None:
         SOLVE: tl.constexpr,
         NSTEP: tl.constexpr,
         NB: tl.constexpr,
+        KB: tl.constexpr,
         PREC: tl.constexpr,
     ):
         """One program per (chunk, head): W, U rows of the chunk, block of BT tokens after block."""
@@ -175,7 +182,26 @@ if triton is not None:
         blk = tl.arange(0, NB)
         if SOLVE == 2:  # the in-block sweeps of all NB blocks at once, on their identities
             e3 = _all_block_inverses(
-                a_ptr, b_ptr, t0, n_tok, i_h, blk, rows, r_tok, r_rank, step, H, R, K, BT, BK, NSTEP, PREC
+                a_ptr,
+                b_ptr,
+                t0,
+                n_tok,
+                i_h,
+                blk,
+                rows,
+                r_tok,
+                r_rank,
+                step,
+                H,
+                R,
+                K,
+                BT,
+                BR,
+                NB,
+                BK,
+                KB,
+                NSTEP,
+                PREC,
             )
         for i in range(0, tl.cdiv(n_tok, BT)):
             tok_i = i * BT + r_tok
@@ -204,7 +230,7 @@ if triton is not None:
                 b_i = tl.load(b_ptr + ik, mask=im_k, other=0.0)
                 n_ii = tl.dot(a_i, tl.trans(b_i), input_precision=PREC)
                 n_ii = tl.where(step[None, :] < step[:, None], n_ii, 0.0)  # mask M inside the block
-                acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, step, SOLVE, NSTEP, PREC)
+                acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, rows, step, SOLVE, NSTEP, PREC)
             tl.store(w_ptr + ik, acc_w.to(dtype), mask=im_k)
             tl.store(uu_ptr + iv, acc_u.to(dtype), mask=im_v)
             tl.debug_barrier()  # the next blocks read these rows back (other threads of this program)
@@ -290,6 +316,7 @@ def sigdelta_wu(
         SOLVE=SOLVES.index(solve),
         NSTEP=steps,
         NB=n_blocks,
+        KB=min(bk, 32),
         PREC=dot_precision(a.dtype),
         num_warps=num_warps,
     )
