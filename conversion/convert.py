@@ -3,7 +3,7 @@ verify."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from modeling_parallelflow import PFlowConfig
@@ -51,7 +51,6 @@ class Plan:
     steps: list[tuple[KeyMap, dict]]  # key maps applied in order, each with its expected target shapes
     target: PFlowConfig | dict  # the target's config (a dict for fla)
     source_tied: bool  # lm_head tied to the embeddings in the source: a stored lm_head.weight is ignored
-    notes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -114,9 +113,9 @@ def _plan(source: str, target: str, src: Path, config: dict, keys: set[str], opt
         if target == "fla-deltanet":
             if options.rank not in (None, 1):
                 raise ConversionError(f"--rank {options.rank}: fla DeltaNet is rank 1")
-            fla, keymap, notes = fla_deltanet.from_pflow(pflow)
+            fla, keymap = fla_deltanet.from_pflow(pflow)
             expected = fla_shapes(fla_deltanet.fla_config(fla), fla_deltanet.mixer_shapes)
-            return Plan([(keymap, expected)], fla, tied, notes)
+            return Plan([(keymap, expected)], fla, tied)
     rank = options.rank or pflow.rank
     if rank != pflow.rank or not steps:  # pflow -> pflow always maps (a dtype change is also a conversion)
         pflow, keymap = pflow_rank.to_rank(pflow, rank, init_noise=noise or 0.0, seed=options.seed)
@@ -149,7 +148,7 @@ def convert(
         )
     state_dict = load_state_dict(src)
     plan = _plan(source, target, src, config, set(state_dict), options)
-    notes = list(plan.notes)
+    notes = []
     if plan.source_tied and "lm_head.weight" in state_dict:
         state_dict.pop("lm_head.weight")
         notes.append("lm_head.weight ignored: tied to the embeddings")

@@ -76,6 +76,23 @@ def refuse(option: str, value, why: str) -> None:
     raise ConversionError(f"fla option {option}={value!r} is not supported: {why}")
 
 
+def attention_specs(fla: dict) -> list[dict]:
+    """fla's hybrid `attn` setting (None, one dict, or a list of dicts in fla >= 0.6) as a list of specs with
+    fla's defaults filled."""
+    attn = fla["attn"]
+    specs = [] if attn is None else [attn] if isinstance(attn, dict) else list(attn)
+    return [
+        {
+            **spec,
+            "num_kv_heads": spec.get("num_kv_heads") or spec["num_heads"],
+            "qkv_bias": spec.get("qkv_bias", False),
+            "window_size": spec.get("window_size"),
+            "rope_theta": spec.get("rope_theta", 10000.0),
+        }
+        for spec in specs
+    ]
+
+
 def fla_intermediate_size(fla: dict) -> int:
     if fla["intermediate_size"] is not None:
         return fla["intermediate_size"]
@@ -90,27 +107,35 @@ def pflow_fields(fla: dict) -> dict:
     fields = {name: fla[name] for name in SAME_NAME}
     fields["intermediate_size"] = fla_intermediate_size(fla)
     fields["layer_types"] = ["pflow"] * fla["num_hidden_layers"]
-    attn = fla["attn"]
-    if attn is not None:
-        if attn.get("qkv_bias", False):
+    if fla.get("attnres_block_size") is not None:
+        refuse("attnres_block_size", fla["attnres_block_size"], "PFlow has plain residual connections")
+    specs = attention_specs(fla)
+    if not specs:
+        return fields
+    for option in ("num_heads", "num_kv_heads", "rope_theta"):
+        if len({spec[option] for spec in specs}) > 1:
+            refuse("attn", fla["attn"], f"PFlow's attention layers share one {option}")
+    windows = {spec["window_size"] for spec in specs} - {None}
+    if len(windows) > 1:
+        refuse("attn", fla["attn"], "PFlow's sliding-attention layers share one window")
+    for spec in specs:
+        if spec["qkv_bias"]:
             refuse("attn.qkv_bias", True, "PFlow's attention layers have no q/k/v bias")
-        if attn.get("qk_norm", False):
+        if spec.get("qk_norm", False):
             refuse("attn.qk_norm", True, "PFlow's attention layers have no q/k norm")
-        heads = attn["num_heads"]
-        if fla["hidden_size"] % heads:
-            refuse("attn.num_heads", heads, f"hidden_size={fla['hidden_size']} is not a multiple of it")
-        window = attn.get("window_size")
-        for i in attn["layers"]:
+        if fla["hidden_size"] % spec["num_heads"]:
+            refuse("attn.num_heads", spec["num_heads"], f"hidden_size={fla['hidden_size']} is not a multiple")
+        for i in spec["layers"]:
             if not 0 <= i < fla["num_hidden_layers"]:
-                refuse("attn.layers", attn["layers"], f"layer {i} does not exist")
-            fields["layer_types"][i] = "attention" if window is None else "sliding_attention"
-        fields.update(
-            num_attention_heads=heads,
-            num_key_value_heads=attn.get("num_kv_heads") or heads,
-            attention_head_dim=fla["hidden_size"] // heads,
-            sliding_window=window,
-            rope_theta=attn.get("rope_theta", 10000.0),
-        )
+                refuse("attn.layers", spec["layers"], f"layer {i} does not exist")
+            fields["layer_types"][i] = "attention" if spec["window_size"] is None else "sliding_attention"
+    fields.update(
+        num_attention_heads=specs[0]["num_heads"],
+        num_key_value_heads=specs[0]["num_kv_heads"],
+        attention_head_dim=fla["hidden_size"] // specs[0]["num_heads"],
+        sliding_window=windows.pop() if windows else None,
+        rope_theta=specs[0]["rope_theta"],
+    )
     return fields
 
 

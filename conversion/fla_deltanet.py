@@ -12,8 +12,9 @@ the inverse) R > 1, flow="exact", and head sizes fla's expand_k/expand_v cannot 
 
 Numerics: fla's L2 norm adds 1e-6 under the square root, PFlow's (F.normalize) divides by max(|x|, 1e-12);
 the outputs differ by a relative 5e-7 / |x|^2, below fp32 resolution for keys of norm ~1.
-`allow_neg_eigval` is a DeltaNet layer argument that fla's DeltaNetConfig/DeltaNetBlock do not forward; it is
-read from (and written to) config.json, where checkpoints trained with it store it.
+`allow_neg_eigval` is a DeltaNetConfig field since fla 0.6 (older DeltaNetBlocks did not forward it to the
+layer, so older checkpoints carrying it in config.json ran with beta in (0, 1) in stock fla); it is read from
+and written to config.json. fla >= 0.6 options refused too: `attnres_block_size` (attention residuals).
 """
 
 from __future__ import annotations
@@ -62,10 +63,6 @@ EXTRA_FIELDS = (
     "attention_head_dim",
     "sliding_window",
     "rope_theta",
-)
-NEG_EIGVAL_NOTE = (
-    "allow_neg_eigval=True is written to config.json, but fla's DeltaNetBlock does not pass it to its "
-    "DeltaNet layers: after loading in fla set `layer.attn.allow_neg_eigval = True` on every DeltaNet layer"
 )
 
 
@@ -151,8 +148,8 @@ def to_pflow(config: dict) -> tuple[PFlowConfig, KeyMap]:
     return pflow, _keymap(pflow)
 
 
-def from_pflow(config: PFlowConfig) -> tuple[dict, KeyMap, list[str]]:
-    """PFlowConfig (R = 1) -> (fla DeltaNet config.json, key map PFlow -> fla, notes)."""
+def from_pflow(config: PFlowConfig) -> tuple[dict, KeyMap]:
+    """PFlowConfig (R = 1) -> (fla DeltaNet config.json, key map PFlow -> fla)."""
     if config.rank != 1:
         raise ConversionError(f"fla DeltaNet is rank 1; this PFlow checkpoint has rank={config.rank}")
     if config.flow != "euler":
@@ -187,5 +184,4 @@ def from_pflow(config: PFlowConfig) -> tuple[dict, KeyMap, list[str]]:
         use_l2warp=False,
     )
     fla[EXTRA_KEY] = {field: getattr(config, field) for field in EXTRA_FIELDS}
-    notes = [NEG_EIGVAL_NOTE] if config.allow_neg_eigval else []
-    return fla, _keymap(config).inverse(), notes
+    return fla, _keymap(config).inverse()

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from . import fla_deltanet, fla_deltaproduct
+from .fla_common import attention_specs
 
 L2_EPS = 1e-6  # fla's l2norm: x / sqrt(sum(x^2) + eps)
 
@@ -80,9 +81,7 @@ def _deltanet_layer(x, w, prefix: str, fla: dict, l2_eps: float | None) -> torch
 def _deltaproduct_layer(x, w, prefix: str, fla: dict, l2_eps: float | None) -> torch.Tensor:
     batch, length, _ = x.shape
     heads, steps = fla["num_heads"], fla["num_householder"]
-    # With a short conv fla fuses the L2 norm into it (eps = norm_eps); without, its kernel uses 1e-6.
-    eps = fla["norm_eps"] if fla["use_short_conv"] else L2_EPS
-    eps = eps if l2_eps is None else l2_eps
+    eps = L2_EPS if l2_eps is None else l2_eps  # fla 0.6 L2-normalises q and k in the kernel
     feats = {}
     for name in ("q", "k", "v"):
         y = x @ w[f"{prefix}{name}_proj.weight"].T
@@ -108,21 +107,19 @@ def _rope(x: torch.Tensor, theta: float) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1)
 
 
-def _attention_layer(x, w, prefix: str, fla: dict, l2_eps: float | None) -> torch.Tensor:
-    attn = fla["attn"]
+def _attention_layer(x, w, prefix: str, attn: dict) -> torch.Tensor:
     batch, length, hidden = x.shape
-    heads, kv_heads = attn["num_heads"], attn.get("num_kv_heads") or attn["num_heads"]
+    heads, kv_heads = attn["num_heads"], attn["num_kv_heads"]
     dim = hidden // heads
     q = (x @ w[prefix + "q_proj.weight"].T).view(batch, length, heads, dim)
     k = (x @ w[prefix + "k_proj.weight"].T).view(batch, length, kv_heads, dim)
     v = (x @ w[prefix + "v_proj.weight"].T).view(batch, length, kv_heads, dim)
-    theta = attn.get("rope_theta", 10000.0)
-    q, k = _rope(q, theta), _rope(k, theta)
+    q, k = _rope(q, attn["rope_theta"]), _rope(k, attn["rope_theta"])
     k, v = (t.repeat_interleave(heads // kv_heads, dim=2) for t in (k, v))
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * dim**-0.5
     gap = torch.arange(length)[:, None] - torch.arange(length)[None, :]  # query - key
     allowed = gap >= 0
-    if attn.get("window_size") is not None:
+    if attn["window_size"] is not None:
         allowed &= gap < attn["window_size"]
     probs = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
     o = torch.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -143,13 +140,16 @@ def fla_logits(
     else:
         raise ValueError(f"no fla reference for model_type {config.get('model_type')!r}")
     w = {key: tensor.double() for key, tensor in state_dict.items()}
-    attn_layers = (fla["attn"] or {"layers": []})["layers"]
+    attn_layers = {i: spec for spec in attention_specs(fla) for i in spec["layers"]}
     eps = fla["norm_eps"]
     x = w["model.embeddings.weight"][input_ids]
     for i in range(fla["num_hidden_layers"]):
         prefix = f"model.layers.{i}."
-        mix = _attention_layer if i in attn_layers else layer_fn
-        x = x + mix(_rms_norm(x, w[prefix + "attn_norm.weight"], eps), w, prefix + "attn.", fla, l2_eps)
+        h = _rms_norm(x, w[prefix + "attn_norm.weight"], eps)
+        if i in attn_layers:
+            x = x + _attention_layer(h, w, prefix + "attn.", attn_layers[i])
+        else:
+            x = x + layer_fn(h, w, prefix + "attn.", fla, l2_eps)
         h = _rms_norm(x, w[prefix + "mlp_norm.weight"], eps)
         gate, up = h @ w[prefix + "mlp.gate_proj.weight"].T, h @ w[prefix + "mlp.up_proj.weight"].T
         x = x + (F.silu(gate) * up) @ w[prefix + "mlp.down_proj.weight"].T

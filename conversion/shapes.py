@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .fla_common import attention_specs
+
 
 def pflow_shapes(config) -> dict[str, tuple[int, ...]]:
     """Every key PFlowForCausalLM(config) saves (no lm_head when tied), built on the meta device."""
@@ -27,7 +29,7 @@ def fla_shapes(fla: dict, mixer_shapes) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {"model.embeddings.weight": (vocab, d), "model.norm.weight": (d,)}
     if not fla["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (vocab, d)
-    attn = fla["attn"] or {"layers": []}
+    attn_heads = {i: spec for spec in attention_specs(fla) for i in spec["layers"]}
     for i in range(fla["num_hidden_layers"]):
         prefix = f"model.layers.{i}."
         shapes[prefix + "attn_norm.weight"] = (d,)
@@ -35,8 +37,8 @@ def fla_shapes(fla: dict, mixer_shapes) -> dict[str, tuple[int, ...]]:
         shapes[prefix + "mlp.gate_proj.weight"] = (inter, d)
         shapes[prefix + "mlp.up_proj.weight"] = (inter, d)
         shapes[prefix + "mlp.down_proj.weight"] = (d, inter)
-        if i in attn["layers"]:
-            kv = (d // attn["num_heads"]) * attn["num_kv_heads"]
+        if i in attn_heads:
+            kv = (d // attn_heads[i]["num_heads"]) * attn_heads[i]["num_kv_heads"]
             layer = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d)}
         else:
             layer = mixer_shapes(fla)

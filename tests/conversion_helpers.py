@@ -51,7 +51,7 @@ def _write(path: Path, config: dict, state_dict: dict[str, torch.Tensor]) -> Pat
     return path
 
 
-def _fla_block(w: _Weights, sd: dict, i: int, d: int, inter: int | None, attn: dict | None) -> bool:
+def _fla_block(w: _Weights, sd: dict, i: int, d: int, inter: int | None, attn) -> bool:
     """Norms, MLP and (hybrid `attn` layers) fla's attention weights of block i; True for attention."""
     if inter is None:  # fla's GatedMLP: 2/3 of 4 * hidden, rounded up to a multiple of 256
         inter = 256 * ((int(d * 4 * 2 / 3) + 255) // 256)
@@ -61,9 +61,11 @@ def _fla_block(w: _Weights, sd: dict, i: int, d: int, inter: int | None, attn: d
     sd[prefix + "mlp.gate_proj.weight"] = w.linear(inter, d)
     sd[prefix + "mlp.up_proj.weight"] = w.linear(inter, d)
     sd[prefix + "mlp.down_proj.weight"] = w.linear(d, inter)
-    if attn is None or i not in attn["layers"]:
+    specs = [] if attn is None else [attn] if isinstance(attn, dict) else attn  # fla 0.6 takes a list too
+    spec = next((spec for spec in specs if i in spec["layers"]), None)
+    if spec is None:
         return False
-    kv = (d // attn["num_heads"]) * attn.get("num_kv_heads", attn["num_heads"])
+    kv = (d // spec["num_heads"]) * spec.get("num_kv_heads", spec["num_heads"])
     for name, rows in (("q_proj", d), ("k_proj", kv), ("v_proj", kv)):
         sd[f"{prefix}attn.{name}.weight"] = w.linear(rows, d)
     sd[prefix + "attn.o_proj.weight"] = w.linear(d, d)

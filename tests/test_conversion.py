@@ -9,7 +9,6 @@ l2_eps=0 for the tight check, and with fla's epsilon the difference grows to 1e-
 """
 
 import importlib
-import json
 import os
 from pathlib import Path
 
@@ -63,6 +62,13 @@ FLA_VARIANTS = {
         num_hidden_layers=3,
         attn=dict(layers=[1], num_heads=4, num_kv_heads=2, window_size=5, rope_theta=500.0),
     ),
+    "hybrid-spec-list": dict(  # fla >= 0.6: a list of attention specs (here one sliding, one full)
+        num_hidden_layers=4,
+        attn=[
+            dict(layers=[0], num_heads=4, num_kv_heads=1, window_size=3),
+            dict(layers=[2], num_heads=4, num_kv_heads=1),
+        ],
+    ),
     "default-mlp-size": dict(intermediate_size=None, expand_v=1.0),
 }
 
@@ -96,6 +102,16 @@ def test_fla_deltanet_verify_and_rank_expansion_in_one_run(tmp_path):
         (dict(use_beta=False), "use_beta=False"),
         (dict(attn=dict(layers=[0], num_heads=2, qkv_bias=True)), "attn.qkv_bias"),
         (dict(hidden_act="gelu"), "hidden_act='gelu'"),
+        (dict(attnres_block_size=2), "attnres_block_size=2"),
+        (
+            dict(
+                attn=[
+                    dict(layers=[0], num_heads=2, window_size=3),
+                    dict(layers=[1], num_heads=2, window_size=4),
+                ]
+            ),
+            "share one window",
+        ),
     ],
 )
 def test_fla_deltanet_refuses_options_pflow_cannot_express(tmp_path, overrides, option):
@@ -460,26 +476,50 @@ def test_cli_convert_verify_and_errors(tmp_path, capsys):
 # the real fla model (GPU machines with fla)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["plain", "gate", "no-short-conv", "hybrid-gqa-window"])
-def test_against_fla_forward(tmp_path, variant):
-    pytest.importorskip("fla")
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
-    overrides = dict(FLA_VARIANTS[variant])
-    if variant == "hybrid-gqa-window":
-        pytest.importorskip("flash_attn")
-    src = fla_deltanet_checkpoint(tmp_path / "ref", **overrides)
-    config = json.loads((src / "config.json").read_text())
+def _fla_model_with(src: Path, config_class, model_class):
+    """fla's own model (on the GPU, fp32) holding the weights of the hand-written checkpoint `src`."""
+    config = read_config(src)
     config.pop("model_type")
-    fla_model = DeltaNetForCausalLM(DeltaNetConfig(**config)).cuda().float().eval()
-    missing = fla_model.load_state_dict({k: v.cuda() for k, v in load_state_dict(src).items()}, strict=False)
-    assert not missing.unexpected_keys and set(missing.missing_keys) <= {"lm_head.weight"}
-    fla_model.save_pretrained(tmp_path / "fla")
-    convert("fla-deltanet", tmp_path / "fla", tmp_path / "pflow", options=QUIET)
+    model = model_class(config_class(**config)).cuda().float().eval()
+    result = model.load_state_dict({k: v.cuda() for k, v in load_state_dict(src).items()}, strict=False)
+    assert not result.unexpected_keys and set(result.missing_keys) <= {"lm_head.weight"}
+    return model
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "length", [30, 100]
+)  # fla runs its fused recurrent kernel up to 64 tokens, chunks above
+@pytest.mark.parametrize(
+    "variant", ["plain", "gate", "neg-eigval", "no-short-conv", "tied-gate-negeig", "deltaproduct"]
+)
+def test_against_the_fla_model(tmp_path, variant, length):
+    pytest.importorskip("fla")
+    from fla.models import (
+        DeltaNetConfig,
+        DeltaNetForCausalLM,
+        GatedDeltaProductConfig,
+        GatedDeltaProductForCausalLM,
+    )
+
+    if variant == "deltaproduct":
+        src = fla_deltaproduct_checkpoint(tmp_path / "fla")
+        fla_model = _fla_model_with(src, GatedDeltaProductConfig, GatedDeltaProductForCausalLM)
+    else:
+        src = fla_deltanet_checkpoint(tmp_path / "fla", **FLA_VARIANTS[variant])
+        fla_model = _fla_model_with(src, DeltaNetConfig, DeltaNetForCausalLM)
+    source_format = "fla-deltaproduct" if variant == "deltaproduct" else "fla-deltanet"
+    convert(source_format, src, tmp_path / "pflow", options=QUIET)
     ours = PFlowForCausalLM.from_pretrained(tmp_path / "pflow", dtype=torch.float32).cuda().eval()
-    ids = random_ids(2, 100, vocab=64).cuda()
+    ids = random_ids(2, length, vocab=64).cuda()
     with torch.no_grad():
-        expected = fla_model(ids).logits.float()
+        expected = fla_model(ids, use_cache=False).logits.float()
         got = ours(ids, use_cache=False).logits.float()
-    torch.testing.assert_close(got, expected, atol=2e-3, rtol=2e-3)  # fla's TF32 kernels vs ours
+    reference = fla_ref(src, ids.cpu()).float().cuda()
+    print(
+        f"{variant} T={length}: max |ours - fla| = {(got - expected).abs().max():.2e}, "
+        f"max |fla - float64 reference| = {(expected - reference).abs().max():.2e}, "
+        f"max |ours - reference| = {(got - reference).abs().max():.2e}"
+    )
+    torch.testing.assert_close(expected, reference, atol=5e-3, rtol=0)  # fla's kernels (TF32 dots) vs float64
+    torch.testing.assert_close(got, expected, atol=5e-3, rtol=0)
