@@ -277,7 +277,7 @@ def training_arguments(args: argparse.Namespace, checkpoint_dir: Path, has_eval:
         eval_strategy="steps" if has_eval and args.eval_steps else "no",
         eval_steps=args.eval_steps or None,
         save_strategy="steps" if args.save_steps else "no",
-        save_steps=args.save_steps or 500,
+        save_steps=args.save_steps or None,
         save_total_limit=args.save_total_limit,
         bf16=precision == "bf16",
         gradient_checkpointing=args.gradient_checkpointing,
@@ -341,7 +341,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    for name in ("seq_len", "batch_size", "grad_accum", "lora_r", "logging_steps"):
+    for name in ("batch_size", "grad_accum", "lora_r", "logging_steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("max_steps", "eval_steps", "save_steps", "warmup_steps"):
