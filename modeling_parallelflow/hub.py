@@ -7,12 +7,12 @@
 (so `trust_remote_code=True` loads the model without this package), generation_config.json, the tokenizer
 and a README.md model card; `push_to_hub` writes it to a temporary folder and uploads it with
 `HfApi.create_repo` + `HfApi.upload_folder` (pass `api=` any object with those two methods, e.g. a recorder
-in tests). Load it back with
-`AutoModelForCausalLM.from_pretrained(REPO_ID, trust_remote_code=True)`.
+in tests). Load it back with `AutoModelForCausalLM.from_pretrained(REPO_ID, trust_remote_code=True)`.
 
 The card (`model_card`) describes the architecture from the config, and, when DIR has them, the training
 run from `parallelflow_meta.json` (written by `parallelflow finetune`/`merge`; `write_meta`) and lm-eval
-results from JSON files with a `"results"` table (DIR/*.json or DIR/evals/**/*.json).
+results from JSON files with a `"results"` table (DIR/*.json, DIR/evals/**/*.json, or the files given as
+`eval_results=` / `--eval-results`, e.g. the results.json of `parallelflow eval`).
 """
 
 from __future__ import annotations
@@ -45,14 +45,13 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def find_eval_results(directory: str | Path) -> dict[str, dict[str, float]]:
-    """task -> {metric: value} from lm-eval style JSON files (a top-level "results" object) in `directory`
-    or under `directory`/evals; later files (sorted by path) win for the same task."""
-    directory = Path(directory)
+def read_eval_results(paths: list[str | Path]) -> dict[str, dict[str, float]]:
+    """task -> {metric: value} from lm-eval style JSON files (a top-level "results" object, as lm-eval and
+    `parallelflow eval`'s results.json write); files without one are skipped; later files win a task."""
     results: dict[str, dict[str, float]] = {}
-    for path in sorted([*directory.glob("*.json"), *directory.glob("evals/**/*.json")]):
+    for path in paths:
         try:
-            table = json.loads(path.read_text()).get("results")
+            table = json.loads(Path(path).read_text()).get("results")
         except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
             continue
         if not isinstance(table, dict):
@@ -65,6 +64,12 @@ def find_eval_results(directory: str | Path) -> dict[str, dict[str, float]]:
                 if numbers:
                     results[task] = numbers
     return results
+
+
+def find_eval_results(directory: str | Path) -> dict[str, dict[str, float]]:
+    """`read_eval_results` of DIR/*.json and DIR/evals/**/*.json (sorted by path)."""
+    directory = Path(directory)
+    return read_eval_results(sorted([*directory.glob("*.json"), *directory.glob("evals/**/*.json")]))
 
 
 def _display_source(name: str) -> str:
@@ -213,12 +218,18 @@ def _load(src: Path, tokenizer: str | Path | None):
 
 
 def prepare_folder(
-    src: str | Path, dst: str | Path, *, repo_id: str, tokenizer: str | Path | None = None
+    src: str | Path,
+    dst: str | Path,
+    *,
+    repo_id: str,
+    tokenizer: str | Path | None = None,
+    eval_results: list[str | Path] | None = None,
 ) -> list[str]:
     """Write the Hub folder for checkpoint `src` into the empty/new folder `dst`; the file names written.
 
     The model is loaded and re-saved (so the code files and `auto_map` come from this installation), the
-    tokenizer comes from `tokenizer` (default `src`), and README.md is `model_card(...)`.
+    tokenizer comes from `tokenizer` (default `src`), and README.md is `model_card(...)` with the metadata
+    of `src` and the evaluation results of the `eval_results` files (default: those found in `src`).
     """
     src, dst = Path(src), Path(dst)
     if not _REPO_ID.match(repo_id):
@@ -235,7 +246,7 @@ def prepare_folder(
         repo_id=repo_id,
         num_parameters=model.num_parameters(),
         meta=read_meta(src),
-        evals=find_eval_results(src),
+        evals=find_eval_results(src) if eval_results is None else read_eval_results(eval_results),
     )
     (dst / "README.md").write_text(card)
     return sorted(str(p.relative_to(dst)) for p in dst.rglob("*") if p.is_file())
@@ -248,6 +259,7 @@ def push_to_hub(
     private: bool = False,
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     tokenizer: str | Path | None = None,
+    eval_results: list[str | Path] | None = None,
     api=None,
 ):
     """Upload checkpoint `src` (model, code files, generation config, tokenizer, model card) to `repo_id`,
@@ -258,7 +270,7 @@ def push_to_hub(
 
         api = HfApi()
     with tempfile.TemporaryDirectory(prefix="parallelflow-push-") as tmp:
-        prepare_folder(src, tmp, repo_id=repo_id, tokenizer=tokenizer)
+        prepare_folder(src, tmp, repo_id=repo_id, tokenizer=tokenizer, eval_results=eval_results)
         api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
         return api.upload_folder(
             repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message
@@ -271,6 +283,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--private", action="store_true", help="create the repo as private")
     parser.add_argument("--commit-message", default=DEFAULT_COMMIT_MESSAGE)
     parser.add_argument("--tokenizer", help="tokenizer folder (default: DIR)")
+    parser.add_argument(
+        "--eval-results",
+        nargs="+",
+        metavar="JSON",
+        help="lm-eval results files for the card, e.g. `parallelflow eval`'s results.json "
+        "(default: *.json with a results table in DIR or DIR/evals)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -280,6 +299,7 @@ def run(args: argparse.Namespace) -> int:
         private=args.private,
         commit_message=args.commit_message,
         tokenizer=args.tokenizer,
+        eval_results=args.eval_results,
     )
     print(f"pushed {args.dir} to {getattr(commit, 'commit_url', None) or args.repo_id}")
     return 0

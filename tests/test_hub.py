@@ -192,9 +192,16 @@ def test_find_eval_results_reads_lm_eval_json_files(tmp_path):
 def test_push_cli_uses_huggingface_hub_api(checkpoint, tmp_path, monkeypatch, capsys):
     api = RecordingHubApi(tmp_path / "hub-cache")
     monkeypatch.setattr("huggingface_hub.HfApi", lambda: api)
-    assert cli.main(["push", str(checkpoint), REPO_ID, "--private", "--commit-message", "via cli"]) == 0
+    results = tmp_path / "runs" / "eval" / "results.json"  # where `parallelflow eval` writes, outside DIR
+    results.parent.mkdir(parents=True)
+    results.write_text(
+        json.dumps({"results": {"copy_task": {"alias": "copy_task", "exact_match,none": 0.75}}})
+    )
+    argv = ["push", str(checkpoint), REPO_ID, "--private", "--commit-message", "via cli", "--eval-results"]
+    assert cli.main([*argv, str(results)]) == 0
     assert api.calls[0][2]["private"] is True and api.calls[1][2]["commit_message"] == "via cli"
-    assert "README.md" in api.uploaded
+    card = next((tmp_path / "hub-cache").rglob("README.md")).read_text()
+    assert "| copy_task | exact_match | 0.7500 |  |" in card and "lambada_tiny" not in card
     assert f"https://huggingface.co/{REPO_ID}/commit/{SHA}" in capsys.readouterr().out
 
 
