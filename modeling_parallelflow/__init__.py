@@ -18,5 +18,8 @@ else:
     from .configuration_parallelflow import PFlowConfig
     from .modeling_parallelflow import PFlowForCausalLM, PFlowModel, PFlowPreTrainedModel
 
+    from .peft_support import register_lora_target_modules
+
     _register()
+    register_lora_target_modules()  # no-op without peft
     __all__ += ["PFlowCache", "PFlowConfig", "PFlowForCausalLM", "PFlowModel", "PFlowPreTrainedModel"]

@@ -132,6 +132,7 @@ class PFlowMixer(nn.Module):
         q = F.normalize(self._features("q", x, state, segments, pad_mask).view(batch, length, h, k), dim=-1)
         keys = F.normalize(self._features("k", x, state, segments, pad_mask).view(batch, length, h, r, k), dim=-1)
         values = self._features("v", x, state, segments, pad_mask).view(batch, length, h, r, v)
+        q, keys = q.to(values.dtype), keys.to(values.dtype)  # under autocast F.normalize returns fp32
         beta = torch.sigmoid(self.b_proj(x).float()).view(batch, length, h, r)
         beta = beta * (2.0 if self.config.allow_neg_eigval else 1.0)
         if self.config.rank_mode == "sum":

@@ -28,13 +28,14 @@ _warned_fallback = False
 @functools.cache
 def _load_triton() -> tuple[Callable | None, ImportError | None]:
     """(triton_delta_rule_drivers, None) if the Triton kernels import, else (None, the ImportError)."""
+    # `from .x import y` form: transformers copies the modules imported this way into saved checkpoints.
     try:
-        from . import triton_dispatch
+        from .triton_dispatch import HAS_TRITON, triton_delta_rule_drivers
     except ImportError as err:
         return None, err
-    if not getattr(triton_dispatch, "HAS_TRITON", True):  # the module imports, its kernels did not
+    if not HAS_TRITON:  # the module imports, its kernels did not
         return None, ImportError("triton_dispatch.HAS_TRITON is False (is the `triton` package installed?)")
-    return triton_dispatch.triton_delta_rule_drivers, None
+    return triton_delta_rule_drivers, None
 
 
 def _resolve_backend(backend: str, is_cuda: bool) -> str:

@@ -106,11 +106,6 @@ def test_target_modules_none_takes_the_parallelflow_defaults():
     assert not any("conv1d" in name or "b_proj" in name for name in targets)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the lead's line in modeling_parallelflow/__init__.py (see the finetune report); "
-    "remove this marker once it is there",
-)
 def test_importing_the_package_registers_lora_defaults():
     script = textwrap.dedent(
         """

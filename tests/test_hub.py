@@ -216,12 +216,6 @@ def test_push_refuses_adapters_and_bad_repo_ids(checkpoint, tmp_path):
     assert api.calls == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="ops.py imports the Triton dispatcher as `from . import triton_dispatch`, which transformers' "
-    "code copier does not follow (it needs `from .triton_dispatch import ...`), so checkpoints ship "
-    "without the Triton kernels; remove this marker once ops.py is fixed",
-)
 def test_saved_checkpoints_ship_the_triton_kernels(tmp_path):
     tiny_model("tiny").save_pretrained(tmp_path)
     for name in ("triton_dispatch.py", "triton_chunk_fwd.py", "triton_chunk_bwd.py", "triton_recurrent.py"):
