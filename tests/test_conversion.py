@@ -477,8 +477,10 @@ def test_cli_convert_verify_and_errors(tmp_path, capsys):
 
 
 def _fla_model_with(src: Path, config_class, model_class):
-    """fla's own model (on the GPU, fp32) holding the weights of the hand-written checkpoint `src`."""
-    config = read_config(src)
+    """fla's own model (on the GPU, fp32) holding the weights of the hand-written checkpoint `src`.
+
+    fla's chunk kernels refuse float32, so the model runs its fused recurrent kernels at every length."""
+    config = {**read_config(src), "attn_mode": "fused_recurrent"}
     config.pop("model_type")
     model = model_class(config_class(**config)).cuda().float().eval()
     result = model.load_state_dict({k: v.cuda() for k, v in load_state_dict(src).items()}, strict=False)
