@@ -50,11 +50,16 @@ def model_args_string(args: dict[str, Any]) -> str:
     return ",".join(f"{key}={value}" for key, value in args.items())
 
 
-def task_manager(include_paths: Sequence[str | Path] = ()):
-    """An lm-eval TaskManager that knows the standard tasks, the bundled suite and `include_paths`."""
+def task_manager(tasks: Sequence[str] = (), include_paths: Sequence[str | Path] = ()):
+    """An lm-eval TaskManager for the bundled suite and `include_paths`, plus lm-eval's standard tasks unless
+    every name in `tasks` is found without them (indexing the standard tasks' YAML takes seconds)."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, include_paths)])
+    paths = [str(TASKS_DIR), *map(str, include_paths)]
+    local = TaskManager(include_path=paths, include_defaults=False)
+    if tasks and set(tasks) <= set(local.all_tasks):
+        return local
+    return TaskManager(include_path=paths)
 
 
 def check_tasks(tasks: Sequence[str], manager) -> None:
@@ -112,7 +117,7 @@ def evaluate(
     args = model_args(
         model, peft=peft, tokenizer=tokenizer, dtype=dtype, max_length=max_length, revision=revision
     )
-    manager = task_manager(include_paths)
+    manager = task_manager(tasks, include_paths)
     log(f"[eval] checking tasks: {', '.join(tasks)}")
     check_tasks(tasks, manager)
     log(f"[eval] model_args: {model_args_string(args)}")
