@@ -512,7 +512,9 @@ def test_against_the_fla_model(tmp_path, variant, length):
         fla_model = _fla_model_with(src, DeltaNetConfig, DeltaNetForCausalLM)
     source_format = "fla-deltaproduct" if variant == "deltaproduct" else "fla-deltanet"
     convert(source_format, src, tmp_path / "pflow", options=QUIET)
-    ours = PFlowForCausalLM.from_pretrained(tmp_path / "pflow", dtype=torch.float32).cuda().eval()
+    # The torch backend: this checks the conversion; the Triton kernels have their own tests against it.
+    ours = PFlowForCausalLM.from_pretrained(tmp_path / "pflow", dtype=torch.float32, kernel_backend="torch")
+    ours = ours.cuda().eval()
     ids = random_ids(2, length, vocab=64).cuda()
     with torch.no_grad():
         expected = fla_model(ids, use_cache=False).logits.float()
@@ -523,5 +525,7 @@ def test_against_the_fla_model(tmp_path, variant, length):
         f"max |fla - float64 reference| = {(expected - reference).abs().max():.2e}, "
         f"max |ours - reference| = {(got - reference).abs().max():.2e}"
     )
-    torch.testing.assert_close(expected, reference, atol=5e-3, rtol=0)  # fla's kernels (TF32 dots) vs float64
-    torch.testing.assert_close(got, expected, atol=5e-3, rtol=0)
+    # Measured on an H200, fla 0.6.0: fla vs float64 <= 1.8e-5; ours vs fla <= 2.5e-5 for DeltaNet (K = 16)
+    # and <= 1.8e-4 for the DeltaProduct (K = 8), where fla's L2-norm epsilon (absent in PFlow) dominates.
+    torch.testing.assert_close(expected, reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got, expected, atol=5e-4, rtol=0)
