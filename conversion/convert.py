@@ -149,6 +149,11 @@ def convert(
     state_dict = load_state_dict(src)
     plan = _plan(source, target, src, config, set(state_dict), options)
     notes = []
+    if source == "llama" and (linearised := plan.target.layer_types.count("pflow")):
+        notes.append(
+            f"{linearised} of {plan.target.num_hidden_layers} layers linearised: the logits differ from the "
+            "source's until fine-tuning; kept attention layers equal the source's"
+        )
     if plan.source_tied and "lm_head.weight" in state_dict:
         state_dict.pop("lm_head.weight")
         notes.append("lm_head.weight ignored: tied to the embeddings")

@@ -22,7 +22,7 @@ from modeling_parallelflow import PFlowConfig
 
 from .fla_common import SHARED_DEFAULTS, block_rules, global_rules, pflow_fields, refuse, with_defaults
 from .keymap import KeyMap, Rule
-from .surgery import rank_major_to_head_major
+from .surgery import head_major_to_rank_major, rank_major_to_head_major
 
 MODEL_TYPE = "gated_deltaproduct"
 DEFAULTS = dict(
@@ -85,6 +85,7 @@ def to_pflow(config: dict, source_keys) -> tuple[PFlowConfig, KeyMap]:
     names += ["g_proj"] if pflow.use_gate else []
     names += ["o_norm", "o_proj"]
     permute = functools.partial(rank_major_to_head_major, heads=pflow.num_heads, rank=pflow.rank)
+    unpermute = functools.partial(head_major_to_rank_major, heads=pflow.num_heads, rank=pflow.rank)
 
     def mixer(i: int) -> list[Rule]:
         return [
@@ -92,6 +93,7 @@ def to_pflow(config: dict, source_keys) -> tuple[PFlowConfig, KeyMap]:
                 f"model.layers.{i}.attn.{name}.weight",
                 f"model.layers.{i}.linear_attn.{name}.weight",
                 forward=permute if name in RANK_MAJOR else None,
+                backward=unpermute if name in RANK_MAJOR else None,
             )
             for name in names
         ]

@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from conversion import ConversionError, Options, convert
+from conversion import ConversionError, Options, convert, fla_deltaproduct
 from conversion.fla_reference import fla_logits
 from conversion.io import load_state_dict, read_config
+from conversion.shapes import pflow_shapes
 from modeling_parallelflow import PFlowConfig, PFlowForCausalLM
 from modeling_parallelflow.cli import main
 from tests.conversion_helpers import (
@@ -216,6 +217,18 @@ def test_fla_deltaproduct_to_pflow_product_matches_fla_maths(tmp_path, overrides
     ours = pflow_logits(tmp_path / "pflow", ids)
     torch.testing.assert_close(ours, fla_ref(src, ids, l2_eps=0.0), atol=FLOAT64_ATOL, rtol=0)
     torch.testing.assert_close(ours, fla_ref(src, ids), atol=FLA_EPS_ATOL, rtol=0)
+
+
+def test_fla_deltaproduct_key_map_inverse_restores_fla_layout(tmp_path):
+    src = fla_deltaproduct_checkpoint(tmp_path / "fla")
+    fla = load_state_dict(src)
+    pflow_config, keymap = fla_deltaproduct.to_pflow(read_config(src), set(fla))
+    ours = keymap.apply(fla, pflow_shapes(pflow_config), progress=False)
+    k_fla = fla["model.layers.0.attn.k_proj.weight"].view(3, 2, 8, 32)  # (householder, head, d)
+    k_ours = ours["model.layers.0.linear_attn.k_proj.weight"].view(2, 3, 8, 32)  # (head, rank, d)
+    assert torch.equal(k_ours[1, 2], k_fla[2, 1])
+    back = keymap.inverse().apply(ours, {k: tuple(v.shape) for k, v in fla.items()}, progress=False)
+    assert back.keys() == fla.keys() and all(torch.equal(back[k], fla[k]) for k in fla)
 
 
 def test_fla_deltaproduct_with_forget_gate_is_refused(tmp_path):
