@@ -113,6 +113,10 @@ def evaluate(
         raise ValueError(f"limit must be positive, got {limit}")
     import lm_eval
 
+    # Registers PFlow with the Auto classes: this package's code (Triton kernels included) then takes
+    # precedence over the copy saved next to a checkpoint's weights.
+    import modeling_parallelflow  # noqa: F401
+
     device = device or default_device()
     args = model_args(
         model, peft=peft, tokenizer=tokenizer, dtype=dtype, max_length=max_length, revision=revision

@@ -16,9 +16,7 @@ pytest.importorskip("lm_eval")
 from evals import TASKS_DIR  # noqa: E402
 from evals.report import markdown_table, metric_rows, write_report  # noqa: E402
 from evals.runner import TaskUnavailableError, evaluate  # noqa: E402
-from modeling_parallelflow.corpus import read_texts, stdlib_files  # noqa: E402
-from modeling_parallelflow.tokenizer import build_tokenizer  # noqa: E402
-from tests.model_helpers import tiny_model  # noqa: E402
+from evals.tiny import save_tiny_checkpoint  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -48,19 +46,8 @@ def _offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    """A tiny PFlow model (configs/tiny.json, chunk 64) and a local BPE tokenizer, saved with remote code."""
-    path = tmp_path_factory.mktemp("pflow_tiny")
-    tokenizer = build_tokenizer(read_texts(stdlib_files()[:20], 200_000), vocab_size=768)
-    model = tiny_model(
-        vocab_size=len(tokenizer),
-        chunk_size=64,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    """configs/tiny.json (chunk 64) + a local BPE tokenizer, saved with remote code (evals.tiny)."""
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("pflow_tiny"), chunk_size=64)
 
 
 @pytest.fixture(scope="module")
