@@ -6,7 +6,6 @@ import argparse
 import sys
 
 from .convert import SOURCES, TARGETS, Options, convert
-from .keymap import ConversionError
 
 EPILOG = """\
 formats (SRC and DST are local folders in the save_pretrained layout; DST must not exist):
@@ -112,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             verify=args.verify,
             verify_tokens=args.verify_tokens,
         )
-    except (ConversionError, FileExistsError) as error:
+    except (ValueError, FileExistsError) as error:  # ConversionError, or an invalid config a library rejected
         print(f"parallelflow convert: error: {error}", file=sys.stderr)
         return 1
     print(f"wrote {report.dst} ({report.target_format}, {report.num_tensors} tensors)")
