@@ -15,10 +15,7 @@ from collections.abc import Sequence
 
 # name -> (module path, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": (
-        "modeling_parallelflow.demo",
-        "train a small PFlow model on the Python stdlib's source, offline",
-    ),
+    "demo": ("modeling_parallelflow.demo", "train a small PFlow model on Python stdlib source, offline"),
     "convert": ("conversion.cli", "convert checkpoints to and from the PFlow layout"),
     "eval": ("evals.cli", "evaluate a checkpoint with lm-eval on offline tasks"),
     "finetune": ("modeling_parallelflow.finetune", "fine-tune a checkpoint (full or LoRA)"),
