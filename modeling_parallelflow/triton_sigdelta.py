@@ -74,22 +74,67 @@ def block_config(rank: int, chunk_size: int) -> tuple[int, str]:
 if triton is not None:
 
     @triton.jit
-    def _block_solve(
-        acc_w, acc_u, n_ii, rows, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr, PREC: tl.constexpr
-    ):
-        """(I - n_ii) [W | U] = [acc_w | acc_u] by the sweep, n_ii [BR, BR] strictly lower in step."""
+    def _block_solve(acc, n_ii, rows, step, SOLVE: tl.constexpr, NSTEP: tl.constexpr, PREC: tl.constexpr):
+        """(I - n_ii) Y = acc by the sweep, n_ii [BR, BR] strictly lower in step; acc [BR, BD]."""
         if SOLVE == 0:
             for s in range(NSTEP):  # one sigDelta step: every later row takes G(k, s) W(s, s)
-                n_s = tl.where(step[None, :] == s, n_ii, 0.0)
-                acc_w += tl.dot(n_s, acc_w, input_precision=PREC)
-                acc_u += tl.dot(n_s, acc_u, input_precision=PREC)
+                acc += tl.dot(tl.where(step[None, :] == s, n_ii, 0.0), acc, input_precision=PREC)
         else:
             e_ii = tl.where(rows[:, None] == rows[None, :], 1.0, 0.0)  # boundary data: the identity
             for s in range(NSTEP):
                 e_ii += tl.dot(tl.where(step[None, :] == s, n_ii, 0.0), e_ii, input_precision=PREC)
-            acc_w = tl.dot(e_ii, acc_w, input_precision=PREC)
-            acc_u = tl.dot(e_ii, acc_u, input_precision=PREC)
-        return acc_w, acc_u
+            acc = tl.dot(e_ii, acc, input_precision=PREC)
+        return acc
+
+    @triton.jit
+    def _row_offsets(
+        n_tok,
+        tok0,
+        H: tl.constexpr,
+        R: tl.constexpr,
+        D: tl.constexpr,
+        BT: tl.constexpr,
+        RP: tl.constexpr,
+        BD: tl.constexpr,
+    ):
+        """int32 offsets [BT*RP, BD] of rows (tok0 + t, r) from the chunk-and-head base, and their mask."""
+        rows = tl.arange(0, BT * RP)
+        tok, rank = tok0 + rows // RP, rows % RP
+        cols = tl.arange(0, BD)
+        offs = (tok * (H * R) + rank)[:, None] * D + cols[None, :]
+        return offs, ((tok < n_tok) & (rank < R))[:, None] & (cols < D)[None, :]
+
+    @triton.jit
+    def _load_rows(
+        base,
+        n_tok,
+        tok0,
+        H: tl.constexpr,
+        R: tl.constexpr,
+        D: tl.constexpr,
+        BT: tl.constexpr,
+        RP: tl.constexpr,
+        BD: tl.constexpr,
+    ):
+        """Rows (t, r) of BT tokens as [BT * RP, BD]; rows past the chunk end or r >= R read as zero."""
+        offs, mask = _row_offsets(n_tok, tok0, H, R, D, BT, RP, BD)
+        return tl.load(base + offs, mask=mask, other=0.0)
+
+    @triton.jit
+    def _store_rows(
+        base,
+        x,
+        n_tok,
+        tok0,
+        H: tl.constexpr,
+        R: tl.constexpr,
+        D: tl.constexpr,
+        BT: tl.constexpr,
+        RP: tl.constexpr,
+        BD: tl.constexpr,
+    ):
+        offs, mask = _row_offsets(n_tok, tok0, H, R, D, BT, RP, BD)
+        tl.store(base + offs, x.to(base.dtype.element_ty), mask=mask)
 
     @triton.jit
     def _all_block_inverses(
@@ -138,21 +183,20 @@ if triton is not None:
     def _sigdelta_wu_kernel(
         a_ptr,
         b_ptr,
-        u_ptr,
-        w_ptr,
-        uu_ptr,
+        x_ptr,
+        y_ptr,
         chunk_seq,
         chunk_tok,
         cu,
         H: tl.constexpr,
         R: tl.constexpr,
         K: tl.constexpr,
-        V: tl.constexpr,
+        D: tl.constexpr,
         C: tl.constexpr,
         RP: tl.constexpr,
         BT: tl.constexpr,
         BK: tl.constexpr,
-        BV: tl.constexpr,
+        BD: tl.constexpr,
         PRODUCT: tl.constexpr,
         SOLVE: tl.constexpr,
         NSTEP: tl.constexpr,
@@ -160,7 +204,10 @@ if triton is not None:
         KB: tl.constexpr,
         PREC: tl.constexpr,
     ):
-        """One program per (chunk, head): W, U rows of the chunk, block of BT tokens after block."""
+        """One program per (chunk, head): (I - N) Y = X for the chunk's rows, block of BT tokens after block.
+
+        X, Y [B*T*H*R, D] are A, W (D = K) or U~, U (D = V): one launch each, same coefficients N.
+        """
         i_c = tl.program_id(0)
         i_h = tl.program_id(1)
         t0 = tl.load(chunk_tok + i_c).to(tl.int64)
@@ -174,65 +221,30 @@ if triton is not None:
             step = rows  # product form: each (token, rank) row is one grid token
         else:
             step = r_tok
-        ok = tl.arange(0, BK)
-        ov = tl.arange(0, BV)
-        mk = ok < K
-        mv = ov < V
-        dtype = w_ptr.dtype.element_ty
         blk = tl.arange(0, NB)
         if SOLVE == 2:  # the in-block sweeps of all NB blocks at once, on their identities
-            e3 = _all_block_inverses(
-                a_ptr,
-                b_ptr,
-                t0,
-                n_tok,
-                i_h,
-                blk,
-                rows,
-                r_tok,
-                r_rank,
-                step,
-                H,
-                R,
-                K,
-                BT,
-                BR,
-                NB,
-                BK,
-                KB,
-                NSTEP,
-                PREC,
-            )
+            args = (a_ptr, b_ptr, t0, n_tok, i_h, blk, rows, r_tok, r_rank, step)
+            e3 = _all_block_inverses(*args, H, R, K, BT, BR, NB, BK, KB, NSTEP, PREC)
+        off = (t0 * H + i_h) * R  # first row of this chunk and head in [B*T*H*R]
+        a_base, b_base, x_base, y_base = a_ptr + off * K, b_ptr + off * K, x_ptr + off * D, y_ptr + off * D
         for i in range(0, tl.cdiv(n_tok, BT)):
-            tok_i = i * BT + r_tok
-            m_i = (tok_i < n_tok) & (r_rank < R)
-            row_i = ((t0 + tok_i) * H + i_h) * R + r_rank  # [BR] row index into [B*T*H*R]
-            ik, im_k = row_i[:, None] * K + ok[None, :], m_i[:, None] & mk[None, :]
-            iv, im_v = row_i[:, None] * V + ov[None, :], m_i[:, None] & mv[None, :]
-            a_i = tl.load(a_ptr + ik, mask=im_k, other=0.0)
-            acc_w = a_i.to(tl.float32)
-            acc_u = tl.load(u_ptr + iv, mask=im_v, other=0.0).to(tl.float32)
-            for j in range(0, i):  # the sweep steps of earlier blocks, applied at once
-                row_j = ((t0 + j * BT + r_tok) * H + i_h) * R + r_rank
-                jk, jm_k = row_j[:, None] * K + ok[None, :], (r_rank < R)[:, None] & mk[None, :]
-                jv, jm_v = row_j[:, None] * V + ov[None, :], (r_rank < R)[:, None] & mv[None, :]
-                b_j = tl.load(b_ptr + jk, mask=jm_k, other=0.0)
-                n_ij = tl.dot(a_i, tl.trans(b_j), input_precision=PREC)  # G(k, m), k in block i, m in j
-                y_w = tl.load(w_ptr + jk, mask=jm_k, other=0.0).to(tl.float32)  # final W(m, m)
-                y_u = tl.load(uu_ptr + jv, mask=jm_v, other=0.0).to(tl.float32)
-                acc_w += tl.dot(n_ij, y_w, input_precision=PREC)
-                acc_u += tl.dot(n_ij, y_u, input_precision=PREC)
-            if SOLVE == 2:
-                e_ii = tl.sum(tl.where(blk[:, None, None] == i, e3, 0.0), axis=0)  # (I - N_ii)^-1
-                acc_w = tl.dot(e_ii, acc_w, input_precision=PREC)
-                acc_u = tl.dot(e_ii, acc_u, input_precision=PREC)
-            else:
-                b_i = tl.load(b_ptr + ik, mask=im_k, other=0.0)
+            a_i = _load_rows(a_base, n_tok, i * BT, H, R, K, BT, RP, BK)
+            if SOLVE != 2:
+                b_i = _load_rows(b_base, n_tok, i * BT, H, R, K, BT, RP, BK)
                 n_ii = tl.dot(a_i, tl.trans(b_i), input_precision=PREC)
                 n_ii = tl.where(step[None, :] < step[:, None], n_ii, 0.0)  # mask M inside the block
-                acc_w, acc_u = _block_solve(acc_w, acc_u, n_ii, rows, step, SOLVE, NSTEP, PREC)
-            tl.store(w_ptr + ik, acc_w.to(dtype), mask=im_k)
-            tl.store(uu_ptr + iv, acc_u.to(dtype), mask=im_v)
+            acc = _load_rows(x_base, n_tok, i * BT, H, R, D, BT, RP, BD).to(tl.float32)
+            for j in range(0, i):  # the sweep steps of earlier blocks, applied at once
+                b_j = _load_rows(b_base, n_tok, j * BT, H, R, K, BT, RP, BK)
+                n_ij = tl.dot(a_i, tl.trans(b_j), input_precision=PREC)  # G(k, m), k in block i, m in j
+                y_j = _load_rows(y_base, n_tok, j * BT, H, R, D, BT, RP, BD)  # final W(m, m), stored
+                acc += tl.dot(n_ij, y_j.to(tl.float32), input_precision=PREC)
+            if SOLVE == 2:
+                e_ii = tl.sum(tl.where(blk[:, None, None] == i, e3, 0.0), axis=0)  # (I - N_ii)^-1
+                acc = tl.dot(e_ii, acc, input_precision=PREC)
+            else:
+                acc = _block_solve(acc, n_ii, rows, step, SOLVE, NSTEP, PREC)
+            _store_rows(y_base, acc, n_tok, i * BT, H, R, D, BT, RP, BD)
             tl.debug_barrier()  # the next blocks read these rows back (other threads of this program)
 
 
@@ -286,38 +298,40 @@ def sigdelta_wu(
     tokens = max(tokens, 16 // rank_p)  # tl.dot needs 16 rows
     steps = tokens * rank_p if mode == "product" else tokens
     rows = tokens * rank_p
-    bk, bv = max(16, next_pow2(key_dim)), max(16, next_pow2(val_dim))
+    bk = max(16, next_pow2(key_dim))
     n_blocks = next_pow2(-(-chunk_size // tokens))
     if num_warps is None:
-        big = rows * (bk + bv) > 8192 or (solve == "parallel" and n_blocks * rows * rows > 4096)
+        big = rows * max(bk, next_pow2(val_dim)) > 4096 or (
+            solve == "parallel" and n_blocks * rows * rows > 4096
+        )
         num_warps = 8 if big else 4
     cu = seq_offsets(bsz, seq_len, cu_seqlens, a.device)
     plain_len = seq_len if cu_seqlens is None else None
     cmap = chunk_map(cu, bsz * seq_len, chunk_size, cu.numel() - 1, plain_len)
-    _sigdelta_wu_kernel[(cmap[0].numel(), heads)](
-        a,
-        b,
-        u,
-        w,
-        uu,
-        cmap[0],
-        cmap[1],
-        cu,
-        H=heads,
-        R=rank,
-        K=key_dim,
-        V=val_dim,
-        C=chunk_size,
-        RP=rank_p,
-        BT=tokens,
-        BK=bk,
-        BV=bv,
-        PRODUCT=mode == "product",
-        SOLVE=SOLVES.index(solve),
-        NSTEP=steps,
-        NB=n_blocks,
-        KB=min(bk, 32),
-        PREC=dot_precision(a.dtype),
-        num_warps=num_warps,
-    )
+    for x, y, dim in ((a, w, key_dim), (u, uu, val_dim)):  # W then U: same sweep, other right-hand side
+        _sigdelta_wu_kernel[(cmap[0].numel(), heads)](
+            a,
+            b,
+            x,
+            y,
+            cmap[0],
+            cmap[1],
+            cu,
+            H=heads,
+            R=rank,
+            K=key_dim,
+            D=dim,
+            C=chunk_size,
+            RP=rank_p,
+            BT=tokens,
+            BK=bk,
+            BD=max(16, next_pow2(dim)),
+            PRODUCT=mode == "product",
+            SOLVE=SOLVES.index(solve),
+            NSTEP=steps,
+            NB=n_blocks,
+            KB=min(bk, 32),
+            PREC=dot_precision(a.dtype),
+            num_warps=num_warps,
+        )
     return w, uu
