@@ -22,6 +22,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    ProgressCallback,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -30,7 +31,13 @@ from transformers import (
 from . import PFlowConfig
 from .corpus import load_corpus
 from .tokenizer import build_tokenizer
-from .training import LossPlotCallback, TimeBudgetCallback, TokenBlockDataset, atomic_dir
+from .training import (
+    LossPlotCallback,
+    ProgressBarCallback,
+    TimeBudgetCallback,
+    TokenBlockDataset,
+    atomic_dir,
+)
 
 # A small pure-PFlow model (rank 2, sum mode); vocab and special ids come from the tokenizer.
 DEMO_MODEL = dict(
@@ -64,7 +71,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     parser.add_argument("--vocab-size", type=int, default=2048)
     parser.add_argument("--corpus-bytes", type=int, default=4_000_000, help="stdlib source text to read")
-    parser.add_argument("--prompt", default="def ", help="prompt for the generated samples")
+    parser.add_argument("--prompt", default="def", help="prompt for the generated samples")
     parser.add_argument("--max-new-tokens", type=int, default=64)
 
 
@@ -183,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
             eval_dataset=probes,
             callbacks=[plot, budget],
         )
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(ProgressBarCallback())
         before = _losses(trainer)
         seconds = trainer.train().metrics["train_runtime"]
         after = _losses(trainer)

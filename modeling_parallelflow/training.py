@@ -12,6 +12,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 
 
@@ -116,6 +117,40 @@ class LossPlotCallback(TrainerCallback):
         finally:
             tmp.unlink(missing_ok=True)
         return path
+
+
+class ProgressBarCallback(TrainerCallback):
+    """One tqdm bar over the optimizer steps with the latest logged losses as its postfix.
+
+    A quiet replacement for Trainer's ProgressCallback (which prints every log dict and draws a bar per
+    evaluation): `trainer.remove_callback(ProgressCallback); trainer.add_callback(ProgressBarCallback())`.
+    """
+
+    def __init__(self, desc: str = "training"):
+        self.desc = desc
+        self.bar = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None:
+            return
+        for key, value in (logs or {}).items():
+            if key.endswith("loss") and key != "train_loss":
+                self.postfix[key.removeprefix("eval_").removesuffix("_loss")] = f"{value:.3f}"
+        self.bar.set_postfix(self.postfix)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 class TimeBudgetCallback(TrainerCallback):
