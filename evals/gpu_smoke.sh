@@ -36,7 +36,11 @@ import importlib.metadata as md, subprocess, torch
 names = ["torch", "transformers", "triton", "lm_eval", "datasets", "pyarrow", "fsspec", "pandas", "huggingface_hub"]
 print("versions:", {n: md.version(n) for n in names})
 print("device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NO CUDA")
-print("commit:", subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip() or "?")
+try:
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+except OSError:  # no git on the machine
+    commit = ""
+print("commit:", commit or "unknown (no .git in the copied tree)")
 EOF
 
 CKPT="$WORK/pflow_tiny"
