@@ -53,6 +53,11 @@ class PFlowMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """x / sqrt(|x|^2 + eps) over the last dim (fla's l2norm: bounded gradient at x = 0)."""
+    return x * torch.rsqrt(x.pow(2).sum(-1, keepdim=True) + eps)
+
+
 def segment_ids_from_cu_seqlens(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
     """[N + 1] boundaries -> [total] sequence index of every packed token."""
     positions = torch.arange(total, device=cu_seqlens.device)
@@ -129,8 +134,8 @@ class PFlowMixer(nn.Module):
         """x [B, T, D], pad_mask [B, T] bool (True = real token) -> [B, T, D]; updates `state` in place."""
         batch, length, _ = x.shape
         h, r, k, v = self.num_heads, self.rank, self.head_k_dim, self.head_v_dim
-        q = F.normalize(self._features("q", x, state, segments, pad_mask).view(batch, length, h, k), dim=-1)
-        keys = F.normalize(self._features("k", x, state, segments, pad_mask).view(batch, length, h, r, k), dim=-1)
+        q = l2_normalize(self._features("q", x, state, segments, pad_mask).view(batch, length, h, k))
+        keys = l2_normalize(self._features("k", x, state, segments, pad_mask).view(batch, length, h, r, k))
         values = self._features("v", x, state, segments, pad_mask).view(batch, length, h, r, v)
         q, keys = q.to(values.dtype), keys.to(values.dtype)  # under autocast F.normalize returns fp32
         beta = torch.sigmoid(self.b_proj(x).float()).view(batch, length, h, r)

@@ -135,8 +135,11 @@ def test_r1_mixer_is_deltanet():
     with torch.no_grad():
         out = mixer(x)
         h, k_dim = mixer.num_heads, mixer.head_k_dim
-        q = torch.nn.functional.normalize(torch.nn.functional.silu(mixer.q_proj(x)).view(1, 6, h, k_dim), dim=-1)
-        k = torch.nn.functional.normalize(torch.nn.functional.silu(mixer.k_proj(x)).view(1, 6, h, k_dim), dim=-1)
+        def unit(y):
+            return y / (y.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
+
+        q = unit(torch.nn.functional.silu(mixer.q_proj(x)).view(1, 6, h, k_dim))
+        k = unit(torch.nn.functional.silu(mixer.k_proj(x)).view(1, 6, h, k_dim))
         v = torch.nn.functional.silu(mixer.v_proj(x)).view(1, 6, h, -1)
         beta = torch.sigmoid(mixer.b_proj(x)).view(1, 6, h)
         S = torch.zeros(h, v.shape[-1], k_dim)
