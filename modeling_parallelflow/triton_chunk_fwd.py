@@ -5,8 +5,8 @@
    tensor-core dots), W = T A and U = T U~. T is kept (fp32) only when the backward needs it.
 2. `_fwd_scan_kernel`, one program per (sequence, head, V block), sequential over chunks: the fp32
    state h [K, BV] stays in registers; each chunk computes X = W h + U, o = scale (Q h + P X) with
-   P = (Q B^T) * M_out, then h += B^T X. Outputs are written in the same pass, so per-chunk states go
-   to HBM only when the backward asks for them (STORE_STATES).
+   P = (Q B^T) * M_out, then h += B^T X. Outputs are written in the same pass, so per-chunk states
+   and X go to HBM only when the backward asks for them (STORE_STATES).
 
 The W/U stage is swappable: `tensor_inv_wu` here, `sigdelta_wu` in triton_sigdelta.py, same signature.
 """
@@ -15,30 +15,41 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import chunk_map, chunk_rows, dot_precision, next_pow2, seq_offsets
+from .triton_utils import TUNE, chunk_map, chunk_rows, dot_precision, next_pow2, seq_offsets
 
 
 @triton.jit
-def unit_lower_inverse(n_mat, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.constexpr):
-    """(I - N)^-1 for a strictly lower-triangular N [CRP, CRP] (fp32), CRP = 16 * 2**LOG_NB."""
+def unit_lower_inverse(scr, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.constexpr):
+    """(I - N)^-1 for a strictly lower-triangular N [CRP, CRP] (fp32) that this program stored at scr.
+
+    The 16 x 16 diagonal blocks are inverted by forward substitution on a [NB, 16, 16] tile read from
+    scr, written back over the diagonal, then the blocks are merged pairwise (m -> 2m) with
+    tensor-core products: D <- D + D E D, E the sub-diagonal m-blocks of N. scr holds N again except
+    on its diagonal blocks on return. Going through scr (L1/L2) keeps no large tile alive.
+    """
     NB: tl.constexpr = CRP // 16
-    n4 = tl.reshape(n_mat, (NB, 16, NB, 16))
     bi = tl.arange(0, NB)
-    same = bi[:, None, None, None] == bi[None, None, :, None]  # [NB, 1, NB, 1]
-    nd = tl.sum(tl.where(same, n4, 0.0), axis=2)  # diagonal blocks [NB, 16, 16]
     ii = tl.arange(0, 16)
+    diag = (
+        scr + (bi[:, None, None] * 16 + ii[None, :, None]) * CRP + bi[:, None, None] * 16 + ii[None, None, :]
+    )
+    nd = tl.load(diag)  # [NB, 16, 16]
     td = tl.where(ii[:, None] == ii[None, :], 1.0, 0.0)[None, :, :] + tl.zeros((NB, 16, 16), tl.float32)
     for i in tl.static_range(1, 16):  # row i of each block: e_i + sum_{j<i} N[i, j] T[j, :]
         sel = ii[None, :, None] == i
         n_i = tl.sum(tl.where(sel, nd, 0.0), axis=1)  # [NB, 16]
         new = tl.sum(n_i[:, :, None] * td, axis=1)  # [NB, 16]
         td = tl.where(sel, td + new[:, None, :], td)
-    inv = tl.reshape(tl.where(same, td[:, :, None, :], 0.0), (CRP, CRP))
+    tl.debug_barrier()
+    tl.store(diag, td)
+    tl.debug_barrier()
     rows = tl.arange(0, CRP)
-    for lvl in tl.static_range(LOG_NB):  # merge m-blocks into 2m-blocks: D <- D + D E D
+    grid = scr + rows[:, None] * CRP + rows[None, :]
+    inv = tl.load(grid, mask=(rows[:, None] // 16) == (rows[None, :] // 16), other=0.0)
+    for lvl in tl.static_range(LOG_NB):  # merge m-blocks into 2m-blocks
         blk = rows // (16 << lvl)
         sub = ((blk[:, None] % 2) == 1) & (blk[None, :] == blk[:, None] - 1)
-        e_mat = tl.where(sub, n_mat, 0.0)
+        e_mat = tl.load(grid, mask=sub, other=0.0)
         inv = inv + tl.dot(tl.dot(inv, e_mat, input_precision=PREC), inv, input_precision=PREC)
     return inv
 
@@ -51,35 +62,6 @@ def solve_mask(t, CRP: tl.constexpr, PRODUCT: tl.constexpr):
         return j[:, None] > j[None, :]
     else:
         return t[:, None] > t[None, :]
-
-
-@triton.jit
-def chunk_inverse(
-    a,
-    b,
-    h,
-    t0,
-    eos,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    R: tl.constexpr,
-    C: tl.constexpr,
-    CRP: tl.constexpr,
-    BK: tl.constexpr,
-    LOG_NB: tl.constexpr,
-    PRODUCT: tl.constexpr,
-    PREC: tl.constexpr,
-    INV_PREC: tl.constexpr,
-):
-    """Loads A, B rows of one chunk and returns (T, A, B, row, valid)."""
-    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    kk = tl.arange(0, BK)
-    kmask = valid[:, None] & (kk[None, :] < K)
-    a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-    b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-    gram = tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
-    n_mat = tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0)
-    return unit_lower_inverse(n_mat, CRP, LOG_NB, INV_PREC), a_t, b_t, row, valid
 
 
 @triton.jit
@@ -100,33 +82,42 @@ def _wu_kernel(
     C: tl.constexpr,
     CRP: tl.constexpr,
     BK: tl.constexpr,
+    BKS: tl.constexpr,
     BV: tl.constexpr,
     LOG_NB: tl.constexpr,
     PRODUCT: tl.constexpr,
     COMPUTE_WU: tl.constexpr,
-    STORE_T: tl.constexpr,
     PREC: tl.constexpr,
     INV_PREC: tl.constexpr,
 ):
+    """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1 (kept in tmat) -> W = T A, U = T U~."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + n + 1)
-    t_inv, a_t, b_t, row, valid = chunk_inverse(
-        a, b, h, t0, eos, H, K, R, C, CRP, BK, LOG_NB, PRODUCT, PREC, INV_PREC
-    )
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    gram = tl.zeros((CRP, CRP), tl.float32)
+    for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
+        kk = k0 + tl.arange(0, BKS)
+        kmask = valid[:, None] & (kk[None, :] < K)
+        a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
     j = tl.arange(0, CRP)
-    if STORE_T:
-        tl.store(tmat + ((g.to(tl.int64) * H + h) * CRP + j[:, None]) * CRP + j[None, :], t_inv)
+    scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
+    tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
+    tl.debug_barrier()
+    t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
+    tl.debug_barrier()
+    tl.store(scr + j[:, None] * CRP + j[None, :], t_inv)
     if COMPUTE_WU:
-        kk = tl.arange(0, BK)
-        w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BK]
-        tl.store(
-            w + row[:, None] * K + kk[None, :],
-            w_t.to(w.dtype.element_ty),
-            mask=valid[:, None] & (kk[None, :] < K),
-        )
+        for k0 in tl.static_range(0, BK, BKS):
+            kk = k0 + tl.arange(0, BKS)
+            kmask = valid[:, None] & (kk[None, :] < K)
+            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+            w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BKS]
+            tl.store(w + row[:, None] * K + kk[None, :], w_t.to(w.dtype.element_ty), mask=kmask)
         for v0 in tl.static_range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
             vmask = valid[:, None] & (vv[None, :] < V)
@@ -145,6 +136,7 @@ def _fwd_scan_kernel(
     h0,
     ht,
     states,
+    xs,
     cu,
     chunk_off,
     scale,
@@ -195,6 +187,8 @@ def _fwd_scan_kernel(
         s_in = state.to(w_t.dtype)
         x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)  # corrected values [CRP, BV]
         x_in = x.to(w_t.dtype)
+        if STORE_STATES:
+            tl.store(xs + row[:, None] * V + vv[None, :], x_in, mask=valid[:, None] & vmask[None, :])
         p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
         p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [C, CRP]
         o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
@@ -224,16 +218,14 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
     seq, tok, _ = cmap
     w = torch.empty_like(a) if compute_wu else None
     uu = torch.empty_like(u) if compute_wu else None
-    tmat = (
-        torch.empty(seq.numel(), n_heads, crp, crp, device=a.device, dtype=torch.float32) if store_t else None
-    )
+    tmat = torch.empty(seq.numel(), n_heads, crp, crp, device=a.device, dtype=torch.float32)  # T, and scratch
     _wu_kernel[(seq.numel(), n_heads)](
         a,
         b,
         u if compute_wu else a,
         w if compute_wu else a,
         uu if compute_wu else a,
-        tmat if store_t else a,
+        tmat,
         seq,
         tok,
         cu,
@@ -244,16 +236,16 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
         C=chunk,
         CRP=crp,
         BK=max(16, next_pow2(k_dim)),
-        BV=min(64, max(16, next_pow2(v_dim))),
+        BKS=min(32, max(16, next_pow2(k_dim))),
+        BV=min(32, max(16, next_pow2(v_dim))),
         LOG_NB=(crp // 16).bit_length() - 1,
         PRODUCT=product,
         COMPUTE_WU=compute_wu,
-        STORE_T=store_t,
         PREC=dot_precision(a.dtype),
-        INV_PREC="tf32x3",
-        num_warps=4 if crp <= 64 else 8,
+        INV_PREC=dot_precision(a.dtype),
+        num_warps=TUNE["wu_warps"] if crp <= 64 else 8,
     )
-    return w, uu, tmat
+    return w, uu, tmat if store_t else None
 
 
 def launch_fwd_scan(
@@ -273,15 +265,17 @@ def launch_fwd_scan(
     n_chunks: int,
     states_dtype=None,
 ):
-    """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V] -> (o [TT, H, V], ht [N, H, K, V] fp32, states)."""
+    """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V] -> o [TT, H, V], ht [N, H, K, V] fp32 or None,
+    and with store_states the entering state of every chunk [G, H, K, V] and X [TT, H, R, V] (else None)."""
     total, n_heads, rank, k_dim = w.shape
     v_dim = uu.shape[-1]
     n_seq = cu.numel() - 1
     o = torch.empty(total, n_heads, v_dim, device=q.device, dtype=out_dtype)
     ht = torch.empty(n_seq, n_heads, k_dim, v_dim, device=q.device, dtype=torch.float32) if store_ht else None
-    states = None
+    states = xs = None
     if store_states:
         states = torch.empty(n_chunks, n_heads, k_dim, v_dim, device=q.device, dtype=states_dtype)
+        xs = torch.empty_like(uu)
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
     _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
         q,
@@ -292,6 +286,7 @@ def launch_fwd_scan(
         h0 if h0 is not None else o,
         ht if store_ht else o,
         states if store_states else o,
+        xs if store_states else o,
         cu,
         chunk_off,
         scale,
@@ -307,9 +302,10 @@ def launch_fwd_scan(
         STORE_HT=store_ht,
         STORE_STATES=store_states,
         PREC=dot_precision(w.dtype),
-        num_warps=4,
+        num_warps=TUNE["scan_warps"],
+        num_stages=TUNE["scan_stages"],
     )
-    return o, ht, states
+    return o, ht, states, xs
 
 
 def tensor_inv_wu(a, b, u, *, mode: str, chunk_size: int, cu_seqlens=None):

@@ -4,9 +4,10 @@ Layers: @triton.jit kernels (triton_chunk_fwd / triton_chunk_bwd / triton_recurr
 (tensors in, tensors out) -> `_ChunkDeltaRule` (autograd.Function) -> `triton_delta_rule_drivers`.
 
 Recompute vs save: under autograd the forward also writes the state entering every chunk
-([G, H, K, V], input dtype, fp32 for fp32 inputs) and keeps W, U and the fp32 inverses T, so the
-backward runs no forward scan and no solve; u itself is not kept (du = T^T dX needs only T). When W, U
-come from another solver (sigdelta) the backward recomputes T with one chunk-parallel launch.
+([G, H, K, V], bf16 for bf16 inputs, else fp32) and the corrected values X [B, T, H, R, V], and keeps
+W and the fp32 inverses T, so the backward runs no forward scan and no solve; u and U are not kept
+(du = T^T dX). When W comes from another solver (sigdelta) the backward recomputes T with one
+chunk-parallel launch.
 Without autograd nothing beyond o and the final state is written to HBM.
 """
 
@@ -78,7 +79,7 @@ def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backwar
         )
         w, uu, tmat = plan.flat(w), plan.flat(uu), None
     states_dtype = torch.bfloat16 if a.dtype == torch.bfloat16 else torch.float32
-    o, ht, states = launch_fwd_scan(
+    o, ht, states, xs = launch_fwd_scan(
         q,
         b,
         w,
@@ -94,23 +95,23 @@ def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backwar
         n_chunks=plan.cmap[0].numel(),
         states_dtype=states_dtype,
     )
-    return o, ht, (w, uu, tmat, states)
+    return o, ht, (w, xs, tmat, states)
 
 
 class _ChunkDeltaRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, a, b, u, h0, plan, solver, store_ht):
-        o, ht, (w, uu, tmat, states) = _forward(
+        o, ht, (w, xs, tmat, states) = _forward(
             q, a, b, u, h0, plan, solver, store_ht=store_ht, for_backward=True
         )
-        ctx.save_for_backward(q, a, b, w, uu, tmat, states)
+        ctx.save_for_backward(q, a, b, w, xs, tmat, states)
         ctx.plan = plan
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, a, b, w, uu, tmat, states = ctx.saved_tensors
+        q, a, b, w, xs, tmat, states = ctx.saved_tensors
         plan = ctx.plan
         if tmat is None:
             _, _, tmat = launch_wu(
@@ -129,7 +130,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
             a,
             b,
             w,
-            uu,
+            xs,
             do.contiguous(),
             states,
             tmat,
@@ -142,7 +143,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
             need_dh0=ctx.h0_dtype is not None,
         )
         dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
-        return dq, da, db.to(b.dtype), du, dh0, None, None, None
+        return dq, da, db, du, dh0, None, None, None
 
 
 def _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm):

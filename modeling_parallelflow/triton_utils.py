@@ -10,9 +10,11 @@ import torch
 import triton
 import triton.language as tl
 
-CR_TARGET = 64  # rows (token, rank) per chunk the kernels are tuned for: C * R near 64
 MAX_RANK = 8
 MAX_HEAD_DIM = 256
+# Launch settings; benchmarks/profile_kernels.py overrides entries to compare variants. Defaults measured
+# on an H100 (benchmarks/README.md).
+TUNE = {"cr_target": 64, "wu_warps": 4, "scan_warps": 4, "scan_stages": 2, "par_warps": 8, "par_bv": 32, "par_stages": 2}
 
 
 def next_pow2(n: int) -> int:
@@ -20,13 +22,13 @@ def next_pow2(n: int) -> int:
 
 
 def pick_chunk(chunk_size: int, rank: int) -> int:
-    """Token chunk C actually used: min(chunk_size, largest power of two <= 64 / R), at least 16.
+    """Token chunk C actually used: min(chunk_size, largest power of two <= cr_target / R), at least 16.
 
     R = 1 -> 64, R = 2 -> 32, R >= 3 -> 16 (C * R padded to the next power of two inside the kernels).
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Triton kernels, got {chunk_size}")
-    by_rank = max(16, 1 << ((CR_TARGET // rank).bit_length() - 1))
+    by_rank = max(16, 1 << ((TUNE["cr_target"] // rank).bit_length() - 1))
     return min(chunk_size, by_rank)
 
 

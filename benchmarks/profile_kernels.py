@@ -1,0 +1,84 @@
+"""Per-kernel time of our delta-rule kernels (torch.profiler) and launch-setting variants (triton_utils.TUNE).
+
+    python benchmarks/profile_kernels.py --out profile.json [--variants base,stages1,...]
+
+Each variant: fwd and fwd+bwd medians (do_bench) at 4096 x 8, H = 16, K = V = 128, bf16, and the
+CUDA time of every kernel in one fwd+bwd step.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import bench_delta_rule as bench  # noqa: E402
+
+from modeling_parallelflow.triton_utils import TUNE  # noqa: E402
+
+VARIANTS = {
+    "base": {},
+    "stages1": {"scan_stages": 1},
+    "stages3": {"scan_stages": 3},
+    "scan_warps8": {"scan_warps": 8},
+    "wu_warps8": {"wu_warps": 8},
+    "par_warps4": {"par_warps": 4},
+    "cr128": {"cr_target": 128},
+    "par_bv64": {"par_bv": 64},
+    "par_stages1": {"par_stages": 1},
+}
+
+
+def kernel_times(run, leaves, reps=3):
+    do = torch.randn_like(run())
+    for _ in range(2):
+        run().backward(do)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            for x in leaves:
+                x.grad = None
+            run().backward(do)
+        torch.cuda.synchronize()
+    out = {}
+    for evt in prof.key_averages():
+        total = getattr(evt, "device_time_total", None) or getattr(evt, "cuda_time_total", 0)
+        if total > 0:
+            out[evt.key[:60]] = round(total / reps / 1000, 4)  # ms per step
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--providers", default="ours_R1_sum,ours_R4_sum")
+    parser.add_argument("--shape", default="4096x8")
+    args = parser.parse_args()
+    batch, seq_len = bench.SHAPES[args.shape]
+    defaults = dict(TUNE)
+    result = {"env": bench.environment(), "shape": args.shape}
+    for variant in args.variants.split(","):
+        for name in args.providers.split(","):
+            TUNE.clear()
+            TUNE.update(defaults, **VARIANTS.get(variant, {}))
+            key = f"{variant}/{name}"
+            row = {}
+            for mode in ("fwd", "fwdbwd"):
+                row[mode] = bench.guarded(bench.time_provider, name, args.shape, mode)
+            if variant == "base" or name.startswith("fla"):
+                run, leaves = bench.PROVIDERS[name](batch, seq_len, torch.bfloat16, True)
+                row["kernels_ms"] = bench.guarded(kernel_times, run, leaves)
+                del run, leaves
+            result[key] = row
+            print(key, json.dumps(row), flush=True)
+            json.dump(result, open(args.out, "w"), indent=1)
+    TUNE.clear()
+    TUNE.update(defaults)
+
+
+if __name__ == "__main__":
+    main()
