@@ -207,17 +207,17 @@ def triton_delta_rule_drivers(
         o = launch_recurrent_(*flat, state, cu, scale=scale, product=mode == "product", out_dtype=dtype)
         return o.view(batch, seq_len, n_heads, v_dim), state if output_final_state else None
     plan = _Plan(a, cu_seqlens, chunk_size, mode, scale)
-    if algorithm == "auto":  # the faster W/U stage at this shape, from measured crossovers
-        from .triton_sigdelta import choose_wu_solver
-
-        algorithm = choose_wu_solver(plan.rank, plan.chunk, plan.k_dim, u.shape[-1])
-    solver = _wu_solver(algorithm)
     flat = [plan.flat(x) for x in (q, a, b, u)]
     h0 = None if initial_state is None else initial_state.contiguous()
     out_shape = q.shape[:3] + u.shape[-1:]
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, a, b, u, initial_state)
     )
+    if algorithm == "auto":  # the faster W/U stage at this shape, from measured crossovers
+        from .triton_sigdelta import choose_wu_solver
+
+        algorithm = choose_wu_solver(plan.rank, plan.chunk, plan.k_dim, u.shape[-1], training=needs_grad)
+    solver = _wu_solver(algorithm)
     if needs_grad:
         o, ht = _ChunkDeltaRule.apply(*flat, h0, plan, solver, output_final_state)
     else:
