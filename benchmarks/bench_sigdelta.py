@@ -275,7 +275,7 @@ def op_timings(rec, args, device, dtype, deadline):
             continue
         triton_utils.TUNE["cr_target"] = max(64, chunk * rank)  # let the pipeline run this chunk size
         if (rank, chunk * rank) in best:
-            triton_sigdelta.BLOCK_CONFIG[(rank, chunk * rank)] = best[(rank, chunk * rank)]
+            triton_sigdelta.BLOCK_CONFIG[("sum", rank, chunk * rank)] = best[(rank, chunk * rank)]
         q, a, b, u = drivers(
             args.batch, args.seq_len, args.heads, rank, args.dim, args.dim, "sum", dtype, device
         )

@@ -50,25 +50,55 @@ except ImportError:  # the torch backend works without triton
 
 MODES = ("sum", "product")
 SOLVES = ("direct", "blockinv", "parallel")
-# Measured (benchmarks/SIGDELTA.md, H100, bf16, K = V = 128): the smallest C * R from which sigDelta's W/U
-# stage beats tensorInv's, per rank R; None: tensorInv wins at every C * R measured.
-SIGDELTA_FROM_CR: dict[int, int | None] = {1: 256, 2: 256, 4: 256, 8: 256}
-# (block_rows, solve) per (padded rank RP, rows per chunk C * R), from the same run.
-BLOCK_CONFIG: dict[tuple[int, int], tuple[int, str]] = {}
-DEFAULT_BLOCK = (32, "blockinv")
+# Measured on an H100 (benchmarks/SIGDELTA.md, benchmarks/results/sigdelta_h100.json; bf16, K = V = 128,
+# 32K tokens, H = 16). Forward: the smallest C * R from which sigDelta's W/U stage (and the op's forward)
+# beats tensorInv's, per padded rank; tensorInv does not run at all from C * R = 256 (shared memory).
+SIGDELTA_FROM_CR: dict[int, int] = {1: 32, 2: 32, 4: 64, 8: 128}
+# Forward+backward: the backward needs T = (I - N)^-1, which tensorInv keeps from its forward and sigDelta
+# recomputes, so tensorInv won at every shape measured (by 6 to 12 %): training keeps tensorInv.
+# Fastest (block_rows, solve) per (mode, padded rank RP, C * R), same run; else 16 / 32 rows, blockinv.
+BLOCK_CONFIG: dict[tuple[str, int, int], tuple[int, str]] = {
+    ("product", 1, 256): (16, "parallel"),
+    ("product", 2, 64): (16, "parallel"),
+    ("product", 2, 256): (16, "parallel"),
+    ("product", 4, 64): (16, "parallel"),
+    ("product", 4, 256): (16, "blockinv"),
+    ("product", 8, 256): (16, "blockinv"),
+    ("sum", 1, 16): (32, "blockinv"),
+    ("sum", 1, 32): (16, "parallel"),
+    ("sum", 1, 64): (16, "parallel"),
+    ("sum", 1, 128): (16, "parallel"),
+    ("sum", 1, 256): (16, "blockinv"),
+    ("sum", 2, 32): (16, "blockinv"),
+    ("sum", 2, 64): (16, "parallel"),
+    ("sum", 2, 128): (16, "blockinv"),
+    ("sum", 2, 256): (32, "blockinv"),
+    ("sum", 2, 512): (32, "blockinv"),
+    ("sum", 4, 64): (16, "blockinv"),
+    ("sum", 4, 128): (16, "blockinv"),
+    ("sum", 4, 256): (32, "blockinv"),
+    ("sum", 4, 512): (32, "blockinv"),
+    ("sum", 8, 128): (32, "direct"),
+    ("sum", 8, 256): (32, "direct"),
+    ("sum", 8, 512): (32, "direct"),
+}
 
 
-def choose_wu_solver(rank: int, chunk_size: int, k_dim: int, v_dim: int) -> str:
-    """The faster W/U stage for this shape, "sigdelta" or "tensor_inv", from the measured crossover table."""
-    if triton is None or max(k_dim, v_dim) > 256:
+def choose_wu_solver(rank: int, chunk_size: int, k_dim: int, v_dim: int, training: bool = False) -> str:
+    """The faster W/U stage for this shape, "sigdelta" or "tensor_inv", from the measured crossovers.
+
+    training: the op will run its backward (then tensorInv, whose forward already holds T, is faster).
+    """
+    if triton is None or training or max(k_dim, v_dim) > 256:
         return "tensor_inv"
-    start = SIGDELTA_FROM_CR.get(min(next_pow2(rank), 8))
-    return "sigdelta" if start is not None and chunk_size * rank >= start else "tensor_inv"
+    return "sigdelta" if chunk_size * rank >= SIGDELTA_FROM_CR[min(next_pow2(rank), 8)] else "tensor_inv"
 
 
-def block_config(rank: int, chunk_size: int) -> tuple[int, str]:
-    """(block_rows, solve) the kernel uses by default for this C * R (measured table, else 32 / blockinv)."""
-    return BLOCK_CONFIG.get((next_pow2(rank), next_pow2(chunk_size * rank)), DEFAULT_BLOCK)
+def block_config(rank: int, chunk_size: int, mode: str = "sum") -> tuple[int, str]:
+    """(block_rows, solve) the kernel uses by default: the measured table, else blockinv on 16 rows up to
+    C * R = 128 and 32 rows beyond (fewer re-reads of earlier blocks)."""
+    rows = next_pow2(chunk_size * rank)
+    return BLOCK_CONFIG.get((mode, next_pow2(rank), rows), (16 if rows <= 128 else 32, "blockinv"))
 
 
 if triton is not None:
@@ -271,7 +301,7 @@ def sigdelta_wu(
     if triton is None:
         raise ImportError("sigdelta_wu needs triton")
     if block_rows is None or solve is None:
-        default_rows, default_solve = block_config(a.shape[3], chunk_size)
+        default_rows, default_solve = block_config(a.shape[3], chunk_size, mode)
         block_rows = default_rows if block_rows is None else block_rows
         solve = default_solve if solve is None else solve
     if mode not in MODES:

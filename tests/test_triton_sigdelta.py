@@ -150,13 +150,14 @@ def test_op_sigdelta_matches_loop_forward_backward(batch, seq_len, n_heads, rank
 def test_choose_wu_solver_follows_the_table():
     for rank, start in triton_sigdelta.SIGDELTA_FROM_CR.items():
         for chunk in (16, 32, 64, 128, 256):
-            want = "sigdelta" if start is not None and chunk * rank >= start else "tensor_inv"
+            want = "sigdelta" if chunk * rank >= start else "tensor_inv"
             assert triton_sigdelta.choose_wu_solver(rank, chunk, 128, 128) == want
+            assert triton_sigdelta.choose_wu_solver(rank, chunk, 128, 128, training=True) == "tensor_inv"
     assert triton_sigdelta.choose_wu_solver(2, 256, 512, 128) == "tensor_inv"  # K > 256: not supported
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("start,expect_sigdelta", [(16, True), (None, False)])
+@pytest.mark.parametrize("start,expect_sigdelta", [(16, True), (10**6, False)])
 def test_auto_algorithm_follows_choose_wu_solver(monkeypatch, start, expect_sigdelta):
     """algorithm="auto" on the Triton backend runs sigdelta_wu exactly where the crossover table says."""
     calls = []
@@ -165,6 +166,8 @@ def test_auto_algorithm_follows_choose_wu_solver(monkeypatch, start, expect_sigd
     monkeypatch.setattr(triton_sigdelta, "sigdelta_wu", lambda *a, **k: calls.append(1) or real(*a, **k))
     q, a, b, u = drivers(1, 20, 1, 2, 16, 16, "sum")
     o, _ = delta_rule_drivers(q, a, b, u, chunk_size=16, algorithm="auto", backend="triton")
+    q.requires_grad_()  # training: tensorInv keeps T for the backward, so auto never takes sigdelta
+    delta_rule_drivers(q, a, b, u, chunk_size=16, algorithm="auto", backend="triton")[0].sum().backward()
     o_ref, _ = delta_rule_reference(
         q.cpu(), a.cpu(), b.cpu(), u.cpu(), mode="sum", scale=0.25, dtype=torch.float64
     )
