@@ -358,7 +358,7 @@ def plot(data, chart):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for rank, color in zip(RANKS, ("C0", "C1", "C2", "C3"), strict=True):
         for solver, style in (("tensor_inv", "o--"), ("sigdelta", "s-")):
             chunks = sorted({r["C"] for r in data["wu"] if r.get("R") == rank and r.get("mode") == "sum"})
@@ -367,15 +367,21 @@ def plot(data, chart):
             if pts:
                 axes[0].plot(*zip(*pts, strict=True), style, color=color, label=f"R={rank} {solver}")
             ops = [r for r in data["op"] if r.get("R") == rank and r.get("solver") == solver]
-            pts = sorted((r["CR"], r["fwdbwd_ms"]) for r in ops if "fwdbwd_ms" in r)
-            if pts:
-                axes[1].plot(*zip(*pts, strict=True), style, color=color, label=f"R={rank} {solver}")
-    for ax, title in zip(axes, ("W/U stage alone (sum form)", "op forward+backward (sum form)"), strict=True):
-        ax.set(xscale="log", yscale="log", xlabel="C * R (rows per chunk)", ylabel="ms (median)", title=title)
+            for ax, key in ((axes[1], "fwd_ms"), (axes[2], "fwdbwd_ms")):
+                pts = sorted((r["CR"], r[key]) for r in ops if key in r)
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), style, color=color, label=f"R={rank} {solver}")
+    titles = ("W/U stage alone", "op forward", "op forward+backward")
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set(xscale="log", yscale="log", xlabel="C * R (rows per chunk)", ylabel="ms (median)")
+        ax.set_title(f"{title} (sum form)")
+        ax.minorticks_off()
         ax.set_xticks([16, 32, 64, 128, 256, 512], labels=["16", "32", "64", "128", "256", "512"])
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, ncol=2)
-    fig.suptitle(f"sigDelta vs tensorInv: 32K tokens, H=16, K=V=128, bf16, {data['meta']['gpu']}")
+    fig.suptitle(
+        f"sigDelta (solid) vs tensorInv (dashed): 32K tokens, H=16, K=V=128, bf16, {data['meta']['gpu']}"
+    )
     fig.tight_layout()
     fig.savefig(chart, dpi=110)
 
