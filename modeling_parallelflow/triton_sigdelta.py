@@ -12,15 +12,15 @@ but W and U are built by the one-sided sigDelta sweep instead of a triangular in
 
 (U the same from U(0, k) = U~_k with the same coefficients). Depth C steps (C*R in product form), each
 a rank-R (rank-1) update of every later row. The kernel runs this sweep blocked, one program per
-(chunk, head), W and U of the whole chunk together:
+(chunk, head) and one launch per right-hand side (A -> W, then U~ -> U; same coefficients):
 
 - blocks of BT tokens (BR = BT * RP rows, rank padded to a power of two RP with zero rows);
 - entering block i, the BT*i sweep steps of the earlier blocks are applied at once (they only add
-  G(k, m) W(m, m) terms whose W(m, m) are final): acc_i = [A_i | U~_i] + sum_{j<i} (A_i B_j^T) Y_j,
-  a tensor-core product; Y_j are the rows this program already stored (read back from w, uu);
+  G(k, m) W(m, m) terms whose W(m, m) are final): acc_i = X_i + sum_{j<i} (A_i B_j^T) Y_j, a
+  tensor-core product; Y_j are the rows this program already stored (read back from w or uu);
 - inside the block the sweep runs step by step (s = 0..steps-1, N_s = N_ii masked to the columns of
   step s, so one step is the rank-R update G(k, s) W(s, s) of every later row, kept on tensor cores):
-  `solve="direct"`: acc += N_s @ acc on the W and U rows themselves (the literal recursion);
+  `solve="direct"`: acc += N_s @ acc on the W (or U) rows themselves (the literal recursion);
   `solve="blockinv"`: the same sweep on the block's identity, E += N_s @ E, which gives
   E = (I - N_ii)^-1 (W(m, k) is linear in its boundary data), then acc = E @ acc once: the steps work
   on [BR, BR] instead of [BR, K + V];
@@ -28,13 +28,15 @@ a rank-R (rank-1) update of every later row. The kernel runs this sweep blocked,
   (batched [NB, BR, BR] products; they do not depend on it), so one program makes steps + NB
   sequential moves instead of NB * steps.
 
-Both are forward substitution, so as stable as the token loop. A power-series shortcut
+All three are forward substitution, so as stable as the token loop. A power-series shortcut
 (I - N)^-1 = prod_s (I + N^(2^s)) (log2 depth) was measured and dropped: with correlated keys its
 terms grow like binomials before cancelling (fp32 relative error 3e4 at 64 rows, 1e-3 at 16 rows
 with beta near 2; benchmarks/SIGDELTA.md). tests/test_triton_sigdelta.py checks correlated keys.
 
 Products run at `triton_utils.dot_precision` (3xTF32 for fp32 inputs, TF32 for the fp32 products of
-bf16/fp16 inputs); rows Y_j of earlier blocks are read back in the output dtype.
+bf16/fp16 inputs); rows Y_j of earlier blocks are read back in the output dtype. Backward: the
+tensorInv backward (W, U are the same; it recomputes T). Measurements, the variant table and the
+crossover: benchmarks/SIGDELTA.md.
 """
 
 import torch
