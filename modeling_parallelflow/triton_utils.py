@@ -14,7 +14,7 @@ MAX_RANK = 8
 MAX_HEAD_DIM = 256
 # Launch settings; benchmarks/profile_kernels.py overrides entries to compare variants. Defaults measured
 # on an H100 (benchmarks/README.md).
-TUNE = {"cr_target": 64, "wu_warps": 4, "scan_warps": 4, "scan_stages": 2, "par_warps": 8, "par_bv": 32, "par_stages": 2}
+TUNE = {"cr_target": 64, "wu_warps": 4, "scan_warps": 4, "scan_stages": 2, "par_warps": 4, "par_bv": 32, "par_stages": 2}
 
 
 def next_pow2(n: int) -> int:
