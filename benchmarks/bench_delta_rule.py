@@ -244,14 +244,20 @@ def tune_block_v(shape):
 
 
 def environment():
-    commit = subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=os.path.dirname(__file__)
-    ).stdout.strip()
+    commit = (
+        os.environ.get("PFLOW_COMMIT")
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=os.path.dirname(__file__),
+        ).stdout.strip()
+    )
     env = {
         "gpu": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "triton": triton.__version__,
-        "commit": commit or os.environ.get("PFLOW_COMMIT", "unknown"),
+        "commit": commit or "unknown",
         "time": time.strftime("%Y-%m-%d %H:%M"),
     }
     if HAS_FLA:

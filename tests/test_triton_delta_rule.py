@@ -230,7 +230,10 @@ def test_chunk_matches_loop_gpu(rank, mode, dtype, k_dim):
     errs = run_case(
         2, 200, 2, rank, k_dim, k_dim, mode, with_h0=True, chunk_size=64, dtype=dtype, device="cuda"
     )
-    assert max(errs.values()) < 2e-2, errs
+    # measured on an H100 (benchmarks/results/h100_bench_203a1ee.json, T=512): worst relative error over
+    # o, final state and all gradients 5.6e-3 in bf16 (fla's o: 3.8e-3, ours 3.8e-3) and 8.5e-4 in fp16;
+    # the bound is 2x that, the bf16/fp16 input rounding itself being ~4e-3 / 5e-4.
+    assert max(errs.values()) < (1.2e-2 if dtype == torch.bfloat16 else 2e-3), errs
 
 
 @pytest.mark.gpu
@@ -250,4 +253,4 @@ def test_chunk_varlen_gpu(rank, mode):
         device="cuda",
         cu=[0, 1, 64, 65, 200, 300],
     )
-    assert max(errs.values()) < 2e-2, errs
+    assert max(errs.values()) < 1.2e-2, errs  # measured 4.1e-3 (R=2 sum, same cu_seqlens, H100)
