@@ -30,6 +30,7 @@ from transformers import (
 
 from . import PFlowConfig
 from .corpus import load_corpus
+from .hub import write_meta
 from .tokenizer import build_tokenizer
 from .training import (
     LossPlotCallback,
@@ -214,6 +215,23 @@ def run(args: argparse.Namespace) -> int:
         model.config.use_cache = True  # Trainer (transformers >= 5.2x) switches it off for training
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
+        write_meta(
+            staging,
+            {
+                "kind": "demo",
+                "training_data": {
+                    "source": "Python standard library source files",
+                    "train_files": len(train_texts),
+                },
+                "training": {
+                    "steps": steps,
+                    "seq_len": args.seq_len,
+                    "batch_size": args.batch_size,
+                    "learning_rate": args.learning_rate,
+                    "seed": args.seed,
+                },
+            },
+        )
         plot.save()
         metrics = {
             "steps": steps,

@@ -422,6 +422,7 @@ def run(args: argparse.Namespace) -> int:
         },
         "eval": {"eval_loss": eval_after, "eval_loss_before": eval_before} if eval_after is not None else {},
     }
+    model.config.use_cache = True  # Trainer switches it off for training; saved models decode with the cache
     with atomic_dir(output_dir, overwrite=args.overwrite) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
