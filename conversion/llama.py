@@ -11,9 +11,10 @@ identity (last tap = 1), so each feature starts as SiLU(source projection); b_pr
 
 Layers listed in `keep_attention_layers` stay softmax attention ("attention", or "sliding_attention" where
 the source layer slides) with the source weights: their outputs equal the source layers exactly. That needs
-the source's attention maths to be PFlow's: default RoPE (halves rotated, theta from the config), no q/k/v/o
-biases (Qwen2 has them), no q/k norms (Qwen3 has them); otherwise keeping a layer is refused. Biases and q/k
-norms of linearised layers are dropped (listed in the report): the linearised layer is an initialisation.
+the source's attention maths to be PFlow's: default RoPE (halves rotated, theta from the config); q/k/v and o
+biases (Llama attention_bias, Qwen2) and q/k norms (Qwen3) map to PFlow's attention_bias,
+attention_output_bias and attention_qk_norm. Otherwise keeping a layer is refused. Biases and q/k norms of
+linearised layers are dropped (listed in the report): the linearised layer is an initialisation.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ DROPPABLE = {
     "self_attn.k_norm.weight": "PFlow L2-normalises k instead",
     "self_attn.rotary_emb.inv_freq": "a buffer recomputed from rope_theta",
 }
+# Source tensors a kept attention layer carries over (when the source has them).
+KEPT_EXTRAS = tuple(name for name in DROPPABLE if "rotary_emb" not in name)
 
 
 def _rope_theta(config) -> float:
@@ -104,13 +107,16 @@ def to_pflow(
     layer_types = ["pflow"] * layers
     for i in keep_attention_layers:
         layer_types[i] = source_types[i]
-        for name in DROPPABLE:
-            if f"model.layers.{i}.{name}" in source_keys and "rotary_emb" not in name:
-                raise ConversionError(
-                    f"cannot keep layer {i} as attention: the source has model.layers.{i}.{name} and PFlow's "
-                    "attention layers have no q/k/v/o biases or q/k norms (the model would need an "
-                    "`attention_bias` / `qk_norm` option)"
-                )
+    kept_extras = [
+        name
+        for name in KEPT_EXTRAS
+        if any(f"model.layers.{i}.{name}" in source_keys for i in keep_attention_layers)
+    ]
+    for i in keep_attention_layers:
+        if missing := [name for name in kept_extras if f"model.layers.{i}.{name}" not in source_keys]:
+            raise ConversionError(
+                f"cannot keep layer {i} as attention: other kept layers have {missing}, it has not"
+            )
     fields = dict(
         vocab_size=config.vocab_size,
         hidden_size=config.hidden_size,
@@ -138,6 +144,13 @@ def to_pflow(
     )
     if keep_attention_layers:
         fields["rope_theta"] = _rope_theta(config)
+        fields["attention_bias"] = "self_attn.q_proj.bias" in kept_extras
+        fields["attention_output_bias"] = "self_attn.o_proj.bias" in kept_extras
+        fields["attention_qk_norm"] = "self_attn.q_norm.weight" in kept_extras
+        if {"self_attn.k_proj.bias", "self_attn.v_proj.bias"} & set(kept_extras) and not fields[
+            "attention_bias"
+        ]:
+            raise ConversionError("kept attention layers have k/v biases without a q bias: not supported")
         if "sliding_attention" in layer_types:
             fields["sliding_window"] = config.sliding_window
     pflow = PFlowConfig(**fields)
@@ -163,6 +176,7 @@ def to_pflow(
             rules += [
                 Rule(f"{src}self_attn.{p}.weight", f"{dst}self_attn.{p}.weight") for p in ATTENTION_PROJ
             ]
+            rules += [Rule(src + name, dst + name) for name in kept_extras]
         else:
             mix = dst + "linear_attn."
             rules += [
@@ -193,6 +207,8 @@ def to_pflow(
                 for name, channels in conv_channels.items()
             ]
         rules += [
-            Rule(src + name, None, note=why) for name, why in DROPPABLE.items() if src + name in source_keys
+            Rule(src + name, None, note=why)
+            for name, why in DROPPABLE.items()
+            if src + name in source_keys and not (layer_types[i] != "pflow" and name in kept_extras)
         ]
     return pflow, KeyMap(rules, name="llama -> pflow")

@@ -17,7 +17,6 @@ else:
     from .cache_parallelflow import PFlowCache
     from .configuration_parallelflow import PFlowConfig
     from .modeling_parallelflow import PFlowForCausalLM, PFlowModel, PFlowPreTrainedModel
-
     from .peft_support import register_lora_target_modules
 
     _register()

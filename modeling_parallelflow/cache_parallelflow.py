@@ -69,8 +69,9 @@ class PFlowCache(Cache):
             all_keys = torch.cat([layer.keys, keys], dim=2)
             all_values = torch.cat([layer.values, values], dim=2)
         keep = all_keys.shape[2] if layer.sliding_window is None else layer.sliding_window - 1
-        layer.keys, layer.values = all_keys[:, :, -keep:] if keep > 0 else all_keys[:, :, :0], (
-            all_values[:, :, -keep:] if keep > 0 else all_values[:, :, :0]
+        layer.keys, layer.values = (
+            all_keys[:, :, -keep:] if keep > 0 else all_keys[:, :, :0],
+            (all_values[:, :, -keep:] if keep > 0 else all_values[:, :, :0]),
         )
         return all_keys, all_values, past
 
@@ -121,7 +122,8 @@ class PFlowCache(Cache):
         raise NotImplementedError("PFlowCache cannot be cropped: a recurrent state cannot forget tokens")
 
     def reset(self) -> None:
-        self.layers = [PFlowLayerState(t, layer.sliding_window) for t, layer in zip(self.layer_types, self.layers)]
+        windows = [layer.sliding_window for layer in self.layers]
+        self.layers = [PFlowLayerState(t, w) for t, w in zip(self.layer_types, windows, strict=True)]
         self.seen_tokens = 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:

@@ -31,7 +31,8 @@ class PFlowConfig(PretrainedConfig):
     Args:
         vocab_size, hidden_size, num_hidden_layers, intermediate_size, hidden_act: the usual LM sizes.
             `intermediate_size=None` takes fla's rule: 2/3 * 4 * hidden_size rounded up to a multiple of 256.
-        num_heads: heads of the delta-rule mixer. `head_k_dim` / `head_v_dim` default to hidden_size // num_heads.
+        num_heads: heads of the delta-rule mixer. `head_k_dim` / `head_v_dim` default to
+            hidden_size // num_heads.
         rank: R >= 1 (at most 8) keys/values/betas per head per token.
         rank_mode: "sum" (ParallelFlow Euler step: the R components act together) or "product" (DeltaProduct:
             the R components act one after the other).
@@ -40,8 +41,12 @@ class PFlowConfig(PretrainedConfig):
         allow_neg_eigval: betas in (0, 2) instead of (0, 1): transition eigenvalues in [-1, 1].
         use_short_conv, conv_size: depthwise causal convolution on q, k, v (kernel `conv_size`).
         use_gate: output gate (RMSNorm(o) * SiLU(g_proj(x))), as fla's DeltaNet `use_gate`.
-        layer_types: per layer "pflow", "attention" (softmax, RoPE) or "sliding_attention" (needs `sliding_window`).
-        num_attention_heads, num_key_value_heads, attention_head_dim, rope_theta, sliding_window: softmax layers.
+        layer_types: per layer "pflow", "attention" (softmax, RoPE) or "sliding_attention" (needs
+            `sliding_window`).
+        num_attention_heads, num_key_value_heads, attention_head_dim, rope_theta, sliding_window: softmax
+            layers. attention_bias / attention_output_bias: biases on q/k/v / on o (Llama's attention_bias
+            sets both; Qwen2 has the first only). attention_qk_norm: per-head RMSNorm of q and k before RoPE
+            (Qwen3).
         chunk_size: tokens per chunk of the chunked algorithms.
         algorithm: "auto", "tensor_inv", "sigdelta" or "recurrent" (training/prefill algorithm).
         kernel_backend: "auto" (Triton on CUDA when available, else torch), "triton" or "torch".
@@ -71,6 +76,9 @@ class PFlowConfig(PretrainedConfig):
         attention_head_dim: int | None = None,
         sliding_window: int | None = None,
         rope_theta: float = 10000.0,
+        attention_bias: bool = False,
+        attention_output_bias: bool = False,
+        attention_qk_norm: bool = False,
         intermediate_size: int | None = None,
         hidden_act: str = "silu",
         chunk_size: int = 64,
@@ -86,7 +94,7 @@ class PFlowConfig(PretrainedConfig):
         eos_token_id: int | None = 2,
         **kwargs,
     ):
-        # transformers' own __init__ validator rejects layer names it does not know, so our fields are set after it.
+        # transformers' own __init__ validator rejects layer names it does not know: set our fields after it.
         super().__init__(
             pad_token_id=pad_token_id,
             bos_token_id=bos_token_id,
@@ -119,6 +127,9 @@ class PFlowConfig(PretrainedConfig):
         )
         self.sliding_window = sliding_window
         self.rope_theta = rope_theta
+        self.attention_bias = attention_bias
+        self.attention_output_bias = attention_output_bias
+        self.attention_qk_norm = attention_qk_norm
         if intermediate_size is None:
             intermediate_size = 256 * ((int(hidden_size * 4 * 2 / 3) + 255) // 256)
         self.intermediate_size = intermediate_size
@@ -146,39 +157,101 @@ class PFlowConfig(PretrainedConfig):
 
     def validate_pflow(self) -> None:
         """Raise `ValueError` naming the first invalid field and its allowed range."""
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_heads", "head_k_dim", "head_v_dim",
-                      "intermediate_size", "max_position_embeddings", "num_attention_heads",
-                      "num_key_value_heads", "attention_head_dim"):
+        for field in (
+            "vocab_size",
+            "hidden_size",
+            "num_hidden_layers",
+            "num_heads",
+            "head_k_dim",
+            "head_v_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "attention_head_dim",
+        ):
             value = getattr(self, field)
-            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field,
-                     "an integer >= 1", value)
-        _require(isinstance(self.rank, int) and 1 <= self.rank <= MAX_RANK, "rank",
-                 f"an integer in [1, {MAX_RANK}]", self.rank)
+            _require(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                field,
+                "an integer >= 1",
+                value,
+            )
+        _require(
+            isinstance(self.rank, int) and 1 <= self.rank <= MAX_RANK,
+            "rank",
+            f"an integer in [1, {MAX_RANK}]",
+            self.rank,
+        )
         _require(self.rank_mode in RANK_MODES, "rank_mode", f"one of {RANK_MODES}", self.rank_mode)
         _require(self.flow in FLOWS, "flow", f"one of {FLOWS}", self.flow)
         _require(self.algorithm in ALGORITHMS, "algorithm", f"one of {ALGORITHMS}", self.algorithm)
-        _require(self.kernel_backend in KERNEL_BACKENDS, "kernel_backend", f"one of {KERNEL_BACKENDS}",
-                 self.kernel_backend)
+        _require(
+            self.kernel_backend in KERNEL_BACKENDS,
+            "kernel_backend",
+            f"one of {KERNEL_BACKENDS}",
+            self.kernel_backend,
+        )
         _require(self.hidden_act in HIDDEN_ACTS, "hidden_act", f"one of {HIDDEN_ACTS}", self.hidden_act)
-        _require(isinstance(self.conv_size, int) and 1 <= self.conv_size <= 16, "conv_size",
-                 "an integer in [1, 16]", self.conv_size)
-        _require(isinstance(self.chunk_size, int) and self.chunk_size >= 1
-                 and self.chunk_size & (self.chunk_size - 1) == 0 and self.chunk_size <= 256,
-                 "chunk_size", "a power of two in [1, 256]", self.chunk_size)
-        _require(isinstance(self.norm_eps, float | int) and self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps)
-        _require(isinstance(self.initializer_range, float | int) and self.initializer_range > 0,
-                 "initializer_range", "> 0", self.initializer_range)
-        _require(len(self.layer_types) == self.num_hidden_layers, "layer_types",
-                 f"a list of num_hidden_layers={self.num_hidden_layers} entries", self.layer_types)
+        _require(
+            isinstance(self.conv_size, int) and 1 <= self.conv_size <= 16,
+            "conv_size",
+            "an integer in [1, 16]",
+            self.conv_size,
+        )
+        _require(
+            isinstance(self.chunk_size, int)
+            and self.chunk_size >= 1
+            and self.chunk_size & (self.chunk_size - 1) == 0
+            and self.chunk_size <= 256,
+            "chunk_size",
+            "a power of two in [1, 256]",
+            self.chunk_size,
+        )
+        _require(
+            isinstance(self.norm_eps, float | int) and self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps
+        )
+        _require(
+            isinstance(self.initializer_range, float | int) and self.initializer_range > 0,
+            "initializer_range",
+            "> 0",
+            self.initializer_range,
+        )
+        _require(
+            len(self.layer_types) == self.num_hidden_layers,
+            "layer_types",
+            f"a list of num_hidden_layers={self.num_hidden_layers} entries",
+            self.layer_types,
+        )
         for layer_type in self.layer_types:
             _require(layer_type in LAYER_TYPES, "layer_types", f"a list of {LAYER_TYPES}", self.layer_types)
         if "sliding_attention" in self.layer_types:
-            _require(isinstance(self.sliding_window, int) and self.sliding_window >= 1, "sliding_window",
-                     "an integer >= 1 when layer_types has 'sliding_attention'", self.sliding_window)
+            _require(
+                isinstance(self.sliding_window, int) and self.sliding_window >= 1,
+                "sliding_window",
+                "an integer >= 1 when layer_types has 'sliding_attention'",
+                self.sliding_window,
+            )
         if any(t != "pflow" for t in self.layer_types):
-            _require(self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
-                     f"a divisor of num_attention_heads={self.num_attention_heads}", self.num_key_value_heads)
-            _require(self.attention_head_dim % 2 == 0, "attention_head_dim", "even (RoPE rotates pairs)",
-                     self.attention_head_dim)
-        if self.tie_word_embeddings not in (True, False):
-            raise ValueError(f"PFlowConfig.tie_word_embeddings must be a bool, got {self.tie_word_embeddings!r}")
+            _require(
+                self.num_attention_heads % self.num_key_value_heads == 0,
+                "num_key_value_heads",
+                f"a divisor of num_attention_heads={self.num_attention_heads}",
+                self.num_key_value_heads,
+            )
+            _require(
+                self.attention_head_dim % 2 == 0,
+                "attention_head_dim",
+                "even (RoPE rotates pairs)",
+                self.attention_head_dim,
+            )
+        for field in (
+            "tie_word_embeddings",
+            "attention_bias",
+            "attention_output_bias",
+            "attention_qk_norm",
+            "allow_neg_eigval",
+            "use_short_conv",
+            "use_gate",
+        ):
+            _require(getattr(self, field) in (True, False), field, "a bool", getattr(self, field))

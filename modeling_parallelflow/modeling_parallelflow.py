@@ -1,7 +1,8 @@
 """ParallelFlow language model: rank-R delta-rule mixers (optionally mixed with softmax attention layers),
 Llama-style blocks with SwiGLU MLPs.
 
-Shapes: B batch, T new tokens, S attended key positions, D hidden, H heads, R rank, K key width, V value width.
+Shapes: B batch, T new tokens, S attended key positions, D hidden, H heads, R rank, K key width,
+V value width.
 """
 
 from __future__ import annotations
@@ -69,8 +70,8 @@ def causal_depthwise_conv(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal depthwise conv of x [B, T, C] with weight [C, 1, W] continuing from tail [B, C, W-1].
 
-    Returns (y [B, T, C], new tail [B, C, W-1]). With `segments` [T] (packed sequences, B = 1) no tap crosses a
-    sequence boundary.
+    Returns (y [B, T, C], new tail [B, C, W-1]). With `segments` [T] (packed sequences, B = 1) no tap
+    crosses a sequence boundary.
     """
     batch, length, channels = x.shape
     width = weight.shape[-1]
@@ -81,7 +82,11 @@ def causal_depthwise_conv(
         y = F.conv1d(xx, weight.to(x.dtype), groups=channels)
     else:
         windows = xx.unfold(-1, width, 1)  # [B, C, T, W]: taps t-W+1 .. t
-        tap = torch.arange(length, device=x.device)[:, None] + torch.arange(width, device=x.device) - (width - 1)
+        tap = (
+            torch.arange(length, device=x.device)[:, None]
+            + torch.arange(width, device=x.device)
+            - (width - 1)
+        )
         same = (tap >= 0) & (segments[tap.clamp(min=0)] == segments[:, None])  # [T, W]
         y = (windows * same.to(x.dtype) * weight.to(x.dtype)[:, 0, None, :]).sum(-1)
     return y.transpose(1, 2), xx[:, :, xx.shape[-1] - (width - 1) :]
@@ -200,10 +205,14 @@ class PFlowAttention(nn.Module):
         self.head_dim = config.attention_head_dim
         self.window = config.sliding_window if config.layer_types[layer_idx] == "sliding_attention" else None
         d = config.hidden_size
-        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=False)
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(d, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, d, bias=config.attention_output_bias)
+        if config.attention_qk_norm:
+            self.q_norm = PFlowRMSNorm(self.head_dim, eps=config.norm_eps)
+            self.k_norm = PFlowRMSNorm(self.head_dim, eps=config.norm_eps)
 
     def forward(
         self,
@@ -218,6 +227,8 @@ class PFlowAttention(nn.Module):
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.config.attention_qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, self.config.rope_theta)
         k = apply_rope(k, positions, self.config.rope_theta)
         past_total = cache.get_seq_length() if cache is not None else 0
@@ -377,13 +388,17 @@ class PFlowModel(PFlowPreTrainedModel):
         if attention_mask is not None:
             if attention_mask.ndim != 2 or attention_mask.shape[0] != batch:
                 raise ValueError(
-                    f"attention_mask must be 2D [batch, past + new tokens], got shape {tuple(attention_mask.shape)}"
+                    "attention_mask must be 2D [batch, past + new tokens], "
+                    f"got shape {tuple(attention_mask.shape)}"
                 )
             if attention_mask.shape[1] < length:
                 raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[1]} positions but {length} new tokens were given"
+                    f"attention_mask covers {attention_mask.shape[1]} positions "
+                    f"but {length} new tokens were given"
                 )
-            key_valid = attention_mask[:, -(past + length) :].bool() if not bool(attention_mask.all()) else None
+            key_valid = (
+                attention_mask[:, -(past + length) :].bool() if not bool(attention_mask.all()) else None
+            )
         if position_ids is None:
             if key_valid is not None:
                 position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
@@ -391,7 +406,9 @@ class PFlowModel(PFlowPreTrainedModel):
                 starts = cu_seqlens.to(segments.device)[segments]
                 position_ids = (torch.arange(length, device=segments.device) - starts)[None]
             else:
-                position_ids = torch.arange(past, past + length, device=hidden_states.device)[None].expand(batch, -1)
+                position_ids = torch.arange(past, past + length, device=hidden_states.device)[None].expand(
+                    batch, -1
+                )
 
         for layer in self.layers:
             hidden_states = layer(
@@ -404,7 +421,9 @@ class PFlowModel(PFlowPreTrainedModel):
             )
         if past_key_values is not None:
             past_key_values.advance(length)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        return BaseModelOutputWithPast(
+            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values
+        )
 
 
 class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
@@ -442,7 +461,8 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         cu_seqlens: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMOutputWithPast:
-        """Labels [B, T] are the input ids (not shifted; -100 is ignored). logits_to_keep = n keeps the last n."""
+        """Labels [B, T] are the input ids (not shifted; -100 is ignored); logits_to_keep = n keeps the
+        last n positions."""
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -457,7 +477,9 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states[:, keep, :])
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+            )
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
 
 

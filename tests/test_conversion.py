@@ -244,7 +244,17 @@ def source_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
-@pytest.mark.parametrize("model_type, overrides", [("llama", dict()), ("mistral", dict(sliding_window=5))])
+@pytest.mark.parametrize(
+    "model_type, overrides",
+    [
+        ("llama", dict()),
+        ("llama", dict(attention_bias=True)),
+        ("mistral", dict(sliding_window=5)),
+        ("qwen2", dict()),
+        ("qwen3", dict()),
+    ],
+    ids=["llama", "llama-bias", "mistral", "qwen2", "qwen3"],
+)
 def test_llama_with_every_layer_kept_equals_the_source(tmp_path, model_type, overrides):
     src = llama_family_checkpoint(tmp_path / "src", model_type, rope_theta=5000.0, **overrides)
     convert(
@@ -262,7 +272,7 @@ def test_llama_with_every_layer_kept_equals_the_source(tmp_path, model_type, ove
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
 def test_llama_family_linearised_hybrid_keeps_its_attention_layers_exactly(tmp_path, model_type):
     src = llama_family_checkpoint(tmp_path / "src", model_type, tie_word_embeddings=model_type == "qwen2")
-    keep = () if model_type in ("qwen2", "qwen3") else (1,)
+    keep = (1,)
     report = convert(
         "llama", src, tmp_path / "pflow", options=Options(rank=2, keep_attention_layers=keep, progress=False)
     )
@@ -270,10 +280,13 @@ def test_llama_family_linearised_hybrid_keeps_its_attention_layers_exactly(tmp_p
     config = target.config
     assert (config.rank, config.num_heads, config.num_key_value_heads) == (2, 4, 2)
     assert [t == "pflow" for t in config.layer_types] == [i not in keep for i in range(3)]
-    if model_type == "qwen2":
-        assert any("q_proj.bias" in line for line in report.dropped)
+    if model_type == "qwen2":  # biases carried by the kept layer, dropped by the linearised ones
+        assert any("layers.0.self_attn.q_proj.bias" in line for line in report.dropped)
+        assert not any("layers.1." in line for line in report.dropped)
+        assert (config.attention_bias, config.attention_output_bias) == (True, False)
     if model_type == "qwen3":
-        assert any("q_norm.weight" in line for line in report.dropped)
+        assert any("layers.0.self_attn.q_norm.weight" in line for line in report.dropped)
+        assert config.attention_qk_norm
     source = source_model(src)
     ids = random_ids(2, 19, vocab=64)
     with torch.no_grad():
@@ -291,14 +304,6 @@ def test_llama_family_linearised_hybrid_keeps_its_attention_layers_exactly(tmp_p
     assert not torch.equal(ours_k[:, 1], ours_k[:, 0])  # copies carry noise: training can tell them apart
     conv = target.model.layers[0].linear_attn.k_conv1d.weight
     assert torch.equal(conv[..., -1], torch.ones_like(conv[..., -1])) and not conv[..., :-1].any()
-
-
-@pytest.mark.parametrize("model_type, message", [("qwen2", "q_proj.bias"), ("qwen3", "q_norm.weight")])
-def test_keeping_attention_with_bias_or_qk_norm_is_refused(tmp_path, model_type, message):
-    src = llama_family_checkpoint(tmp_path / "src", model_type)
-    with pytest.raises(ConversionError, match=message):
-        convert("llama", src, tmp_path / "out", options=Options(keep_attention_layers=(0,), progress=False))
-    assert not (tmp_path / "out").exists()
 
 
 def test_keeping_attention_with_scaled_rope_is_refused(tmp_path):

@@ -90,14 +90,25 @@ def test_generate_greedy_matches_manual_argmax_loop():
 def test_beam_search_and_sampling_run(variant):
     model = build(variant)
     ids = random_ids(2, 5)
-    beams = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0,
-                           eos_token_id=None, num_return_sequences=2)
+    beams = model.generate(
+        ids,
+        max_new_tokens=4,
+        num_beams=3,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        num_return_sequences=2,
+    )
     assert beams.shape == (4, 9)
     torch.manual_seed(0)
-    sampled = model.generate(ids, max_new_tokens=4, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None)
+    sampled = model.generate(
+        ids, max_new_tokens=4, do_sample=True, top_k=20, pad_token_id=0, eos_token_id=None
+    )
     assert sampled.shape == (2, 9)
     # beam search with one beam is greedy
-    one_beam = model.generate(ids, max_new_tokens=4, num_beams=1, do_sample=False, pad_token_id=0, eos_token_id=None)
+    one_beam = model.generate(
+        ids, max_new_tokens=4, num_beams=1, do_sample=False, pad_token_id=0, eos_token_id=None
+    )
     greedy = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     assert torch.equal(one_beam, greedy)
 
@@ -106,8 +117,17 @@ def test_beam_search_scores_match_full_forward():
     """Beam search reorders the cache; the returned beam's score must equal its full-forward log-prob."""
     model = build("hybrid")
     ids = random_ids(1, 6)
-    out = model.generate(ids, max_new_tokens=4, num_beams=3, do_sample=False, pad_token_id=0, eos_token_id=None,
-                         output_scores=True, return_dict_in_generate=True, length_penalty=0.0)
+    out = model.generate(
+        ids,
+        max_new_tokens=4,
+        num_beams=3,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        output_scores=True,
+        return_dict_in_generate=True,
+        length_penalty=0.0,
+    )
     seq = out.sequences[:1]
     with torch.no_grad():
         logp = torch.log_softmax(model(seq, use_cache=False).logits.float(), -1)
@@ -135,6 +155,7 @@ def test_r1_mixer_is_deltanet():
     with torch.no_grad():
         out = mixer(x)
         h, k_dim = mixer.num_heads, mixer.head_k_dim
+
         def unit(y):
             return y / (y.pow(2).sum(-1, keepdim=True) + 1e-6).sqrt()
 
@@ -164,8 +185,9 @@ def test_loss_labels_and_num_items_in_batch():
     expected = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100)
     torch.testing.assert_close(out.loss, expected)
     summed = model(ids, labels=labels, num_items_in_batch=torch.tensor(4)).loss
-    per_token = torch.nn.functional.cross_entropy(logits, labels[:, 1:].reshape(-1), ignore_index=-100,
-                                                  reduction="sum")
+    per_token = torch.nn.functional.cross_entropy(
+        logits, labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+    )
     torch.testing.assert_close(summed, per_token / 4)
 
 
@@ -194,9 +216,18 @@ def test_trainer_runs_with_gradient_checkpointing(tmp_path):
 
     model = build("sum").train()
     data = [{"input_ids": ids, "labels": ids} for ids in random_ids(16, 24)]
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4,
-                             learning_rate=3e-3, gradient_checkpointing=True, report_to=[], logging_steps=1,
-                             save_strategy="no", use_cpu=True, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=6,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        gradient_checkpointing=True,
+        report_to=[],
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data)
     result = trainer.train()
     losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
@@ -219,6 +250,7 @@ def test_trainer_runs_with_gradient_checkpointing(tmp_path):
         ("num_heads", 0, "num_heads"),
         ("conv_size", 0, "conv_size"),
         ("hidden_act", "gelu", "hidden_act"),
+        ("attention_bias", "yes", "attention_bias"),
     ],
 )
 def test_bad_config_raises_naming_the_field(field, value, message):
@@ -232,8 +264,9 @@ def test_bad_hybrid_configs_raise():
     with pytest.raises(ValueError, match="sliding_window"):
         PFlowConfig(hidden_size=32, num_hidden_layers=1, num_heads=2, layer_types=["sliding_attention"])
     with pytest.raises(ValueError, match="num_key_value_heads"):
-        PFlowConfig(hidden_size=32, num_hidden_layers=1, num_heads=4, layer_types=["attention"],
-                    num_key_value_heads=3)
+        PFlowConfig(
+            hidden_size=32, num_hidden_layers=1, num_heads=4, layer_types=["attention"], num_key_value_heads=3
+        )
 
 
 def test_bad_inputs_raise():
@@ -248,8 +281,16 @@ def test_bad_inputs_raise():
 
 
 def test_shipped_configs_load():
-    for name in ("tiny", "tiny-hybrid", "deltanet-340m-r1", "deltanet-340m-r2", "deltanet-340m-r4",
-                 "deltanet-1.3b-r1", "deltanet-1.3b-r2", "deltanet-1.3b-r4"):
+    for name in (
+        "tiny",
+        "tiny-hybrid",
+        "deltanet-340m-r1",
+        "deltanet-340m-r2",
+        "deltanet-340m-r4",
+        "deltanet-1.3b-r1",
+        "deltanet-1.3b-r2",
+        "deltanet-1.3b-r4",
+    ):
         config = tiny_config(name)
         assert config.model_type == "parallelflow"
     assert tiny_config("deltanet-1.3b-r4").rank == 4

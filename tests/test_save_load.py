@@ -38,7 +38,13 @@ def test_save_and_reload_in_process(tmp_path, name):
     assert config["auto_map"]["AutoModel"] == "modeling_parallelflow.PFlowModel"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_parallelflow.PFlowForCausalLM"
     assert (tmp_path / "model.safetensors").exists()
-    for code in ("modeling_parallelflow.py", "configuration_parallelflow.py", "cache_parallelflow.py", "ops.py"):
+    for code in (
+        "modeling_parallelflow.py",
+        "configuration_parallelflow.py",
+        "cache_parallelflow.py",
+        "ops.py",
+        "triton_dispatch.py",
+    ):
         assert (tmp_path / code).exists(), code
     assert AutoConfig.from_pretrained(tmp_path).rank == model.config.rank
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
@@ -65,7 +71,7 @@ def test_sharded_and_bf16_round_trip(tmp_path):
     assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
     bf16 = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.bfloat16)
     assert bf16.lm_head.weight.dtype == torch.bfloat16
-    for (name, a), b in zip(model.state_dict().items(), bf16.state_dict().values()):
+    for (name, a), b in zip(model.state_dict().items(), bf16.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
     with torch.no_grad():
         assert torch.isfinite(bf16(ids).logits).all()
@@ -109,10 +115,15 @@ def test_remote_code_loads_in_fresh_process_without_package(tmp_path, name):
         print("REMOTE-OK")
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
-    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True,
-                            text=True, timeout=300)
+    env = {
+        **os.environ,
+        "HF_MODULES_CACHE": str(tmp_path / "modules"),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": "",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
+    )
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
 
 
