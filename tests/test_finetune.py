@@ -25,8 +25,7 @@ from modeling_parallelflow.finetune_merge import merge_adapter
 from modeling_parallelflow.hub import read_meta
 from modeling_parallelflow.peft_support import LORA_TARGET_MODULES, register_lora_target_modules
 from modeling_parallelflow.tokenizer import build_tokenizer
-from tests.model_helpers import tiny_model
-from tests.test_save_load import BLOCK_PACKAGE
+from tests.model_helpers import run_without_package, tiny_model
 
 peft = pytest.importorskip("peft")
 from peft import AutoPeftModelForCausalLM, LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -171,8 +170,7 @@ def test_auto_peft_loads_in_fresh_process_without_package(base, lora_run, tmp_pa
     ids = sample_ids(base)
     expected = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora_run), ids)
     torch.save({"ids": ids, "logits": expected}, tmp_path / "expected.pt")
-    script = BLOCK_PACKAGE + textwrap.dedent(
-        f"""
+    script = f"""
         import torch
         from peft import AutoPeftModelForCausalLM
         ref = torch.load({str(tmp_path / "expected.pt")!r})
@@ -181,17 +179,8 @@ def test_auto_peft_loads_in_fresh_process_without_package(base, lora_run, tmp_pa
         with torch.no_grad():
             assert torch.equal(model(ref["ids"]).logits, ref["logits"])
         print("AUTO-PEFT-OK")
-        """
-    )
-    env = {
-        **os.environ,
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    """
+    result = run_without_package(script, tmp_path)
     assert "AUTO-PEFT-OK" in result.stdout, result.stderr[-3000:]
 
 

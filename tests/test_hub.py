@@ -2,11 +2,7 @@
 folder back by repo id from an offline Hub cache in a fresh process without the package."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,9 +14,8 @@ from transformers.dynamic_module_utils import get_relative_import_files
 import modeling_parallelflow.modeling_parallelflow as modeling_file
 from modeling_parallelflow import cli
 from modeling_parallelflow.hub import find_eval_results, model_card, push_to_hub, write_meta
-from tests.model_helpers import tiny_config, tiny_model
+from tests.model_helpers import run_without_package, tiny_config, tiny_model
 from tests.test_finetune import make_base_checkpoint, sample_ids
-from tests.test_save_load import BLOCK_PACKAGE
 
 REPO_ID = "pflow-org/tiny-hybrid"
 SHA = "0123456789abcdef0123456789abcdef01234567"
@@ -118,14 +113,8 @@ def test_push_uploads_exactly_the_expected_files_and_loads_by_repo_id_offline(ch
     torch.save(
         {"ids": ids, "logits": expected_logits, "text_ids": tokenizer(text)["input_ids"]}, tmp_path / "ref.pt"
     )
-    script = BLOCK_PACKAGE + textwrap.dedent(
-        f"""
+    script = f"""
         import torch
-        try:
-            import modeling_parallelflow
-            raise SystemExit("package still importable")
-        except ImportError:
-            pass
         from transformers import AutoModelForCausalLM, AutoTokenizer
         ref = torch.load({str(tmp_path / "ref.pt")!r})
         tokenizer = AutoTokenizer.from_pretrained({REPO_ID!r}, trust_remote_code=True)
@@ -136,13 +125,8 @@ def test_push_uploads_exactly_the_expected_files_and_loads_by_repo_id_offline(ch
             logits = model(ref["ids"]).logits
         assert torch.equal(logits, ref["logits"]), (logits - ref["logits"]).abs().max()
         print("HUB-CACHE-OK")
-        """
-    )
-    env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "HF_HUB_OFFLINE": "1",
-           "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}  # fmt: skip
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    """
+    result = run_without_package(script, tmp_path, HF_HUB_CACHE=str(tmp_path / "hub-cache"))
     assert "HUB-CACHE-OK" in result.stdout, result.stderr[-3000:]
 
 

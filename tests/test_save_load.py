@@ -2,30 +2,13 @@
 package importable."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from modeling_parallelflow import PFlowForCausalLM, PFlowModel
-from tests.model_helpers import random_ids, tiny_model
-
-# A fresh interpreter in which `import modeling_parallelflow` fails even if the project is pip-installed.
-BLOCK_PACKAGE = textwrap.dedent(
-    """
-    import importlib.abc, sys
-    class _Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in ("modeling_parallelflow", "conversion", "evals"):
-                raise ImportError(f"{name} is blocked in this test")
-    sys.meta_path.insert(0, _Block())
-    sys.path = [p for p in sys.path if p not in ("", ".")]
-    """
-)
+from tests.model_helpers import random_ids, run_without_package, tiny_model
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-hybrid"])
@@ -95,14 +78,8 @@ def test_remote_code_loads_in_fresh_process_without_package(tmp_path, name):
         expected = model(ids).logits
         generated = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
     torch.save({"ids": ids, "logits": expected, "generated": generated}, tmp_path / "expected.pt")
-    script = BLOCK_PACKAGE + textwrap.dedent(
-        f"""
+    script = f"""
         import torch
-        try:
-            import modeling_parallelflow
-            raise SystemExit("package still importable")
-        except ImportError:
-            pass
         from transformers import AutoModelForCausalLM
         ref = torch.load({str(tmp_path / "expected.pt")!r})
         model = AutoModelForCausalLM.from_pretrained({str(ckpt)!r}, trust_remote_code=True).eval()
@@ -113,17 +90,8 @@ def test_remote_code_loads_in_fresh_process_without_package(tmp_path, name):
         out = model.generate(ref["ids"], max_new_tokens=4, do_sample=False, pad_token_id=0, eos_token_id=None)
         assert torch.equal(out, ref["generated"])
         print("REMOTE-OK")
-        """
-    )
-    env = {
-        **os.environ,
-        "HF_MODULES_CACHE": str(tmp_path / "modules"),
-        "HF_HUB_OFFLINE": "1",
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
-    )
+    """
+    result = run_without_package(script, tmp_path)
     assert "REMOTE-OK" in result.stdout, result.stderr[-3000:]
 
 
