@@ -68,11 +68,9 @@ class PFlowCache(Cache):
             past = layer.keys.shape[2]
             all_keys = torch.cat([layer.keys, keys], dim=2)
             all_values = torch.cat([layer.values, values], dim=2)
-        keep = all_keys.shape[2] if layer.sliding_window is None else layer.sliding_window - 1
-        layer.keys, layer.values = (
-            all_keys[:, :, -keep:] if keep > 0 else all_keys[:, :, :0],
-            (all_values[:, :, -keep:] if keep > 0 else all_values[:, :, :0]),
-        )
+        # later queries see at most window - 1 earlier positions
+        start = 0 if layer.sliding_window is None else max(all_keys.shape[2] - (layer.sliding_window - 1), 0)
+        layer.keys, layer.values = all_keys[:, :, start:], all_values[:, :, start:]
         return all_keys, all_values, past
 
     # --- bookkeeping used by generate() -----------------------------------------------------------------

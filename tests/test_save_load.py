@@ -62,6 +62,8 @@ def test_sharded_and_bf16_round_trip(tmp_path):
 
 def test_tied_embeddings_stay_tied(tmp_path):
     model = tiny_model("tiny", tie_word_embeddings=True)
+    assert model.get_input_embeddings() is model.model.embed_tokens
+    assert model.get_output_embeddings() is model.lm_head
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     model.save_pretrained(tmp_path)
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
