@@ -385,20 +385,18 @@ class PFlowModel(PFlowPreTrainedModel):
                     "attention_mask must be 2D [batch, past + new tokens], "
                     f"got shape {tuple(attention_mask.shape)}"
                 )
-            if attention_mask.shape[1] < length:
+            if attention_mask.shape[1] != past + length:
                 raise ValueError(
-                    f"attention_mask covers {attention_mask.shape[1]} positions "
-                    f"but {length} new tokens were given"
+                    f"attention_mask covers {attention_mask.shape[1]} positions; it must cover the "
+                    f"{past} cached and {length} new ones ({past + length})"
                 )
-            key_valid = (
-                attention_mask[:, -(past + length) :].bool() if not bool(attention_mask.all()) else None
-            )
+            key_valid = attention_mask.bool()  # no host-side all() check: it would sync every decode step
         if position_ids is None:
-            if key_valid is not None:
-                position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            elif segments is not None:
+            if segments is not None:
                 starts = cu_seqlens.to(segments.device)[segments]
                 position_ids = (torch.arange(length, device=segments.device) - starts)[None]
+            elif key_valid is not None:
+                position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
             else:
                 position_ids = torch.arange(past, past + length, device=hidden_states.device)[None].expand(
                     batch, -1

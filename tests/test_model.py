@@ -145,6 +145,8 @@ def test_packed_sequences_equal_separate_sequences(variant):
         out = model(packed, cu_seqlens=cu, use_cache=False).logits
         torch.testing.assert_close(out[:, :9], model(a, use_cache=False).logits, atol=2e-5, rtol=1e-4)
         torch.testing.assert_close(out[:, 9:], model(b, use_cache=False).logits, atol=2e-5, rtol=1e-4)
+        masked = model(packed, cu_seqlens=cu, attention_mask=torch.ones_like(packed), use_cache=False).logits
+        torch.testing.assert_close(masked, out, atol=0, rtol=0)  # positions still restart per sequence
 
 
 def test_r1_mixer_is_deltanet():
@@ -274,6 +276,12 @@ def test_bad_inputs_raise():
     ids = random_ids(2, 5)
     with pytest.raises(ValueError, match="attention_mask"):
         model(ids, attention_mask=torch.ones(2, 5, 1))
+    with pytest.raises(ValueError, match="attention_mask covers 4 positions"):
+        model(ids, attention_mask=torch.ones(2, 4))
+    cache = PFlowCache(model.config)
+    model(ids, past_key_values=cache)
+    with pytest.raises(ValueError, match="5 cached and 5 new"):
+        model(ids, attention_mask=torch.ones(2, 5), past_key_values=cache)
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(ids, cu_seqlens=torch.tensor([0, 5, 10]))
     with pytest.raises(ValueError, match="input_ids"):
