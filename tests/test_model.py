@@ -17,13 +17,19 @@ VARIANTS = {
 }
 
 
+HYBRIDS = {
+    "hybrid": dict(),
+    "hybrid-qwen-attention": dict(attention_bias=True, attention_output_bias=True, attention_qk_norm=True),
+}
+
+
 def build(variant: str) -> PFlowForCausalLM:
-    if variant == "hybrid":
-        return tiny_model("tiny-hybrid")
+    if variant in HYBRIDS:
+        return tiny_model("tiny-hybrid", **HYBRIDS[variant])
     return tiny_model(**VARIANTS[variant])
 
 
-ALL_VARIANTS = [*VARIANTS, "hybrid"]
+ALL_VARIANTS = [*VARIANTS, *HYBRIDS]
 
 
 @pytest.mark.parametrize("variant", ALL_VARIANTS)
