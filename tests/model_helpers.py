@@ -25,10 +25,10 @@ def tiny_config(name: str = "tiny", **overrides) -> PFlowConfig:
 def tiny_model(name: str = "tiny", seed: int = 0, **overrides) -> PFlowForCausalLM:
     torch.manual_seed(seed)
     model = PFlowForCausalLM(tiny_config(name, **overrides)).eval()
-    # Random init leaves betas near 1/2 and norms at 1; perturb norms so tests see every weight.
+    # Random init leaves norms at 1 and biases at 0; perturb both so tests see every weight.
     with torch.no_grad():
         for name_, param in model.named_parameters():
-            if name_.endswith("norm.weight"):
+            if name_.endswith(("norm.weight", ".bias")):
                 param.add_(0.1 * torch.randn_like(param))
     return model
 
