@@ -8,11 +8,12 @@ from __future__ import annotations
 
 from transformers import PretrainedConfig
 
+from .ops import ALGORITHMS
+from .ops import BACKENDS as KERNEL_BACKENDS
+from .ops import MODES as RANK_MODES
+
 LAYER_TYPES = ("pflow", "attention", "sliding_attention")
-RANK_MODES = ("sum", "product")
 FLOWS = ("euler", "exact")
-ALGORITHMS = ("auto", "tensor_inv", "sigdelta", "recurrent")
-KERNEL_BACKENDS = ("auto", "triton", "torch")
 HIDDEN_ACTS = ("silu", "swish")
 MAX_RANK = 8
 
