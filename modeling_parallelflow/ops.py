@@ -22,6 +22,7 @@ MODES = ("sum", "product")
 ALGORITHMS = ("auto", "tensor_inv", "sigdelta", "recurrent")
 BACKENDS = ("auto", "triton", "torch")
 BACKEND_ENV = "PFLOW_KERNEL_BACKEND"
+MIN_CHUNK_SIZE = 16  # the Triton kernels' smallest chunk (triton_utils.pick_chunk); torch takes the same
 _warned_fallback = False
 
 
@@ -38,7 +39,22 @@ def _load_triton() -> tuple[Callable | None, ImportError | None]:
     return triton_delta_rule_drivers, None
 
 
-def _resolve_backend(backend: str, is_cuda: bool) -> str:
+def valid_chunk_size(chunk_size: object) -> bool:
+    """True for the chunk sizes both backends accept: an int power of two >= MIN_CHUNK_SIZE."""
+    return (
+        isinstance(chunk_size, int)
+        and not isinstance(chunk_size, bool)
+        and chunk_size >= MIN_CHUNK_SIZE
+        and chunk_size & (chunk_size - 1) == 0
+    )
+
+
+def _triton_interpreted() -> bool:
+    """TRITON_INTERPRET set: the Triton kernels run in Triton's CPU interpreter (tests)."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _resolve_backend(backend: str, device: torch.device) -> str:
     """ "auto" -> $PFLOW_KERNEL_BACKEND if set, else triton for CUDA inputs when it imports, else torch."""
     requested = f"backend={backend!r}"
     if backend == "auto":
@@ -46,8 +62,15 @@ def _resolve_backend(backend: str, is_cuda: bool) -> str:
         if env not in BACKENDS:
             raise ValueError(f"environment variable {BACKEND_ENV} must be one of {BACKENDS}, got {env!r}")
         backend, requested = env, f"{BACKEND_ENV}={env!r}"
+    is_cuda = device.type == "cuda"
     if backend == "torch" or (backend == "auto" and not is_cuda):
         return "torch"
+    if backend == "triton" and not is_cuda and not _triton_interpreted():
+        raise ValueError(
+            f"{requested} needs CUDA tensors, but the tensors are on {device}: the Triton kernels run on "
+            "the GPU. Move them to CUDA or use backend='torch' (or set TRITON_INTERPRET=1 before import "
+            "to run the kernels in Triton's CPU interpreter)"
+        )
     kernel, err = _load_triton()
     if kernel is not None:
         return "triton"
@@ -117,8 +140,11 @@ def _check_options(
     _check_choice("backend", backend, BACKENDS)
     if not isinstance(output_final_state, bool):
         raise ValueError(f"output_final_state must be a bool, got {output_final_state!r}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not valid_chunk_size(chunk_size):
+        raise ValueError(
+            f"chunk_size must be a power of two >= {MIN_CHUNK_SIZE} (the chunk sizes both backends accept), "
+            f"got {chunk_size!r}"
+        )
     if scale is None:
         scale = sizes["K"] ** -0.5
     elif (
@@ -134,6 +160,11 @@ def _check_options(
             raise ValueError(f"cu_seqlens must be a 1-D tensor [N + 1] with N >= 1, got {cu_seqlens!r}")
         if cu_seqlens.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"cu_seqlens must have dtype int32 or int64, got {cu_seqlens.dtype}")
+        if cu_seqlens.device != q.device:
+            raise ValueError(
+                f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}: "
+                "all tensors must share a device"
+            )
         if sizes["B"] != 1:
             raise ValueError(
                 f"cu_seqlens requires batch size B == 1 (sequences packed along T), got B = {sizes['B']}"
@@ -144,7 +175,6 @@ def _check_options(
         if any(x > y for x, y in zip(bounds[:-1], bounds[1:], strict=True)):
             raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
         sizes["N"] = len(bounds) - 1
-        tensors["cu_seqlens"] = cu_seqlens
     if initial_state is not None:
         _check_shapes([("initial_state", initial_state, "N H K V")], sizes)
         _check_dtypes(("initial_state",), (initial_state,), same=False)
@@ -188,7 +218,7 @@ def _run(
         output_final_state=output_final_state,
         cu_seqlens=cu_seqlens,
     )
-    if _resolve_backend(backend, q.is_cuda) == "triton":
+    if _resolve_backend(backend, q.device) == "triton":
         kernel, _ = _load_triton()
         return kernel(q, a, b, u, chunk_size=chunk_size, algorithm=algorithm, **kwargs)
     if algorithm == "recurrent":

@@ -136,7 +136,7 @@ def test_chunked_gradients_match_loop(mode, rank, algorithm):
         return torch.autograd.grad((o * proj_o).sum() + (h * proj_h).sum(), list(x.values()))
 
     ref = grads(lambda: loop64(**x, mode=mode))
-    got = grads(lambda: torch_op(x, mode, algorithm, chunk_size=8))
+    got = grads(lambda: torch_op(x, mode, algorithm))
     for name, g, g_ref in zip(x, got, ref, strict=True):
         torch.testing.assert_close(g, g_ref, **TOL64, msg=lambda m, name=name: f"grad of {name}: {m}")
 
@@ -185,11 +185,11 @@ def exact_flow_loop(q, a, b, u, mode):
 @pytest.mark.parametrize("rank", RANKS, ids=lambda r: f"R={r}")
 @pytest.mark.parametrize("mode", MODES)
 def test_exact_flow_equals_matrix_exp_steps(mode, rank, algorithm):
-    x = make_inputs(1, 9, rank, mode)
+    x = make_inputs(1, C + 1, rank, mode)  # two chunks
     a, b, u = drivers(x["k"], x["v"], x["beta"])
     a2, u2 = exact_flow_drivers(a, b, u, mode)
     o, _ = delta_rule_drivers(
-        x["q"], a2, b, u2, mode=mode, chunk_size=4, algorithm=algorithm, backend="torch"
+        x["q"], a2, b, u2, mode=mode, chunk_size=C, algorithm=algorithm, backend="torch"
     )
     torch.testing.assert_close(o, exact_flow_loop(x["q"], a, b, u, mode), **TOL64)
 
@@ -213,6 +213,6 @@ def test_exact_flow_rank1_is_one_minus_exp():
 @pytest.mark.parametrize("mode", MODES)
 def test_equals_independent_recurrence(mode, rank, algorithm):
     """R = 1: plain DeltaNet; sum: S (I - sum beta k k^T) + sum beta v k^T; product: Householder sub-steps."""
-    x = make_inputs(2, 11, rank, mode)
-    o, _ = torch_op(x, mode, algorithm, chunk_size=4)
+    x = make_inputs(2, C + 3, rank, mode)  # two chunks
+    o, _ = torch_op(x, mode, algorithm)
     torch.testing.assert_close(o, s_form_loop(**x, mode=mode, plain_deltanet=rank == 1), **TOL64)

@@ -11,6 +11,7 @@ from modeling_parallelflow.ops import delta_rule, delta_rule_drivers
 from modeling_parallelflow.ops_exact_flow import exact_flow_drivers
 
 H, K, V = 2, 6, 5
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
 
 def changed(**changes) -> dict:
@@ -45,6 +46,10 @@ BAD_ARGUMENTS = {
     "scale-string": (changed(scale="1"), "scale"),
     "chunk_size-zero": (changed(chunk_size=0), "chunk_size"),
     "chunk_size-float": (changed(chunk_size=16.0), "chunk_size"),
+    "chunk_size-bool": (changed(chunk_size=True), "chunk_size"),
+    "chunk_size-below-16": (changed(chunk_size=8), "chunk_size"),
+    "chunk_size-not-pow2": (changed(chunk_size=48), "chunk_size"),
+    "cu_seqlens-device": (changed(cu_seqlens=torch.tensor([0, 6], device="meta")), "cu_seqlens"),
     "output_final_state": (changed(output_final_state=1), "output_final_state"),
     "cu_seqlens-batch": (changed(cu_seqlens=torch.tensor([0, 6])), "cu_seqlens"),
     "cu_seqlens-float": (changed(cu_seqlens=torch.tensor([0.0, 6.0])), "cu_seqlens"),
@@ -94,14 +99,15 @@ def without_triton(monkeypatch):
 
 def test_backend_resolution(monkeypatch):
     monkeypatch.delenv("PFLOW_KERNEL_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors may ask for the Triton kernels
     monkeypatch.setattr(ops, "_load_triton", lambda: (None, ImportError("no module triton_dispatch")))
     monkeypatch.setattr(ops, "_warned_fallback", False)
-    assert ops._resolve_backend("auto", is_cuda=False) == "torch"
+    assert ops._resolve_backend("auto", CPU) == "torch"
     with pytest.warns(UserWarning, match="torch backend"):
-        assert ops._resolve_backend("auto", is_cuda=True) == "torch"
+        assert ops._resolve_backend("auto", CUDA) == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
-        assert ops._resolve_backend("auto", is_cuda=True) == "torch"
+        assert ops._resolve_backend("auto", CUDA) == "torch"
     with pytest.raises(RuntimeError, match="backend='triton'"):
         delta_rule(**changed(), backend="triton")
     for env, error in [("gpu", ValueError), ("triton", RuntimeError)]:
@@ -109,14 +115,32 @@ def test_backend_resolution(monkeypatch):
         with pytest.raises(error, match="PFLOW_KERNEL_BACKEND"):
             delta_rule(**changed())
     monkeypatch.setattr(ops, "_load_triton", lambda: (object(), None))
-    assert ops._resolve_backend("auto", is_cuda=False) == "triton"  # PFLOW_KERNEL_BACKEND=triton
+    assert ops._resolve_backend("auto", CUDA) == "triton"  # PFLOW_KERNEL_BACKEND=triton
     monkeypatch.setenv("PFLOW_KERNEL_BACKEND", "torch")
-    assert ops._resolve_backend("auto", is_cuda=True) == "torch"
+    assert ops._resolve_backend("auto", CUDA) == "torch"
     monkeypatch.delenv("PFLOW_KERNEL_BACKEND")
-    assert ops._resolve_backend("auto", is_cuda=True) == "triton"
+    assert ops._resolve_backend("auto", CUDA) == "triton"
+
+
+@pytest.mark.parametrize("interpret", ["0", "", "1"])
+def test_triton_backend_needs_cuda_tensors(monkeypatch, interpret):
+    """backend="triton" (or PFLOW_KERNEL_BACKEND=triton) with CPU tensors: a ValueError saying so, unless the
+    kernels run in Triton's CPU interpreter."""
+    monkeypatch.setattr(ops, "_load_triton", lambda: (lambda *args, **kw: "ran", None))
+    monkeypatch.setenv("TRITON_INTERPRET", interpret)
+    monkeypatch.delenv("PFLOW_KERNEL_BACKEND", raising=False)
+    if interpret == "1":
+        assert delta_rule(**changed(), backend="triton") == "ran"
+        return
+    with pytest.raises(ValueError, match=r"^backend='triton' needs CUDA tensors, but the tensors are on cpu"):
+        delta_rule(**changed(), backend="triton")
+    monkeypatch.setenv("PFLOW_KERNEL_BACKEND", "triton")
+    with pytest.raises(ValueError, match=r"^PFLOW_KERNEL_BACKEND='triton' needs CUDA tensors"):
+        delta_rule(**changed())
 
 
 def test_triton_backend_receives_drivers_and_options(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors reach the (stub) kernels
     calls = []
     monkeypatch.setattr(
         ops, "_load_triton", lambda: (lambda *args, **kw: calls.append((args, kw)) or "ok", None)
