@@ -2,12 +2,28 @@
 
 pflow layers keep the short-convolution tails and the fp32 recurrent state; attention layers keep keys and
 values. The cache counts the tokens it has seen so `generate()` can ask `get_seq_length()`.
+
+A cache is right or refuses: it records the config it was built for (`cache_signature`) and the model
+checks it before use; a forward that fails partway leaves it as it was (`PFlowCache.transaction`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from transformers.cache_utils import Cache
+
+# Config fields that fix the shape and meaning of the cached tensors.
+SIGNATURE_FIELDS = (
+    "layer_types", "hidden_size", "num_heads", "rank", "rank_mode", "head_k_dim", "head_v_dim",
+    "use_short_conv", "conv_size", "num_attention_heads", "num_key_value_heads", "attention_head_dim",
+    "sliding_window",
+)  # fmt: skip
+
+
+def cache_signature(config) -> dict:
+    return {name: getattr(config, name, None) for name in SIGNATURE_FIELDS}
 
 
 class PFlowLayerState:
@@ -45,6 +61,7 @@ class PFlowCache(Cache):
     def __init__(self, config, batch_size: int | None = None, dtype=None, device=None):
         # Cache.__init__ differs between transformers releases; this class keeps its own layer list.
         self.layer_types = list(config.layer_types)
+        self.signature = cache_signature(config)
         self.layers = [PFlowLayerState(t, config.sliding_window) for t in self.layer_types]
         self.seen_tokens = 0
         self.offloading = False
@@ -55,6 +72,36 @@ class PFlowCache(Cache):
 
     def __repr__(self) -> str:
         return f"PFlowCache(layers={self.layer_types}, seen_tokens={self.seen_tokens})"
+
+    def check_compatible(self, config, batch_size: int) -> None:
+        """Raise a ValueError unless this cache was built for `config` and holds `batch_size` rows."""
+        signature = cache_signature(config)
+        differing = [name for name in SIGNATURE_FIELDS if self.signature.get(name) != signature[name]]
+        if differing:
+            detail = ", ".join(
+                f"{n}: cache {self.signature.get(n)!r} vs model {signature[n]!r}" for n in differing
+            )
+            raise ValueError(f"this PFlowCache was built for another model config ({detail})")
+        cached_batch = self.batch_size
+        if cached_batch is not None and cached_batch != batch_size:
+            raise ValueError(
+                f"the cache holds {cached_batch} sequences but the inputs have batch size {batch_size}; "
+                "start a new cache, or use batch_select_indices / batch_repeat_interleave to match"
+            )
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Commit every layer's update or none: on an exception the cache is restored as it was.
+        (Updates replace tensors, they never write into them, so keeping the old references suffices.)"""
+        saved = [(dict(layer.conv), layer.recurrent, layer.keys, layer.values) for layer in self.layers]
+        seen = self.seen_tokens
+        try:
+            yield self
+        except BaseException:
+            for layer, (conv, recurrent, keys, values) in zip(self.layers, saved, strict=True):
+                layer.conv, layer.recurrent, layer.keys, layer.values = conv, recurrent, keys, values
+            self.seen_tokens = seen
+            raise
 
     # --- attention layers -------------------------------------------------------------------------------
     def update_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):

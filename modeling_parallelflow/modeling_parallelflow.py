@@ -7,6 +7,7 @@ V value width.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -17,8 +18,10 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel
+from transformers.utils.generic import can_return_tuple
 
 from .cache_parallelflow import PFlowCache, PFlowLayerState
+from .compat_transformers import cache_of, output_with_cache, resolve_cache_argument
 from .configuration_parallelflow import PFlowConfig
 from .ops import delta_rule, delta_rule_drivers
 from .ops_exact_flow import exact_flow_drivers
@@ -348,6 +351,7 @@ class PFlowModel(PFlowPreTrainedModel):
         self.gradient_checkpointing = False
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -356,27 +360,53 @@ class PFlowModel(PFlowPreTrainedModel):
         past_key_values: PFlowCache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
-        **kwargs,
+        cache: PFlowCache | None = None,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, D]); attention_mask [B, past + T] with 1 = token, 0 = pad
-        (left padding for batched generation); cu_seqlens [N + 1] packs N sequences into a batch of one."""
+        (left padding for batched generation); cu_seqlens [N + 1] packs N sequences into a batch of one.
+
+        The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older). A cache that is
+        passed is always read and updated; `use_cache` (default: config.use_cache outside training) only
+        decides whether a new one is made. `cache_position` is accepted for older callers and ignored on
+        purpose: positions follow from the cache's token count and the attention mask.
+        """
+        del cache_position
+        _check_no_attention_weights(output_attentions, self.config)
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        cache = resolve_cache_argument(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
-        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if inputs_embeds is None:
+            _check_input_ids(input_ids)
+            hidden_states = self.embed_tokens(input_ids)
+        else:
+            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+                raise ValueError(
+                    f"inputs_embeds must have shape [batch, tokens, {self.config.hidden_size}], "
+                    f"got {tuple(inputs_embeds.shape)}"
+                )
+            hidden_states = inputs_embeds
         batch, length = hidden_states.shape[:2]
-        use_cache = use_cache if use_cache is not None else (self.config.use_cache and not self.training)
-        if past_key_values is not None and not isinstance(past_key_values, PFlowCache):
-            raise ValueError(f"past_key_values must be a PFlowCache, got {type(past_key_values).__name__}")
-        if use_cache and past_key_values is None:
-            past_key_values = PFlowCache(self.config)
-        if not use_cache:
-            past_key_values = None
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if length == 0:
+            raise ValueError("the inputs hold no tokens (sequence length 0)")
+        if cache is not None:
+            if not isinstance(cache, PFlowCache):
+                raise ValueError(f"the cache must be a PFlowCache, got {type(cache).__name__}")
+            cache.check_compatible(self.config, batch)
+        elif use_cache if use_cache is not None else (self.config.use_cache and not self.training):
+            cache = PFlowCache(self.config)
+        past = cache.get_seq_length() if cache is not None else 0
 
         segments = None
         if cu_seqlens is not None:
-            _validate_packed(cu_seqlens, batch, length, past_key_values)
+            _validate_packed(cu_seqlens, batch, length, cache)
             segments = segment_ids_from_cu_seqlens(cu_seqlens, length)
         key_valid = None
         if attention_mask is not None:
@@ -401,21 +431,60 @@ class PFlowModel(PFlowPreTrainedModel):
                 position_ids = torch.arange(past, past + length, device=hidden_states.device)[None].expand(
                     batch, -1
                 )
-
-        for layer in self.layers:
-            hidden_states = layer(
-                hidden_states,
-                position_ids,
-                attention_mask=key_valid,
-                past_key_values=past_key_values,
-                cu_seqlens=cu_seqlens,
-                segments=segments,
+        elif (
+            position_ids.ndim != 2
+            or position_ids.shape[1] != length
+            or position_ids.shape[0] not in (1, batch)
+        ):
+            raise ValueError(
+                f"position_ids must have shape [{batch} or 1, {length}] (one per new token), "
+                f"got {tuple(position_ids.shape)}"
             )
-        if past_key_values is not None:
-            past_key_values.advance(length)
-        return BaseModelOutputWithPast(
-            last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values
+
+        all_hidden_states = []
+        with cache.transaction() if cache is not None else contextlib.nullcontext():
+            for layer in self.layers:
+                if output_hidden_states:
+                    all_hidden_states.append(hidden_states)
+                hidden_states = layer(
+                    hidden_states,
+                    position_ids,
+                    attention_mask=key_valid,
+                    past_key_values=cache,
+                    cu_seqlens=cu_seqlens,
+                    segments=segments,
+                )
+            if cache is not None:
+                cache.advance(length)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+        return output_with_cache(
+            BaseModelOutputWithPast,
+            cache,
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
         )
+
+
+def _check_input_ids(input_ids) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+        raise ValueError(f"input_ids must be a 2D tensor [batch, tokens] (add a batch dim), got {shape}")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+
+
+def _check_no_attention_weights(output_attentions: bool | None, config: PFlowConfig) -> None:
+    if output_attentions if output_attentions is not None else getattr(config, "output_attentions", False):
+        raise ValueError(
+            "output_attentions=True is not supported: pflow layers have no attention weights (their state is "
+            "a recurrent matrix), and the attention layers run through SDPA"
+        )
+
+
+# Keyword arguments that PFlowForCausalLM.forward passes on to `self.loss_function`; any other is an error.
+LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
 
 
 class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
@@ -428,6 +497,16 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
+        """As GenerationMixin's, and never re-feeds prompt tokens a passed cache has already seen."""
+        model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = resolve_cache_argument(model_inputs.get("cache"), model_inputs.get("past_key_values"))
+        ids = model_inputs.get("input_ids")
+        if isinstance(cache, PFlowCache) and ids is not None:
+            model_inputs["input_ids"] = tokens_not_yet_cached(ids, cache, model_inputs.get("attention_mask"))
+        return model_inputs
+
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -437,20 +516,30 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cu_seqlens: torch.Tensor | None = None,
-        **kwargs,
+        cache: PFlowCache | None = None,
+        **loss_kwargs,
     ) -> CausalLMOutputWithPast:
         """Labels [B, T] are the input ids (not shifted; -100 is ignored); logits_to_keep = n keeps the
-        last n positions."""
+        last n positions. `loss_kwargs` (from Trainer) may only be LOSS_KWARGS; the rest as in PFlowModel."""
+        unknown = sorted(set(loss_kwargs) - set(LOSS_KWARGS))
+        if unknown:
+            raise TypeError(f"PFlowForCausalLM.forward got unexpected keyword arguments {unknown}")
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
             cu_seqlens=cu_seqlens,
+            cache=resolve_cache_argument(cache, past_key_values),
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -458,9 +547,27 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs
+                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs
             )
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values)
+        return output_with_cache(
+            CausalLMOutputWithPast,
+            cache_of(outputs),
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+def tokens_not_yet_cached(
+    input_ids: torch.Tensor, cache: PFlowCache, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """input_ids [B, L] -> the tokens the cache has not seen. When generation restarts from a returned cache
+    with the whole sequence (ids as long as the mask, which covers cached + new tokens), drop the cached
+    prefix; transformers >= 5.24 leaves that to models whose caches are all linear."""
+    seen = cache.get_seq_length()
+    if seen and attention_mask is not None and input_ids.shape[1] == attention_mask.shape[1] > seen:
+        return input_ids[:, seen:]
+    return input_ids
 
 
 # save_pretrained copies this file and its relative imports next to the weights and writes `auto_map`, so a
