@@ -6,21 +6,66 @@ softmax-attention layers of a hybrid.
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
-from .ops import ALGORITHMS
+from .ops import ALGORITHMS, MIN_CHUNK_SIZE, valid_chunk_size
 from .ops import BACKENDS as KERNEL_BACKENDS
 from .ops import MODES as RANK_MODES
 
 LAYER_TYPES = ("pflow", "attention", "sliding_attention")
 FLOWS = ("euler", "exact")
 HIDDEN_ACTS = ("silu", "swish")
+# The Triton kernels' limits (triton_utils.MAX_RANK / MAX_HEAD_DIM; not imported: that module needs triton).
 MAX_RANK = 8
+MAX_HEAD_DIM = 256
+MAX_CONV_SIZE = 16
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_heads",
+    "head_k_dim",
+    "head_v_dim",
+    "intermediate_size",
+    "max_position_embeddings",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "attention_head_dim",
+)
+BOOL_FIELDS = (
+    "allow_neg_eigval",
+    "use_short_conv",
+    "use_gate",
+    "attention_bias",
+    "attention_output_bias",
+    "attention_qk_norm",
+    "tie_word_embeddings",
+    "use_cache",
+)
+POSITIVE_REAL_FIELDS = ("rope_theta", "norm_eps", "initializer_range")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_positive_real(value: object) -> bool:
+    return (
+        isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    )
 
 
 def _require(condition: bool, field: str, allowed: str, value) -> None:
     if not condition:
         raise ValueError(f"PFlowConfig.{field} must be {allowed}, got {value!r}")
+
+
+def _require_sizes(config: PretrainedConfig, *fields: str) -> None:
+    for field in fields:
+        value = getattr(config, field)
+        _require(_is_int(value) and value >= 1, field, "an integer >= 1", value)
 
 
 class PFlowConfig(PretrainedConfig):
@@ -32,8 +77,8 @@ class PFlowConfig(PretrainedConfig):
     Args:
         vocab_size, hidden_size, num_hidden_layers, intermediate_size, hidden_act: the usual LM sizes.
             `intermediate_size=None` takes fla's rule: 2/3 * 4 * hidden_size rounded up to a multiple of 256.
-        num_heads: heads of the delta-rule mixer. `head_k_dim` / `head_v_dim` default to
-            hidden_size // num_heads.
+        num_heads: heads of the delta-rule mixer. `head_k_dim` / `head_v_dim` (at most 256, the Triton
+            kernels' limit) default to hidden_size // num_heads (num_heads must then divide hidden_size).
         rank: R >= 1 (at most 8) keys/values/betas per head per token.
         rank_mode: "sum" (ParallelFlow Euler step: the R components act together) or "product" (DeltaProduct:
             the R components act one after the other).
@@ -48,9 +93,14 @@ class PFlowConfig(PretrainedConfig):
             layers. attention_bias / attention_output_bias: biases on q/k/v / on o (Llama's attention_bias
             sets both; Qwen2 has the first only). attention_qk_norm: per-head RMSNorm of q and k before RoPE
             (Qwen3).
-        chunk_size: tokens per chunk of the chunked algorithms.
+        chunk_size: tokens per chunk of the chunked algorithms: a power of two >= 16 (what both kernel
+            backends accept).
         algorithm: "auto", "tensor_inv", "sigdelta" or "recurrent" (training/prefill algorithm).
         kernel_backend: "auto" (Triton on CUDA when available, else torch), "triton" or "torch".
+        pad_token_id, bos_token_id, eos_token_id: None or a token id in [0, vocab_size) (eos: or a list).
+
+    Every field is validated on construction, on `from_pretrained` overrides and on save (`ValueError`
+    naming the field).
     """
 
     model_type = "parallelflow"
@@ -107,8 +157,37 @@ class PFlowConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.num_hidden_layers = num_hidden_layers
         self.num_heads = num_heads
-        self.head_k_dim = head_k_dim if head_k_dim is not None else hidden_size // max(num_heads, 1)
+        self.num_attention_heads = num_attention_heads if num_attention_heads is not None else num_heads
+        # The defaults below are computed from these: check them first, so a bad one is named.
+        _require_sizes(self, "hidden_size", "num_hidden_layers", "num_heads", "num_attention_heads")
+        if layer_types is None:
+            layer_types = ["pflow"] * num_hidden_layers
+        _require(
+            isinstance(layer_types, list | tuple), "layer_types", f"a list of {LAYER_TYPES}", layer_types
+        )
+        self.layer_types = list(layer_types)
+        if head_k_dim is None and "pflow" in self.layer_types:
+            _require(
+                hidden_size % num_heads == 0,
+                "num_heads",
+                f"a divisor of hidden_size={hidden_size} when head_k_dim is not given",
+                num_heads,
+            )
+        self.head_k_dim = head_k_dim if head_k_dim is not None else hidden_size // num_heads
         self.head_v_dim = head_v_dim if head_v_dim is not None else self.head_k_dim
+        if attention_head_dim is None and any(t in self.layer_types for t in LAYER_TYPES[1:]):
+            _require(
+                hidden_size % self.num_attention_heads == 0,
+                "num_attention_heads",
+                f"a divisor of hidden_size={hidden_size} when attention_head_dim is not given",
+                self.num_attention_heads,
+            )
+        self.attention_head_dim = (
+            attention_head_dim if attention_head_dim is not None else hidden_size // self.num_attention_heads
+        )
+        self.num_key_value_heads = (
+            num_key_value_heads if num_key_value_heads is not None else self.num_attention_heads
+        )
         self.rank = rank
         self.rank_mode = rank_mode
         self.flow = flow
@@ -116,16 +195,6 @@ class PFlowConfig(PretrainedConfig):
         self.use_short_conv = use_short_conv
         self.conv_size = conv_size
         self.use_gate = use_gate
-        self.layer_types = list(layer_types) if layer_types is not None else ["pflow"] * num_hidden_layers
-        self.num_attention_heads = num_attention_heads if num_attention_heads is not None else num_heads
-        self.num_key_value_heads = (
-            num_key_value_heads if num_key_value_heads is not None else self.num_attention_heads
-        )
-        self.attention_head_dim = (
-            attention_head_dim
-            if attention_head_dim is not None
-            else hidden_size // max(self.num_attention_heads, 1)
-        )
         self.sliding_window = sliding_window
         self.rope_theta = rope_theta
         self.attention_bias = attention_bias
@@ -148,6 +217,14 @@ class PFlowConfig(PretrainedConfig):
         self.eos_token_id = eos_token_id
         self.validate_pflow()
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As PretrainedConfig's, then validated again: `from_pretrained(..., field=value)` overrides fields
+        after construction."""
+        result = super().from_dict(config_dict, **kwargs)
+        (result[0] if isinstance(result, tuple) else result).validate_pflow()
+        return result
+
     def validate(self) -> None:
         """transformers' config validators, except its layer-type check (it knows only its own attention layer
         names; ours are LAYER_TYPES), then ours."""
@@ -157,83 +234,81 @@ class PFlowConfig(PretrainedConfig):
         self.validate_pflow()
 
     def validate_pflow(self) -> None:
-        """Raise `ValueError` naming the first invalid field and its allowed range."""
-        for field in (
-            "vocab_size",
-            "hidden_size",
-            "num_hidden_layers",
-            "num_heads",
-            "head_k_dim",
-            "head_v_dim",
-            "intermediate_size",
-            "max_position_embeddings",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "attention_head_dim",
+        """Raise `ValueError` naming the first invalid field and its allowed values."""
+        _require_sizes(self, *SIZE_FIELDS)
+        for field in BOOL_FIELDS:
+            _require(isinstance(getattr(self, field), bool), field, "a bool", getattr(self, field))
+        for field in POSITIVE_REAL_FIELDS:
+            value = getattr(self, field)
+            _require(_is_positive_real(value), field, "a finite number > 0", value)
+        for field, choices in (
+            ("rank_mode", RANK_MODES),
+            ("flow", FLOWS),
+            ("algorithm", ALGORITHMS),
+            ("kernel_backend", KERNEL_BACKENDS),
+            ("hidden_act", HIDDEN_ACTS),
         ):
             value = getattr(self, field)
-            _require(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                field,
-                "an integer >= 1",
-                value,
-            )
+            _require(isinstance(value, str) and value in choices, field, f"one of {choices}", value)
         _require(
-            isinstance(self.rank, int) and 1 <= self.rank <= MAX_RANK,
+            _is_int(self.rank) and 1 <= self.rank <= MAX_RANK,
             "rank",
             f"an integer in [1, {MAX_RANK}]",
             self.rank,
         )
-        _require(self.rank_mode in RANK_MODES, "rank_mode", f"one of {RANK_MODES}", self.rank_mode)
-        _require(self.flow in FLOWS, "flow", f"one of {FLOWS}", self.flow)
-        _require(self.algorithm in ALGORITHMS, "algorithm", f"one of {ALGORITHMS}", self.algorithm)
         _require(
-            self.kernel_backend in KERNEL_BACKENDS,
-            "kernel_backend",
-            f"one of {KERNEL_BACKENDS}",
-            self.kernel_backend,
-        )
-        _require(self.hidden_act in HIDDEN_ACTS, "hidden_act", f"one of {HIDDEN_ACTS}", self.hidden_act)
-        _require(
-            isinstance(self.conv_size, int) and 1 <= self.conv_size <= 16,
+            _is_int(self.conv_size) and 1 <= self.conv_size <= MAX_CONV_SIZE,
             "conv_size",
-            "an integer in [1, 16]",
+            f"an integer in [1, {MAX_CONV_SIZE}]",
             self.conv_size,
         )
         _require(
-            isinstance(self.chunk_size, int)
-            and self.chunk_size >= 1
-            and self.chunk_size & (self.chunk_size - 1) == 0
-            and self.chunk_size <= 256,
+            valid_chunk_size(self.chunk_size),
             "chunk_size",
-            "a power of two in [1, 256]",
+            f"a power of two >= {MIN_CHUNK_SIZE} (the chunk sizes both kernel backends accept)",
             self.chunk_size,
         )
+        self._validate_layers()
+        self._validate_token_ids()
+
+    def _validate_layers(self) -> None:
+        layer_types = self.layer_types
         _require(
-            isinstance(self.norm_eps, float | int) and self.norm_eps > 0, "norm_eps", "> 0", self.norm_eps
+            isinstance(layer_types, list | tuple)
+            and all(isinstance(t, str) and t in LAYER_TYPES for t in layer_types),
+            "layer_types",
+            f"a list of {LAYER_TYPES}",
+            layer_types,
         )
         _require(
-            isinstance(self.initializer_range, float | int) and self.initializer_range > 0,
-            "initializer_range",
-            "> 0",
-            self.initializer_range,
-        )
-        _require(
-            len(self.layer_types) == self.num_hidden_layers,
+            len(layer_types) == self.num_hidden_layers,
             "layer_types",
             f"a list of num_hidden_layers={self.num_hidden_layers} entries",
-            self.layer_types,
+            layer_types,
         )
-        for layer_type in self.layer_types:
-            _require(layer_type in LAYER_TYPES, "layer_types", f"a list of {LAYER_TYPES}", self.layer_types)
-        if "sliding_attention" in self.layer_types:
+        if "pflow" in layer_types:
+            for field in ("head_k_dim", "head_v_dim"):
+                value = getattr(self, field)
+                _require(
+                    value <= MAX_HEAD_DIM,
+                    field,
+                    f"at most {MAX_HEAD_DIM} (the Triton kernels' largest head width)",
+                    value,
+                )
+        _require(
+            self.sliding_window is None or (_is_int(self.sliding_window) and self.sliding_window >= 1),
+            "sliding_window",
+            "None or an integer >= 1",
+            self.sliding_window,
+        )
+        if "sliding_attention" in layer_types:
             _require(
-                isinstance(self.sliding_window, int) and self.sliding_window >= 1,
+                self.sliding_window is not None,
                 "sliding_window",
                 "an integer >= 1 when layer_types has 'sliding_attention'",
                 self.sliding_window,
             )
-        if any(t != "pflow" for t in self.layer_types):
+        if any(t in layer_types for t in LAYER_TYPES[1:]):
             _require(
                 self.num_attention_heads % self.num_key_value_heads == 0,
                 "num_key_value_heads",
@@ -246,13 +321,15 @@ class PFlowConfig(PretrainedConfig):
                 "even (RoPE rotates pairs)",
                 self.attention_head_dim,
             )
-        for field in (
-            "tie_word_embeddings",
-            "attention_bias",
-            "attention_output_bias",
-            "attention_qk_norm",
-            "allow_neg_eigval",
-            "use_short_conv",
-            "use_gate",
-        ):
-            _require(getattr(self, field) in (True, False), field, "a bool", getattr(self, field))
+
+    def _validate_token_ids(self) -> None:
+        allowed = f"None or an integer in [0, vocab_size={self.vocab_size})"
+        for field in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, field)
+            ids = value if field == "eos_token_id" and isinstance(value, list) and value else [value]
+            _require(
+                value is None or all(_is_int(i) and 0 <= i < self.vocab_size for i in ids),
+                field,
+                allowed + (" (or a non-empty list of such integers)" if field == "eos_token_id" else ""),
+                value,
+            )
