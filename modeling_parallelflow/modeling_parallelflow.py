@@ -498,12 +498,15 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
-        """As GenerationMixin's, and never re-feeds prompt tokens a passed cache has already seen."""
+        """As GenerationMixin's, and never re-feeds prompt tokens that a passed cache has already seen."""
         model_inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
         cache = resolve_cache_argument(model_inputs.get("cache"), model_inputs.get("past_key_values"))
         ids = model_inputs.get("input_ids")
         if isinstance(cache, PFlowCache) and ids is not None:
-            model_inputs["input_ids"] = tokens_not_yet_cached(ids, cache, model_inputs.get("attention_mask"))
+            drop = cached_prefix_length(ids, cache, model_inputs.get("attention_mask"))
+            for name in ("input_ids", "position_ids"):
+                if model_inputs.get(name) is not None and drop:
+                    model_inputs[name] = model_inputs[name][:, drop:]
         return model_inputs
 
     @can_return_tuple
@@ -558,16 +561,16 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         )
 
 
-def tokens_not_yet_cached(
+def cached_prefix_length(
     input_ids: torch.Tensor, cache: PFlowCache, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
-    """input_ids [B, L] -> the tokens the cache has not seen. When generation restarts from a returned cache
-    with the whole sequence (ids as long as the mask, which covers cached + new tokens), drop the cached
-    prefix; transformers >= 5.24 leaves that to models whose caches are all linear."""
+) -> int:
+    """How many leading tokens of input_ids [B, L] the cache has already seen: all it has seen when generation
+    restarts from a returned cache with the whole sequence (as transformers <= 5.23 always assumes, and 5.24
+    when the mask, if any, is as long as the ids), else 0. transformers >= 5.24 leaves this slicing to
+    models whose caches are all linear."""
     seen = cache.get_seq_length()
-    if seen and attention_mask is not None and input_ids.shape[1] == attention_mask.shape[1] > seen:
-        return input_ids[:, seen:]
-    return input_ids
+    whole_sequence = attention_mask is None or attention_mask.shape[1] == input_ids.shape[1]
+    return seen if 0 < seen < input_ids.shape[1] and whole_sequence else 0
 
 
 # save_pretrained copies this file and its relative imports next to the weights and writes `auto_map`, so a
