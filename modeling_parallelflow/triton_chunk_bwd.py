@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .triton_chunk_fwd import scan_block_v, solve_mask
-from .triton_utils import TUNE, chunk_rows, dot_precision, next_pow2
+from .triton_utils import TUNE, chunk_rows, dot_precision, new_like, new_tensor, next_pow2
 
 
 @triton.jit
@@ -82,9 +82,9 @@ def _bwd_dh_kernel(
         qmask = (qtok < eos)[:, None]
         q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
-        p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-        p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)
-        dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
+        p_tr = tl.dot(b_t, tl.trans(q_t), input_precision=PREC)  # P^T = (B Q^T) * M_out^T [CRP, C]
+        p_tr = tl.where(t[:, None] <= cidx[None, :], p_tr, 0.0).to(w_t.dtype)
+        dx_t = scale * tl.dot(p_tr, do_t, input_precision=PREC)
         dx_t += tl.dot(b_t, dstate.to(w_t.dtype), input_precision=PREC)  # [CRP, BV]
         dx_in = dx_t.to(w_t.dtype)
         tl.store(dx + row[:, None] * V + vv[None, :], dx_in, mask=valid[:, None] & vmask[None, :])
@@ -137,19 +137,26 @@ def _bwd_chunk_kernel(
     qmask = (t0 + cidx < eos)[:, None]
     st_base = (g.to(tl.int64) * H + h) * K * V
     dox = tl.zeros((C, CRP), tl.float32)
+    dox_tr = tl.zeros((CRP, C), tl.float32)
     dn = tl.zeros((CRP, CRP), tl.float32)
-    for v0 in range(0, V, BV):  # K-free part: du, dO X^T, dU X^T
+    dn_tr = tl.zeros((CRP, CRP), tl.float32)
+    for v0 in range(0, V, BV):  # K-free part: du, dO X^T, dU X^T and their transposes
         vv = v0 + tl.arange(0, BV)
         rvmask = valid[:, None] & (vv[None, :] < V)
         x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-        dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
+        dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
         do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & (vv[None, :] < V), other=0.0)
-        du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC)  # [CRP, BV]
+        du_t = tl.dot(tl.trans(t_inv), dx_t, input_precision=PREC)  # [CRP, BV]
+        du_tr = tl.dot(tl.trans(dx_t), t_inv, input_precision=PREC)  # dU^T [BV, CRP]
         tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask)
         dox += tl.dot(do_t, tl.trans(x_t), input_precision=PREC)
+        dox_tr += tl.dot(x_t, tl.trans(do_t), input_precision=PREC)
         dn += tl.dot(du_t.to(x_t.dtype), tl.trans(x_t), input_precision=PREC)
+        dn_tr += tl.dot(x_t, du_tr.to(x_t.dtype), input_precision=PREC)
     dp = tl.where(cidx[:, None] >= t[None, :], dox * scale, 0.0).to(q.dtype.element_ty)
-    dn = tl.where(solve_mask(t, CRP, PRODUCT), dn, 0.0).to(q.dtype.element_ty)
+    dp_tr = tl.where(t[:, None] <= cidx[None, :], dox_tr * scale, 0.0).to(q.dtype.element_ty)
+    dn = tl.where(solve_mask(t, CRP, PRODUCT, False), dn, 0.0).to(q.dtype.element_ty)
+    dn_tr = tl.where(solve_mask(t, CRP, PRODUCT, True), dn_tr, 0.0).to(q.dtype.element_ty)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
@@ -159,9 +166,7 @@ def _bwd_chunk_kernel(
         q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         dq_t = tl.zeros((C, BK), tl.float32)
         da_t = tl.dot(dn, b_t, input_precision=PREC)
-        db_t = tl.dot(tl.trans(dp), q_t, input_precision=PREC) + tl.dot(
-            tl.trans(dn), a_t, input_precision=PREC
-        )
+        db_t = tl.dot(dp_tr, q_t, input_precision=PREC) + tl.dot(dn_tr, a_t, input_precision=PREC)
         for v0 in range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
             vmask = vv < V
@@ -214,10 +219,10 @@ def launch_chunk_bwd(
     crp = max(16, next_pow2(chunk * rank))
     bk = max(16, next_pow2(k_dim))
     prec = dot_precision(a.dtype)
-    dstates = torch.empty_like(states)
-    dx = torch.empty_like(xs)
+    dstates = new_like(states)
+    dx = new_like(xs)
     dh0 = (
-        torch.empty(n_seq, n_heads, k_dim, v_dim, device=q.device, dtype=torch.float32) if need_dh0 else None
+        new_tensor((n_seq, n_heads, k_dim, v_dim), dtype=torch.float32, device=q.device) if need_dh0 else None
     )
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
     _bwd_dh_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
@@ -246,7 +251,7 @@ def launch_chunk_bwd(
         num_warps=TUNE["scan_warps"],
         num_stages=TUNE["scan_stages"],
     )
-    dq, da, db, du = (torch.empty_like(x) for x in (q, a, b, xs))
+    dq, da, db, du = (new_like(x) for x in (q, a, b, xs))
     _bwd_chunk_kernel[(seq.numel(), n_heads)](
         q,
         a,

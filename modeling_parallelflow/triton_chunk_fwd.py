@@ -15,7 +15,16 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import TUNE, chunk_map, chunk_rows, dot_precision, next_pow2, seq_offsets
+from .triton_utils import (
+    TUNE,
+    chunk_map,
+    chunk_rows,
+    dot_precision,
+    new_like,
+    new_tensor,
+    next_pow2,
+    seq_offsets,
+)
 
 
 @triton.jit
@@ -55,12 +64,16 @@ def unit_lower_inverse(scr, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.co
 
 
 @triton.jit
-def solve_mask(t, CRP: tl.constexpr, PRODUCT: tl.constexpr):
-    """M of algorithm.md: sum form row (t,i) sees (s,j) iff s < t; product form iff (s,j) < (t,i)."""
+def solve_mask(t, CRP: tl.constexpr, PRODUCT: tl.constexpr, TRANSPOSED: tl.constexpr):
+    """M of algorithm.md (or M^T): sum form row (t,i) sees (s,j) iff s < t; product form iff (s,j) < (t,i)."""
     if PRODUCT:
         j = tl.arange(0, CRP)
+        if TRANSPOSED:
+            return j[:, None] < j[None, :]
         return j[:, None] > j[None, :]
     else:
+        if TRANSPOSED:
+            return t[:, None] < t[None, :]
         return t[:, None] > t[None, :]
 
 
@@ -106,7 +119,7 @@ def _wu_kernel(
         gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
     j = tl.arange(0, CRP)
     scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
-    tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
+    tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT, False), gram, 0.0))
     tl.debug_barrier()
     t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
     tl.debug_barrier()
@@ -216,9 +229,11 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
     v_dim = u.shape[-1] if u is not None else k_dim
     crp = max(16, next_pow2(chunk * rank))
     seq, tok, _ = cmap
-    w = torch.empty_like(a) if compute_wu else None
-    uu = torch.empty_like(u) if compute_wu else None
-    tmat = torch.empty(seq.numel(), n_heads, crp, crp, device=a.device, dtype=torch.float32)  # T, and scratch
+    w = new_like(a) if compute_wu else None
+    uu = new_like(u) if compute_wu else None
+    tmat = new_tensor(
+        (seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=a.device
+    )  # T, and scratch
     _wu_kernel[(seq.numel(), n_heads)](
         a,
         b,
@@ -270,12 +285,14 @@ def launch_fwd_scan(
     total, n_heads, rank, k_dim = w.shape
     v_dim = uu.shape[-1]
     n_seq = cu.numel() - 1
-    o = torch.empty(total, n_heads, v_dim, device=q.device, dtype=out_dtype)
-    ht = torch.empty(n_seq, n_heads, k_dim, v_dim, device=q.device, dtype=torch.float32) if store_ht else None
+    o = new_tensor((total, n_heads, v_dim), dtype=out_dtype, device=q.device)
+    ht = (
+        new_tensor((n_seq, n_heads, k_dim, v_dim), dtype=torch.float32, device=q.device) if store_ht else None
+    )
     states = xs = None
     if store_states:
-        states = torch.empty(n_chunks, n_heads, k_dim, v_dim, device=q.device, dtype=states_dtype)
-        xs = torch.empty_like(uu)
+        states = new_tensor((n_chunks, n_heads, k_dim, v_dim), dtype=states_dtype, device=q.device)
+        xs = new_like(uu)
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
     _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
         q,

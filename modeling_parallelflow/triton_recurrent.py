@@ -7,11 +7,10 @@ R updates one after another; then o = scale h^T q. Grid and shapes depend only o
 host sync), so a decode step can be captured in a CUDA graph.
 """
 
-import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import next_pow2
+from .triton_utils import new_tensor, next_pow2
 
 
 @triton.jit
@@ -73,7 +72,7 @@ def launch_recurrent_(q, a, b, u, state, cu, *, scale: float, product: bool, out
     total, n_heads, rank, k_dim = a.shape
     v_dim = u.shape[-1]
     n_seq = cu.numel() - 1
-    o = torch.empty(total, n_heads, v_dim, device=q.device, dtype=out_dtype)
+    o = new_tensor((total, n_heads, v_dim), dtype=out_dtype, device=q.device)
     bk = max(16, next_pow2(k_dim))
     bv = min(max(16, next_pow2(v_dim)), 32 if bk > 128 else 64)
     _recurrent_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](

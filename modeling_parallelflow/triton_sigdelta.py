@@ -39,14 +39,13 @@ tensorInv backward (W, U are the same; it recomputes T). Measurements, the varia
 crossover: benchmarks/SIGDELTA.md.
 """
 
-import torch
 from torch import Tensor
 
 try:
     import triton
     import triton.language as tl
 
-    from .triton_utils import chunk_map, dot_precision, next_pow2, seq_offsets
+    from .triton_utils import chunk_map, dot_precision, new_like, next_pow2, seq_offsets
 except ImportError:  # the torch backend works without triton
     triton = None
 
@@ -324,7 +323,7 @@ def sigdelta_wu(
     if cu_seqlens is not None and bsz != 1:
         raise ValueError(f"cu_seqlens needs B == 1, got B = {bsz}")
     a, b, u = a.contiguous(), b.contiguous(), u.contiguous()
-    w, uu = torch.empty_like(a), torch.empty_like(u)
+    w, uu = new_like(a), new_like(u)
     rank_p = next_pow2(rank)
     tokens = max(1, min(block_rows // rank_p, next_pow2(chunk_size)))
     tokens = max(tokens, 16 // rank_p)  # tl.dot needs 16 rows

@@ -6,11 +6,16 @@ Chunks never straddle a sequence boundary; global chunk g of sequence n, local c
 g = chunk_off[n] + i, and per-chunk buffers (states, inverses) are indexed by g.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 MAX_RANK = 8
+# Set to "1" (tests, benchmarks/gpu_sweep.py): launchers allocate outputs and scratch NaN-filled, so an
+# element a kernel forgets to write shows up as a NaN instead of stale memory.
+POISON_ENV = "PFLOW_TRITON_POISON"
 MAX_HEAD_DIM = 256
 # Launch settings; benchmarks/profile_kernels.py overrides entries to compare variants. Defaults measured
 # on an H100 (benchmarks/README.md).
@@ -23,6 +28,17 @@ TUNE = {
     "par_bv": 32,
     "par_stages": 2,
 }
+
+
+def new_tensor(shape, *, dtype, device) -> torch.Tensor:
+    """torch.empty(shape), or NaN-filled when $PFLOW_TRITON_POISON is "1"."""
+    if os.environ.get(POISON_ENV) == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def new_like(x: torch.Tensor) -> torch.Tensor:
+    return new_tensor(x.shape, dtype=x.dtype, device=x.device)
 
 
 def next_pow2(n: int) -> int:
