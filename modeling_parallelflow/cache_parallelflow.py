@@ -104,21 +104,30 @@ class PFlowCache(Cache):
             raise
 
     # --- attention layers -------------------------------------------------------------------------------
-    def update_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor):
-        """Append keys/values [B, Hkv, T, D]; return everything the new queries attend to and the number of
-        positions before them that were kept."""
+    def update_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, key_valid):
+        """Append keys/values [B, Hkv, T, D]. Returns what the T new queries attend to: keys, values
+        [B, Hkv, S, D], the stream position of every key `key_slot` [S] and of every query `query_slot` [T],
+        and `key_valid` [B, past + T] (or None) cut to the S kept keys."""
         layer = self.layers[layer_idx]
+        length = keys.shape[2]
         if layer.keys is None:
-            past = 0
             all_keys, all_values = keys, values
         else:
-            past = layer.keys.shape[2]
             all_keys = torch.cat([layer.keys, keys], dim=2)
             all_values = torch.cat([layer.values, values], dim=2)
         # later queries see at most window - 1 earlier positions
         start = 0 if layer.sliding_window is None else max(all_keys.shape[2] - (layer.sliding_window - 1), 0)
         layer.keys, layer.values = all_keys[:, :, start:], all_values[:, :, start:]
-        return all_keys, all_values, past
+        first_slot = self.seen_tokens + length - all_keys.shape[2]
+        key_slot = first_slot + torch.arange(all_keys.shape[2], device=keys.device)
+        query_slot = self.seen_tokens + torch.arange(length, device=keys.device)
+        return (
+            all_keys,
+            all_values,
+            key_slot,
+            query_slot,
+            None if key_valid is None else key_valid[:, first_slot:],
+        )
 
     # --- bookkeeping used by generate() -----------------------------------------------------------------
     def advance(self, num_tokens: int) -> None:

@@ -225,7 +225,8 @@ class PFlowAttention(nn.Module):
         cache: PFlowCache | None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, D], positions [B, T], key_valid [B, past + T] bool or None -> [B, T, D]."""
+        """x [B, T, D], positions [B, T], key_valid [B, past + T] bool (static caches: [B, max_len]) or None
+        -> [B, T, D]."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -234,15 +235,10 @@ class PFlowAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, self.config.rope_theta)
         k = apply_rope(k, positions, self.config.rope_theta)
-        past_total = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
-            k, v, kept_past = cache.update_attention(self.layer_idx, k, v)
+            k, v, key_slot, query_slot, key_valid = cache.update_attention(self.layer_idx, k, v, key_valid)
         else:
-            kept_past = 0
-        # Slots count every position the cache has seen; keys hold slots first_slot .. past_total + T - 1.
-        first_slot = past_total - kept_past
-        query_slot = past_total + torch.arange(length, device=x.device)
-        key_slot = first_slot + torch.arange(k.shape[2], device=x.device)
+            key_slot = query_slot = torch.arange(length, device=x.device)
         allowed = key_slot[None, :] <= query_slot[:, None]  # [T, S]
         if self.window is not None:
             allowed = allowed & (query_slot[:, None] - key_slot[None, :] < self.window)
@@ -250,7 +246,7 @@ class PFlowAttention(nn.Module):
             allowed = allowed & (segments[:, None] == segments[None, :])
         allowed = allowed[None, None].expand(batch, 1, length, k.shape[2])
         if key_valid is not None:
-            allowed = allowed & key_valid[:, None, None, first_slot:]
+            allowed = allowed & key_valid[:, None, None, :]
         allowed = allowed | (key_slot[None, :] == query_slot[:, None])  # a pad query sees itself: no NaN rows
         groups = self.num_heads // self.num_kv_heads
         if groups > 1:
@@ -279,19 +275,21 @@ class PFlowDecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         positions: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: PFlowCache | None = None,
+        pad_mask: torch.Tensor | None = None,
+        key_valid: torch.Tensor | None = None,
+        cache: PFlowCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """hidden_states [B, T, D], positions [B, T]; pad_mask [B, T] (new tokens) and key_valid [B, past + T]
+        bool (True = real token) or None."""
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         if self.layer_type == "pflow":
-            pad_mask = attention_mask[:, -x.shape[1] :] if attention_mask is not None else None
-            state = past_key_values.layers[self.layer_idx] if past_key_values is not None else None
+            state = cache.layers[self.layer_idx] if cache is not None else None
             x = self.linear_attn(x, pad_mask, state, cu_seqlens, segments)
         else:
-            x = self.self_attn(x, positions, attention_mask, past_key_values, segments)
+            x = self.self_attn(x, positions, key_valid, cache, segments)
         hidden_states = residual + x
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -408,7 +406,7 @@ class PFlowModel(PFlowPreTrainedModel):
         if cu_seqlens is not None:
             _validate_packed(cu_seqlens, batch, length, cache)
             segments = segment_ids_from_cu_seqlens(cu_seqlens, length)
-        key_valid = None
+        key_valid = pad_mask = None
         if attention_mask is not None:
             if attention_mask.ndim != 2 or attention_mask.shape[0] != batch:
                 raise ValueError(
@@ -421,6 +419,7 @@ class PFlowModel(PFlowPreTrainedModel):
                     f"{past} cached and {length} new ones ({past + length})"
                 )
             key_valid = attention_mask.bool()  # no host-side all() check: it would sync every decode step
+            pad_mask = key_valid[:, -length:]
         if position_ids is None:
             if segments is not None:
                 starts = cu_seqlens.to(segments.device)[segments]
@@ -449,8 +448,9 @@ class PFlowModel(PFlowPreTrainedModel):
                 hidden_states = layer(
                     hidden_states,
                     position_ids,
-                    attention_mask=key_valid,
-                    past_key_values=cache,
+                    pad_mask=pad_mask,
+                    key_valid=key_valid,
+                    cache=cache,
                     cu_seqlens=cu_seqlens,
                     segments=segments,
                 )
