@@ -43,6 +43,7 @@ BOOL_FIELDS = (
     "attention_qk_norm",
     "tie_word_embeddings",
     "use_cache",
+    "fused_loss",
 )
 POSITIVE_REAL_FIELDS = ("rope_theta", "norm_eps", "initializer_range")
 
@@ -97,6 +98,9 @@ class PFlowConfig(PretrainedConfig):
             backends accept).
         algorithm: "auto", "tensor_inv", "sigdelta" or "recurrent" (training/prefill algorithm).
         kernel_backend: "auto" (Triton on CUDA when available, else torch), "triton" or "torch".
+        fused_loss: in training mode (`model.train()`) with `labels`, compute the loss from the hidden states
+            in chunks (`loss_parallelflow.linear_cross_entropy`, Liger-Kernel's when installed) without
+            full-vocabulary logits; `outputs.logits` is then None. Evaluation mode always returns logits.
         pad_token_id, bos_token_id, eos_token_id: None or a token id in [0, vocab_size) (eos: or a list).
 
     Every field is validated on construction, on `from_pretrained` overrides and on save (`ValueError`
@@ -135,6 +139,7 @@ class PFlowConfig(PretrainedConfig):
         chunk_size: int = 64,
         algorithm: str = "auto",
         kernel_backend: str = "auto",
+        fused_loss: bool = True,
         max_position_embeddings: int = 2048,
         norm_eps: float = 1e-6,
         initializer_range: float = 0.02,
@@ -207,6 +212,7 @@ class PFlowConfig(PretrainedConfig):
         self.chunk_size = chunk_size
         self.algorithm = algorithm
         self.kernel_backend = kernel_backend
+        self.fused_loss = fused_loss
         self.max_position_embeddings = max_position_embeddings
         self.norm_eps = norm_eps
         self.initializer_range = initializer_range

@@ -23,6 +23,7 @@ from transformers.utils.generic import can_return_tuple
 from .cache_parallelflow import PFlowCache, PFlowLayerState
 from .compat_transformers import cache_of, output_with_cache, resolve_cache_argument
 from .configuration_parallelflow import PFlowConfig
+from .loss_parallelflow import linear_cross_entropy
 from .ops import delta_rule, delta_rule_drivers
 from .ops_exact_flow import exact_flow_drivers
 
@@ -546,12 +547,17 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(
-                logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs
-            )
+        loss = logits = None
+        # A plain nn.Linear head only: a PEFT or quantized head computes its logits its own way.
+        fused = self.training and self.config.fused_loss and type(self.lm_head) is nn.Linear
+        if labels is not None and fused:
+            loss = linear_cross_entropy(hidden_states[:, keep, :], self.lm_head.weight, labels, **loss_kwargs)
+        else:
+            logits = self.lm_head(hidden_states[:, keep, :])
+            if labels is not None:
+                loss = self.loss_function(
+                    logits=logits, labels=labels, vocab_size=self.config.vocab_size, **loss_kwargs
+                )
         return output_with_cache(
             CausalLMOutputWithPast,
             cache_of(outputs),
