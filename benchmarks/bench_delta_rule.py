@@ -3,6 +3,7 @@
     python benchmarks/bench_delta_rule.py --out benchmarks/results/h100.json            # everything
     python benchmarks/bench_delta_rule.py --only check,bench --shapes 4096x8 --out r.json
 
+Our provider times the public op `delta_rule(q, k, v, beta)`, as users call it.
 Sections: `check` (each benchmarked variant, fwd and every gradient, against the float64 token loop at a
 small shape, plus fla's own error on the same inputs), `bench` (fwd and fwd+bwd ms and TB/s at
 32,768 tokens, H = 16, K = V = 128, bf16, performance.md's grid), `decode` (one token on a cached
@@ -23,6 +24,7 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd  # noqa: E402
+from modeling_parallelflow.ops import delta_rule  # noqa: E402
 from modeling_parallelflow.ops_reference import delta_rule_reference  # noqa: E402
 from modeling_parallelflow.triton_dispatch import triton_delta_rule_drivers, triton_recurrent_step_  # noqa: E402
 
@@ -50,17 +52,13 @@ def rand_delta(batch, seq_len, rank, dtype, requires_grad):
 
 
 def ours(rank, mode):
-    """Our chunked kernels on the drivers a = -beta k, b = k, u = beta v (built outside the timing)."""
+    """The public op `delta_rule(q, k, v, beta)` as users call it (validation, dispatch, drivers and all)."""
 
     def setup(batch, seq_len, dtype, grad):
         q, k, v, beta = rand_delta(batch, seq_len, rank, dtype, False)
         beta = beta / rank if mode == "sum" else beta
-        a, b, u = (-beta[..., None] * k), k, beta[..., None] * v
-        leaves = [x.detach().requires_grad_(grad) for x in (q, a, b, u)]
-        return (
-            lambda: triton_delta_rule_drivers(*leaves, mode=mode, scale=DIM**-0.5, algorithm="tensor_inv")[0],
-            leaves,
-        )
+        leaves = [x.detach().requires_grad_(grad) for x in (q, k, v, beta)]
+        return lambda: delta_rule(*leaves, mode=mode, scale=DIM**-0.5, backend="triton")[0], leaves
 
     return setup
 

@@ -10,9 +10,12 @@ checks it before use; a forward that fails partway leaves it as it was (`PFlowCa
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from transformers.cache_utils import Cache
+
+from .decode_graph import DecodeGraphs
 
 # Config fields that fix the shape and meaning of the cached tensors.
 SIGNATURE_FIELDS = (
@@ -191,3 +194,188 @@ class PFlowCache(Cache):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         for layer in self.layers:
             layer.apply(lambda t: t[indices])
+
+
+class _InPlaceTails(dict):
+    """Conv tails {"q", "k", "v": [B, C, W-1]} whose assignment writes into the preallocated tensor."""
+
+    def __setitem__(self, name: str, value: torch.Tensor) -> None:
+        self[name].copy_(value)
+
+
+class PFlowStaticLayerState(PFlowLayerState):
+    """A layer state of preallocated tensors updated in place (fixed addresses, so a decode step can be
+    captured in a CUDA graph): assigning `recurrent`, `keys`, `values` or a conv tail copies into them."""
+
+    def __init__(self, layer_type: str, sliding_window: int | None, buffers: dict[str, torch.Tensor]):
+        object.__setattr__(self, "_buffers", buffers)
+        tails = {key[len("conv.") :]: t for key, t in buffers.items() if key.startswith("conv.")}
+        object.__setattr__(self, "_tails", _InPlaceTails(tails))
+        self.layer_type = layer_type
+        self.sliding_window = sliding_window if layer_type == "sliding_attention" else None
+
+    def __getattr__(self, name: str):
+        if name == "conv":
+            return self._tails
+        if name in ("recurrent", "keys", "values"):
+            return self._buffers.get(name)
+        raise AttributeError(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "conv":
+            for key, tail in value.items():
+                self._tails[key] = tail
+        elif name in ("recurrent", "keys", "values"):
+            self._buffers[name].copy_(value)
+        else:
+            super().__setattr__(name, value)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(self._buffers)
+
+    def apply(self, fn) -> None:
+        for tensor in self._buffers.values():
+            tensor.copy_(fn(tensor))
+
+
+class PFlowStaticCache(PFlowCache):
+    """Decoding cache of fixed shapes: every tensor is allocated up front and updated in place, and the
+    stream position lives on the device, so a decode step has no host synchronisation and can be replayed
+    as a CUDA graph (`decode_graph.py`). `model.generate(..., cache_implementation="static")` makes one.
+
+    pflow layers: conv tails [B, C, W-1] and the fp32 state [B, H, K, V] (memory flat in context length);
+    attention layers: keys / values [B, Hkv, max_cache_len, D] (sliding layers too, masked to their window);
+    `key_valid` [B, max_cache_len] marks real (not padding) positions.
+    """
+
+    def __init__(
+        self,
+        config,
+        batch_size: int,
+        max_cache_len: int,
+        dtype=None,
+        device=None,
+        cuda_graphs: bool | None = None,
+    ):
+        """cuda_graphs (default: on for a CUDA device unless the environment sets PFLOW_CUDA_GRAPHS=0) replays
+        one-token decode steps as CUDA graphs."""
+        super().__init__(config)
+        if batch_size < 1 or max_cache_len < 1:
+            raise ValueError(f"batch_size and max_cache_len must be >= 1, got {batch_size}, {max_cache_len}")
+        dtype = dtype or torch.float32
+        self.max_cache_len = max_cache_len
+        self.fixed_batch_size = batch_size
+        self.layers = [
+            self._allocate(config, t, batch_size, max_cache_len, dtype, device) for t in self.layer_types
+        ]
+        self.slot = torch.zeros((), dtype=torch.long, device=device)  # tokens seen, on the device
+        self.key_valid = torch.zeros(batch_size, max_cache_len, dtype=torch.bool, device=device)
+        self.positions = torch.arange(max_cache_len, device=device)
+        if cuda_graphs is None:
+            on_cuda = device is not None and torch.device(device).type == "cuda"
+            cuda_graphs = on_cuda and os.environ.get("PFLOW_CUDA_GRAPHS", "1") != "0"
+        self.graphs = DecodeGraphs(self) if cuda_graphs else None
+        self.broken = False
+
+    @staticmethod
+    def _allocate(config, layer_type: str, batch: int, length: int, dtype, device) -> PFlowStaticLayerState:
+        buffers = {}
+        if layer_type == "pflow":
+            h, r, k, v = config.num_heads, config.rank, config.head_k_dim, config.head_v_dim
+            if config.use_short_conv:
+                for name, channels in (("q", h * k), ("k", h * r * k), ("v", h * r * v)):
+                    buffers[f"conv.{name}"] = torch.zeros(
+                        batch, channels, config.conv_size - 1, dtype=dtype, device=device
+                    )
+            buffers["recurrent"] = torch.zeros(batch, h, k, v, dtype=torch.float32, device=device)
+        else:
+            shape = (batch, config.num_key_value_heads, length, config.attention_head_dim)
+            for name in ("keys", "values"):
+                buffers[name] = torch.zeros(shape, dtype=dtype, device=device)
+        return PFlowStaticLayerState(layer_type, config.sliding_window, buffers)
+
+    def check_compatible(self, config, batch_size: int) -> None:
+        if self.broken:
+            raise ValueError(
+                "a forward failed partway on this static cache, so its state is unknown; call reset()"
+            )
+        if batch_size != self.fixed_batch_size:
+            raise ValueError(
+                f"this static cache holds {self.fixed_batch_size} sequences, got batch size {batch_size}"
+            )
+        super().check_compatible(config, batch_size)
+
+    def check_room(self, length: int) -> None:
+        if self.seen_tokens + length > self.max_cache_len:
+            raise ValueError(
+                f"the static cache holds {self.max_cache_len} positions; {self.seen_tokens} are used and "
+                f"{length} more do not fit (make it with a larger max_cache_len)"
+            )
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """In-place updates cannot be rolled back: a failed forward marks the cache broken (it refuses
+        further use until `reset()`) instead of leaving a silently wrong state."""
+        try:
+            yield self
+        except BaseException:
+            self.broken = True
+            raise
+
+    def record_valid(self, pad_mask: torch.Tensor | None, length: int) -> torch.Tensor:
+        """Write the new tokens' validity (pad_mask [B, T] bool, None = all real) at their positions; returns
+        key_valid [B, max_cache_len]."""
+        slots = self.slot + self.positions[:length]
+        new = pad_mask if pad_mask is not None else self.key_valid.new_ones(self.fixed_batch_size, length)
+        self.key_valid.index_copy_(1, slots, new)
+        return self.key_valid
+
+    def default_positions(self, length: int) -> torch.Tensor:
+        """RoPE positions [B, T] of the new tokens: real tokens before them (padding does not count)."""
+        counts = self.key_valid.long().cumsum(-1) - 1
+        return counts.index_select(1, self.slot + self.positions[:length]).clamp(min=0)
+
+    def update_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, key_valid):
+        layer = self.layers[layer_idx]
+        query_slot = self.slot + self.positions[: keys.shape[2]]
+        layer.keys.index_copy_(2, query_slot, keys)
+        layer.values.index_copy_(2, query_slot, values)
+        return layer.keys, layer.values, self.positions, query_slot, key_valid
+
+    def advance(self, num_tokens: int) -> None:
+        super().advance(num_tokens)
+        self.slot += num_tokens
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_cache_len
+
+    @property
+    def batch_size(self) -> int:
+        return self.fixed_batch_size
+
+    def snapshot(self) -> list[torch.Tensor]:
+        """Copies of every tensor the decode step writes (to undo CUDA-graph warm-up runs)."""
+        return [t.clone() for t in self._state_tensors()]
+
+    def restore(self, saved: list[torch.Tensor]) -> None:
+        for tensor, copy in zip(self._state_tensors(), saved, strict=True):
+            tensor.copy_(copy)
+
+    def _state_tensors(self) -> list[torch.Tensor]:
+        return [self.slot, self.key_valid] + [t for layer in self.layers for t in layer.tensors().values()]
+
+    def reset(self) -> None:
+        for tensor in self._state_tensors():
+            tensor.zero_()
+        self.seen_tokens = 0
+        self.broken = False
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self.key_valid.copy_(self.key_valid.index_select(0, beam_idx.to(self.key_valid.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("a static cache has a fixed batch size; make it for the expanded batch")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("a static cache has a fixed batch size; make it for the selected batch")

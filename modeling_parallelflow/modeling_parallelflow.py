@@ -8,7 +8,9 @@ V value width.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,9 +22,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .cache_parallelflow import PFlowCache, PFlowLayerState
-from .compat_transformers import cache_of, output_with_cache, resolve_cache_argument
+from .cache_parallelflow import PFlowCache, PFlowLayerState, PFlowStaticCache
+from .compat_transformers import CACHE_FIELD, cache_of, output_with_cache, resolve_cache_argument
 from .configuration_parallelflow import PFlowConfig
+from .glue_parallelflow import triton_glue
 from .loss_parallelflow import linear_cross_entropy
 from .ops import delta_rule, delta_rule_drivers
 from .ops_exact_flow import exact_flow_drivers
@@ -120,17 +123,38 @@ class PFlowMixer(nn.Module):
         self.o_norm = PFlowRMSNorm(v, eps=config.norm_eps)
         self.o_proj = nn.Linear(h * v, d, bias=False)
 
-    def _features(self, name: str, x: torch.Tensor, state: PFlowLayerState | None, segments, pad_mask):
-        """proj -> (pads zeroed) -> short causal conv -> SiLU."""
+    def _features(self, name: str, x, state: PFlowLayerState | None, segments, pad_mask, positions, glue):
+        """proj -> (pads zeroed) -> short causal conv -> SiLU -> (q, k: L2 norm per head and rank) [B, T, C].
+
+        Triton glue (`glue` not None): one fused kernel, unless a cache tail needs a gradient (the kernel
+        treats tails as constants); `positions` [T] int32 are the packed tokens' positions in their sequences.
+        """
         y = getattr(self, f"{name}_proj")(x)
-        if pad_mask is not None:
-            y = torch.where(pad_mask[..., None], y, torch.zeros_like(y))
-        if self.config.use_short_conv:
-            tail = state.conv.get(name) if state is not None else None
-            y, new_tail = causal_depthwise_conv(y, getattr(self, f"{name}_conv1d").weight, tail, segments)
-            if state is not None:
-                state.conv[name] = new_tail
-        return F.silu(y)
+        group = self.head_v_dim if name == "v" else self.head_k_dim
+        normalize = name != "v"
+        tail = state.conv.get(name) if state is not None and self.config.use_short_conv else None
+        new_tail = None
+        if glue is not None and self.config.use_short_conv and (tail is None or not tail.requires_grad):
+            y, new_tail = glue.short_conv_silu(
+                y,
+                getattr(self, f"{name}_conv1d").weight,
+                group=group,
+                normalize=normalize,
+                tail=tail,
+                pos=positions,
+                pad_mask=pad_mask,
+            )
+        else:
+            if pad_mask is not None:
+                y = torch.where(pad_mask[..., None], y, torch.zeros_like(y))
+            if self.config.use_short_conv:
+                y, new_tail = causal_depthwise_conv(y, getattr(self, f"{name}_conv1d").weight, tail, segments)
+            y = F.silu(y)
+            if normalize:
+                y = l2_normalize(y.unflatten(-1, (-1, group))).flatten(-2)
+        if state is not None and new_tail is not None:
+            state.conv[name] = new_tail
+        return y
 
     def forward(
         self,
@@ -143,14 +167,23 @@ class PFlowMixer(nn.Module):
         """x [B, T, D], pad_mask [B, T] bool (True = real token) -> [B, T, D]; updates `state` in place."""
         batch, length, _ = x.shape
         h, r, k, v = self.num_heads, self.rank, self.head_k_dim, self.head_v_dim
-        q = l2_normalize(self._features("q", x, state, segments, pad_mask).view(batch, length, h, k))
-        keys = l2_normalize(self._features("k", x, state, segments, pad_mask).view(batch, length, h, r, k))
-        values = self._features("v", x, state, segments, pad_mask).view(batch, length, h, r, v)
-        q, keys = q.to(values.dtype), keys.to(values.dtype)  # under autocast F.normalize returns fp32
+        glue = triton_glue(self.config.kernel_backend, x.device)
+        positions = None
+        if glue is not None and segments is not None:
+            starts = cu_seqlens.to(segments.device)[segments]
+            positions = (torch.arange(length, device=segments.device) - starts).to(torch.int32)
+        features = [self._features(n, x, state, segments, pad_mask, positions, glue) for n in "qkv"]
+        q = features[0].view(batch, length, h, k)
+        keys = features[1].view(batch, length, h, r, k)
+        values = features[2].view(batch, length, h, r, v)
+        q, keys = q.to(values.dtype), keys.to(values.dtype)  # under autocast the L2 norm returns fp32
         beta = torch.sigmoid(self.b_proj(x).float()).view(batch, length, h, r)
-        beta = beta * (2.0 if self.config.allow_neg_eigval else 1.0)
-        if self.config.rank_mode == "sum":
-            beta = beta / r  # sum of the R steps stays <= 1 (or 2): the transition never expands the state
+        # Steps in (0, 1), or (0, 2) with negative eigenvalues; sum mode divides by R so that the R steps
+        # together never expand the state. One multiply.
+        beta_scale = 2.0 if self.config.allow_neg_eigval else 1.0
+        beta_scale /= r if self.config.rank_mode == "sum" else 1
+        if beta_scale != 1.0:
+            beta = beta * beta_scale
         if pad_mask is not None:
             beta = beta * pad_mask[..., None, None]  # pads leave the state untouched
         beta = beta.to(values.dtype)
@@ -177,9 +210,13 @@ class PFlowMixer(nn.Module):
         if state is not None:
             state.recurrent = final_state
 
-        o = self.o_norm(o)  # [B, T, H, V]
-        if self.config.use_gate:
-            o = o * F.silu(self.g_proj(x).view(batch, length, h, v))
+        gate = self.g_proj(x).view(batch, length, h, v) if self.config.use_gate else None
+        if glue is not None:
+            o = glue.gated_rms_norm(o, self.o_norm.weight, gate, self.o_norm.eps)  # [B, T, H, V]
+        else:
+            o = self.o_norm(o)
+            if gate is not None:
+                o = o * F.silu(gate)
         return self.o_proj(o.reshape(batch, length, h * v))
 
 
@@ -362,37 +399,61 @@ class PFlowModel(PFlowPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
         cu_seqlens: torch.Tensor | None = None,
         cache: PFlowCache | None = None,
+        **ignored,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, D]); attention_mask [B, past + T] with 1 = token, 0 = pad
         (left padding for batched generation); cu_seqlens [N + 1] packs N sequences into a batch of one.
 
         The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older). A cache that is
         passed is always read and updated; `use_cache` (default: config.use_cache outside training) only
-        decides whether a new one is made. `cache_position` is accepted for older callers and ignored on
-        purpose: positions follow from the cache's token count and the attention mask.
+        decides whether a new one is made. `ignored` may hold only IGNORED_KWARGS.
         """
-        del cache_position
-        _check_no_attention_weights(output_attentions, self.config)
+        _check_kwargs("PFlowModel", ignored, IGNORED_KWARGS)
+        step = self.prepare_step(
+            input_ids, attention_mask, position_ids, inputs_embeds, use_cache, output_attentions,
+            cu_seqlens, resolve_cache_argument(cache, past_key_values),
+        )  # fmt: skip
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        cache = resolve_cache_argument(cache, past_key_values)
+        hidden_states = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden_states, all_hidden_states = self.run_layers(hidden_states, step, output_hidden_states)
+        return output_with_cache(
+            BaseModelOutputWithPast,
+            step.cache,
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+        )
+
+    def prepare_step(
+        self,
+        input_ids,
+        attention_mask,
+        position_ids,
+        inputs_embeds,
+        use_cache,
+        output_attentions,
+        cu_seqlens,
+        cache,
+    ) -> StepInputs:
+        """Validate a forward's inputs and resolve its cache, masks and positions (nothing is computed)."""
+        _check_no_attention_weights(output_attentions, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             _check_input_ids(input_ids)
-            hidden_states = self.embed_tokens(input_ids)
+            batch, length = input_ids.shape
+            device = input_ids.device
         else:
             if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
                 raise ValueError(
                     f"inputs_embeds must have shape [batch, tokens, {self.config.hidden_size}], "
                     f"got {tuple(inputs_embeds.shape)}"
                 )
-            hidden_states = inputs_embeds
-        batch, length = hidden_states.shape[:2]
+            batch, length = inputs_embeds.shape[:2]
+            device = inputs_embeds.device
         if length == 0:
             raise ValueError("the inputs hold no tokens (sequence length 0)")
         if cache is not None:
@@ -401,6 +462,9 @@ class PFlowModel(PFlowPreTrainedModel):
             cache.check_compatible(self.config, batch)
         elif use_cache if use_cache is not None else (self.config.use_cache and not self.training):
             cache = PFlowCache(self.config)
+        static = isinstance(cache, PFlowStaticCache)
+        if static:
+            cache.check_room(length)
         past = cache.get_seq_length() if cache is not None else 0
 
         segments = None
@@ -421,51 +485,74 @@ class PFlowModel(PFlowPreTrainedModel):
                 )
             key_valid = attention_mask.bool()  # no host-side all() check: it would sync every decode step
             pad_mask = key_valid[:, -length:]
-        if position_ids is None:
-            if segments is not None:
-                starts = cu_seqlens.to(segments.device)[segments]
-                position_ids = (torch.arange(length, device=segments.device) - starts)[None]
-            elif key_valid is not None:
-                position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
-            else:
-                position_ids = torch.arange(past, past + length, device=hidden_states.device)[None].expand(
-                    batch, -1
+        if position_ids is not None:
+            if (
+                position_ids.ndim != 2
+                or position_ids.shape[1] != length
+                or position_ids.shape[0] not in (1, batch)
+            ):
+                raise ValueError(
+                    f"position_ids must have shape [{batch} or 1, {length}] (one per new token), "
+                    f"got {tuple(position_ids.shape)}"
                 )
-        elif (
-            position_ids.ndim != 2
-            or position_ids.shape[1] != length
-            or position_ids.shape[0] not in (1, batch)
-        ):
-            raise ValueError(
-                f"position_ids must have shape [{batch} or 1, {length}] (one per new token), "
-                f"got {tuple(position_ids.shape)}"
-            )
+        elif segments is not None:
+            starts = cu_seqlens.to(segments.device)[segments]
+            position_ids = (torch.arange(length, device=segments.device) - starts)[None]
+        elif static:
+            pass  # from the cache's device-side mask, inside the step (run_layers)
+        elif key_valid is not None:
+            position_ids = (key_valid.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        else:
+            position_ids = torch.arange(past, past + length, device=device)[None].expand(batch, -1)
+        return StepInputs(
+            length, position_ids, pad_mask, None if static else key_valid, cache, cu_seqlens, segments
+        )
 
+    def run_layers(
+        self, hidden_states: torch.Tensor, step: StepInputs, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """hidden_states [B, T, D] through the layers and the final norm; advances the cache. On a static
+        cache it only touches preallocated tensors and syncs nothing with the host (CUDA-graph safe).
+        Returns the normed hidden states and, if asked, the num_layers + 1 hidden states."""
+        cache, key_valid, position_ids = step.cache, step.key_valid, step.position_ids
         all_hidden_states = []
         with cache.transaction() if cache is not None else contextlib.nullcontext():
+            if isinstance(cache, PFlowStaticCache):
+                key_valid = cache.record_valid(step.pad_mask, step.length)
+                if position_ids is None:
+                    position_ids = cache.default_positions(step.length)
             for layer in self.layers:
                 if output_hidden_states:
                     all_hidden_states.append(hidden_states)
                 hidden_states = layer(
                     hidden_states,
                     position_ids,
-                    pad_mask=pad_mask,
+                    pad_mask=step.pad_mask,
                     key_valid=key_valid,
                     cache=cache,
-                    cu_seqlens=cu_seqlens,
-                    segments=segments,
+                    cu_seqlens=step.cu_seqlens,
+                    segments=step.segments,
                 )
             if cache is not None:
-                cache.advance(length)
+                cache.advance(step.length)
         hidden_states = self.norm(hidden_states)
-        if output_hidden_states:
-            all_hidden_states.append(hidden_states)
-        return output_with_cache(
-            BaseModelOutputWithPast,
-            cache,
-            last_hidden_state=hidden_states,
-            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
-        )
+        if not output_hidden_states:
+            return hidden_states, None
+        return hidden_states, (*all_hidden_states, hidden_states)
+
+
+@dataclass
+class StepInputs:
+    """A forward's resolved inputs: T new tokens, position_ids [B, T] (None on a static cache: computed in
+    the step), pad_mask [B, T] and key_valid [B, past + T] bool (True = real token) or None."""
+
+    length: int
+    position_ids: torch.Tensor | None
+    pad_mask: torch.Tensor | None
+    key_valid: torch.Tensor | None
+    cache: PFlowCache | None
+    cu_seqlens: torch.Tensor | None
+    segments: torch.Tensor | None
 
 
 def _check_input_ids(input_ids) -> None:
@@ -484,8 +571,17 @@ def _check_no_attention_weights(output_attentions: bool | None, config: PFlowCon
         )
 
 
-# Keyword arguments that PFlowForCausalLM.forward passes on to `self.loss_function`; any other is an error.
+# Keyword arguments that PFlowForCausalLM.forward passes on to `self.loss_function`.
 LOSS_KWARGS = ("num_items_in_batch", "ignore_index", "shift_labels")
+# Accepted and ignored on purpose: `cache_position` (older callers) - positions follow from the cache's token
+# count and the attention mask. Not a named parameter: transformers >= 5.24 would then make one per step.
+IGNORED_KWARGS = ("cache_position",)
+
+
+def _check_kwargs(model: str, kwargs: dict, allowed: tuple[str, ...]) -> None:
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise TypeError(f"{model}.forward got unexpected keyword arguments {unknown}")
 
 
 class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
@@ -497,6 +593,33 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def _graph_step(self, cache, input_ids, pad_mask, position_ids) -> torch.Tensor:
+        """One decode step on a static cache, as decode_graph.DecodeGraphs captures it: logits [B, 1, V]."""
+        step = StepInputs(input_ids.shape[1], position_ids, pad_mask, None, cache, None, None)
+        hidden_states, _ = self.model.run_layers(self.model.embed_tokens(input_ids), step)
+        return self.lm_head(hidden_states[:, -1:, :])
+
+    def _prepare_cache_for_generation(
+        self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+    ):
+        """As GenerationMixin's, and `cache_implementation="static"` makes a PFlowStaticCache (CUDA graphs
+        on a GPU unless PFLOW_CUDA_GRAPHS=0), which transformers would otherwise ignore for this model."""
+        wants_static = generation_config.cache_implementation == "static"
+        if (
+            not wants_static
+            or model_kwargs.get(CACHE_FIELD) is not None
+            or generation_config.use_cache is False
+        ):
+            return super()._prepare_cache_for_generation(
+                generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
+            )
+        if generation_config.max_cache_len is not None:
+            max_cache_length = max(max_cache_length, generation_config.max_cache_len)
+        rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
+        model_kwargs[CACHE_FIELD] = PFlowStaticCache(
+            self.config, rows, max_cache_length, dtype=self.dtype, device=self.device
+        )
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         """As GenerationMixin's, and never re-feeds prompt tokens that a passed cache has already seen."""
@@ -523,17 +646,30 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        cache_position: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cu_seqlens: torch.Tensor | None = None,
         cache: PFlowCache | None = None,
         **loss_kwargs,
     ) -> CausalLMOutputWithPast:
         """Labels [B, T] are the input ids (not shifted; -100 is ignored); logits_to_keep = n keeps the
-        last n positions. `loss_kwargs` (from Trainer) may only be LOSS_KWARGS; the rest as in PFlowModel."""
-        unknown = sorted(set(loss_kwargs) - set(LOSS_KWARGS))
-        if unknown:
-            raise TypeError(f"PFlowForCausalLM.forward got unexpected keyword arguments {unknown}")
+        last n positions. `loss_kwargs` (from Trainer) may be LOSS_KWARGS or IGNORED_KWARGS; the rest as in
+        PFlowModel."""
+        _check_kwargs("PFlowForCausalLM", loss_kwargs, LOSS_KWARGS + IGNORED_KWARGS)
+        loss_kwargs = {k: v for k, v in loss_kwargs.items() if k in LOSS_KWARGS}
+        cache = resolve_cache_argument(cache, past_key_values)
+        if _uses_decode_graph(cache, input_ids, labels, output_hidden_states, cu_seqlens):
+            step = self.model.prepare_step(
+                input_ids, attention_mask, position_ids, None, use_cache, output_attentions, None, cache
+            )
+            logits = cache.graphs.run(
+                functools.partial(self._graph_step, cache),
+                owner=self,
+                length=step.length,
+                input_ids=input_ids,
+                pad_mask=step.pad_mask,
+                position_ids=step.position_ids,
+            )
+            return output_with_cache(CausalLMOutputWithPast, cache, logits=logits)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -543,7 +679,7 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
             cu_seqlens=cu_seqlens,
-            cache=resolve_cache_argument(cache, past_key_values),
+            cache=cache,
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -565,6 +701,21 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
         )
+
+
+def _uses_decode_graph(cache, input_ids, labels, output_hidden_states, cu_seqlens) -> bool:
+    """Replay a CUDA graph for this forward: a token-by-token decode step on a static cache with graphs."""
+    return (
+        isinstance(cache, PFlowStaticCache)
+        and cache.graphs is not None
+        and input_ids is not None
+        and input_ids.ndim == 2
+        and input_ids.shape[1] == 1
+        and labels is None
+        and not output_hidden_states
+        and cu_seqlens is None
+        and not torch.is_grad_enabled()
+    )
 
 
 def cached_prefix_length(

@@ -1,0 +1,148 @@
+"""Generation speed through `model.generate()`: PFlow (eager dynamic cache, and the static cache whose decode
+steps replay as CUDA graphs) against fla's DeltaNet and transformers' Llama (dynamic cache, and static cache
+with torch.compile), one process, random weights, greedy decoding, bf16.
+
+    python benchmarks/bench_generate.py --out benchmarks/results/generate.json [--quick]
+
+For each model, batch B and prompt length P: `generate` with max_new_tokens = 1 (the prefill) and 1 + N;
+decode tokens/s = B * N / (t[1 + N] - t[1]); end-to-end new tokens/s = B * (1 + N) / t[1 + N]; peak memory
+of the longer call. A run that does not fit is recorded as "OOM". Sizes: the 340M shape of
+configs/deltanet-340m-r1.json (hidden 1024, 24 layers, 8 heads) and a Llama of equal parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from modeling_parallelflow import PFlowConfig, PFlowForCausalLM  # noqa: E402
+
+
+def pflow(rank: int):
+    config = PFlowConfig.from_json_file(str(ROOT / "configs" / "deltanet-340m-r1.json"))
+    config.rank = rank
+    return PFlowForCausalLM(config)
+
+
+def llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
+            num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=65536,
+            tie_word_embeddings=True, attn_implementation="sdpa",
+        )
+    )  # fmt: skip
+
+
+def fla_deltanet():
+    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
+
+    return DeltaNetForCausalLM(
+        DeltaNetConfig(
+            vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_heads=8, use_gate=False,
+            tie_word_embeddings=True, fuse_cross_entropy=False,
+        )
+    )  # fmt: skip
+
+
+# name -> (builder, generate() keyword arguments)
+PROVIDERS = {
+    "pflow-r1 eager": (lambda: pflow(1), {}),
+    "pflow-r1 static+graphs": (lambda: pflow(1), {"cache_implementation": "static"}),
+    "pflow-r4 eager": (lambda: pflow(4), {}),
+    "pflow-r4 static+graphs": (lambda: pflow(4), {"cache_implementation": "static"}),
+    "fla-deltanet": (fla_deltanet, {}),
+    "llama dynamic": (llama, {}),
+    # transformers compiles the forward itself for a compileable (static) cache on CUDA
+    "llama static+compile": (llama, {"cache_implementation": "static"}),
+}
+
+
+def timed_generate(model, ids, new_tokens: int, kwargs: dict) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def measure(model, batch: int, prompt: int, new_tokens: int, kwargs: dict) -> dict:
+    ids = torch.randint(3, 32000, (batch, prompt), device="cuda")
+    kwargs = {**kwargs, "pad_token_id": 0, "eos_token_id": None}
+    if kwargs.get("cache_implementation") == "static":
+        kwargs["max_cache_len"] = (
+            prompt + new_tokens + 1
+        )  # one cache size for both calls (one capture/compile)
+    timed_generate(model, ids, 1 + new_tokens, kwargs)  # warm-up: Triton/compile/graph capture
+    torch.cuda.reset_peak_memory_stats()
+    prefill = min(timed_generate(model, ids, 1, kwargs) for _ in range(2))
+    total = min(timed_generate(model, ids, 1 + new_tokens, kwargs) for _ in range(2))
+    return {
+        "decode_tokens_per_s": batch * new_tokens / max(total - prefill, 1e-9),
+        "new_tokens_per_s": batch * (1 + new_tokens) / total,
+        "prefill_s": prefill,
+        "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--quick", action="store_true", help="B in (1, 8), 512-token prompts, 32 new tokens")
+    parser.add_argument("--providers", default=",".join(PROVIDERS))
+    args = parser.parse_args()
+    batches, prompts, new_tokens = (
+        ((1, 8), (512,), 32) if args.quick else ((1, 8, 64), (512, 8192, 32768), 64)
+    )
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    results = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "commit": commit.stdout.strip(),
+        "new_tokens": new_tokens,
+        "rows": [],
+    }
+    for name in args.providers.split(","):
+        builder, kwargs = PROVIDERS[name]
+        try:
+            model = builder().to("cuda", torch.bfloat16).eval()
+        except ImportError as err:
+            results["rows"].append({"model": name, "skipped": str(err)})
+            continue
+        for batch in batches:
+            for prompt in prompts:
+                row = {"model": name, "batch": batch, "prompt": prompt}
+                try:
+                    with torch.no_grad():
+                        row.update(measure(model, batch, prompt, new_tokens, kwargs))
+                except torch.OutOfMemoryError:
+                    row["result"] = "OOM"
+                except Exception as err:  # noqa: BLE001 - one failing provider must not stop the table
+                    row["result"] = f"{type(err).__name__}: {str(err)[:300]}"
+                torch.cuda.empty_cache()
+                print(json.dumps(row), flush=True)
+                results["rows"].append(row)
+        del model
+        torch.cuda.empty_cache()
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, args.out)
+
+
+if __name__ == "__main__":
+    main()
