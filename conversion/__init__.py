@@ -4,7 +4,20 @@ One declarative key map per conversion (conversion/keymap.py), tensor surgery in
 (conversion/surgery.py), one module per source family, and a float64 reference of fla's models for checks.
 """
 
-from .convert import SOURCES, TARGETS, Options, Report, convert
-from .keymap import ConversionError, KeyMap, Rule
+import importlib
+
+from .formats import SOURCES, TARGETS
+
+# torch-using names load on first use, so `parallelflow convert --help` starts fast
+_LAZY = {name: ".convert" for name in ("Options", "Report", "convert")}
+_LAZY.update({name: ".keymap" for name in ("ConversionError", "KeyMap", "Rule")})
 
 __all__ = ["SOURCES", "TARGETS", "ConversionError", "KeyMap", "Options", "Report", "Rule", "convert"]
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value
+    return value

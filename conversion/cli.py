@@ -1,11 +1,10 @@
-"""`parallelflow convert`: checkpoints to and from the PFlow layout."""
+"""`parallelflow convert`: checkpoints to and from the PFlow layout. Imports torch only when it runs."""
 
 from __future__ import annotations
 
 import argparse
-import sys
 
-from .convert import SOURCES, TARGETS, Options, convert
+from .formats import SOURCES, TARGETS
 
 EPILOG = """\
 formats (SRC and DST are local folders in the save_pretrained layout; DST must not exist):
@@ -88,10 +87,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="run source and target (float64, CPU) on sample tokens; print the max logit difference",
     )
     parser.add_argument("--verify-tokens", type=int, default=64, help="tokens per sample row for --verify")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (transformers' too)")
 
 
 def run(args: argparse.Namespace) -> int:
+    from .convert import Options, convert
+
+    if args.no_progress:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
     options = Options(
         rank=args.rank,
         keep_attention_layers=args.keep_attention_layers,
@@ -101,19 +106,15 @@ def run(args: argparse.Namespace) -> int:
         max_shard_size=args.max_shard_size,
         progress=not args.no_progress,
     )
-    try:
-        report = convert(
-            args.source,
-            args.src,
-            args.dst,
-            target=args.target,
-            options=options,
-            verify=args.verify,
-            verify_tokens=args.verify_tokens,
-        )
-    except (ValueError, FileExistsError) as error:  # ConversionError, or an invalid config a library rejected
-        print(f"parallelflow convert: error: {error}", file=sys.stderr)
-        return 1
+    report = convert(  # a ConversionError (a ValueError) is printed as one line by the `parallelflow` command
+        args.source,
+        args.src,
+        args.dst,
+        target=args.target,
+        options=options,
+        verify=args.verify,
+        verify_tokens=args.verify_tokens,
+    )
     print(f"wrote {report.dst} ({report.target_format}, {report.num_tensors} tensors)")
     if report.created:
         print(f"  new tensors ({len(report.created)}), initialised: e.g. {', '.join(report.created[:3])}")

@@ -10,6 +10,7 @@ from modeling_parallelflow import PFlowConfig
 from modeling_parallelflow.training import atomic_dir
 
 from . import fla_deltanet, fla_deltaproduct, llama, pflow_rank
+from .formats import SOURCES, TARGETS
 from .io import (
     cast,
     checkpoint_dtype,
@@ -24,8 +25,6 @@ from .keymap import ConversionError, KeyMap
 from .shapes import fla_shapes, pflow_shapes
 from .verify import max_logit_difference
 
-SOURCES = ("fla-deltanet", "fla-deltaproduct", "llama", "pflow")
-TARGETS = ("pflow", "fla-deltanet")
 MODEL_TYPES = {
     "fla-deltanet": (fla_deltanet.MODEL_TYPE,),
     "fla-deltaproduct": (fla_deltaproduct.MODEL_TYPE,),

@@ -24,7 +24,7 @@ def _batch_size(text: str) -> int | str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="checkpoint folder or Hub id (loaded with trust_remote_code=True)")
+    parser.add_argument("model", help="checkpoint folder or Hub id")
     parser.add_argument(
         "--tasks",
         default=",".join(DEFAULT_TASKS),
@@ -35,7 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", help="Hub revision of MODEL")
     parser.add_argument("--batch-size", type=_batch_size, default=1, help="int or 'auto' (default: 1)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (default: auto)")
+    parser.add_argument(
+        "--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"), help="(default: auto)"
+    )
     parser.add_argument("--limit", type=float, help="docs per task: a count (>= 1) or a fraction (< 1)")
     parser.add_argument(
         "--max-length",
@@ -53,6 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-samples", action="store_true", help="also write every request to samples.jsonl"
     )
     parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with MODEL (only architectures this package does not provide need it)",
+    )
     parser.add_argument(
         "--output-dir", help="where results.{json,md,png} go (default: runs/eval/<model folder name>)"
     )
@@ -80,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             include_paths=args.include_path,
             log_samples=args.log_samples,
             seed=args.seed,
+            trust_remote_code=args.trust_remote_code,
         )
     except TaskUnavailableError as err:
         print(f"parallelflow eval: {err}", file=sys.stderr)

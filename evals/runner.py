@@ -1,8 +1,9 @@
 """Run lm-eval's `simple_evaluate` on a PFlow checkpoint (local folder or Hub id), with the bundled suite.
 
 The model is loaded by lm-eval's own `hf` backend (`HFLM`) from the same arguments the harness CLI takes
-(`pretrained=...,trust_remote_code=True,peft=...`), so `parallelflow eval` and `lm_eval --model hf` score a
-checkpoint the same way. Task names pass through to the harness; names that need a Hub dataset which is not
+(`pretrained=...,peft=...`), so `parallelflow eval` and `lm_eval --model hf` score a checkpoint the same way.
+PFlow checkpoints load through this installed package; code shipped with a checkpoint runs only with
+`trust_remote_code=True`. Task names pass through to the harness; names that need a Hub dataset which is not
 cached (offline, or no network) fail up front with `TaskUnavailableError`, naming every such task.
 """
 
@@ -36,7 +37,7 @@ def model_args(
     dtype: str = "auto",
     max_length: int | None = None,
     revision: str | None = None,
-    trust_remote_code: bool = True,
+    trust_remote_code: bool = False,
 ) -> dict[str, Any]:
     """The `--model_args` of `lm_eval --model hf` for this checkpoint, as a dict."""
     args: dict[str, Any] = {"pretrained": model, "trust_remote_code": trust_remote_code, "dtype": dtype}
@@ -99,11 +100,13 @@ def evaluate(
     include_paths: Sequence[str | Path] = (),
     log_samples: bool = False,
     seed: int = 1234,
+    trust_remote_code: bool = False,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     """Evaluate `model` (a folder or Hub id) on `tasks`; returns lm-eval's results dict plus `"run"` info.
 
     `limit` < 1 is a fraction of each task's docs, >= 1 a count (as in lm-eval). `batch_size` may be "auto".
+    Python files shipped with `model` run only with `trust_remote_code=True`.
     """
     if not tasks:
         raise ValueError("tasks must name at least one task or group")
@@ -111,15 +114,24 @@ def evaluate(
         raise ValueError(f"batch_size must be >= 1 or 'auto', got {batch_size}")
     if limit is not None and limit <= 0:
         raise ValueError(f"limit must be positive, got {limit}")
-    import lm_eval
+    from modeling_parallelflow import register
+    from modeling_parallelflow.errors import require
+    from modeling_parallelflow.loading import check_source
 
-    # Registers PFlow with the Auto classes: this package's code (Triton kernels included) then takes
-    # precedence over the copy saved next to a checkpoint's weights.
-    import modeling_parallelflow  # noqa: F401
+    lm_eval = require("lm_eval", "evaluation")
+    check_source(model)
+    # PFlow with the Auto classes: this package's code (Triton kernels included) serves PFlow checkpoints.
+    register()
 
     device = device or default_device()
     args = model_args(
-        model, peft=peft, tokenizer=tokenizer, dtype=dtype, max_length=max_length, revision=revision
+        model,
+        peft=peft,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        max_length=max_length,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
     )
     manager = task_manager(tasks, include_paths)
     log(f"[eval] checking tasks: {', '.join(tasks)}")

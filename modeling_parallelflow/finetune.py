@@ -5,11 +5,12 @@ Data: a plain text file (one document), or JSONL with one object per line, eithe
 example per line, loss on the completion only). The last --eval-fraction of the blocks/examples is held out
 for the evaluation loss unless --eval-file is given.
 
-Output (--output-dir, written atomically at the end): the adapter (adapter_config.json,
-adapter_model.safetensors) or, with --full, the whole model with its code files; the tokenizer;
-`parallelflow_meta.json` (base model, data, hyperparameters, eval loss: the model card reads it);
+Arguments: `finetune_cli.py`. Output (--output-dir, written atomically at the end): the adapter
+(adapter_config.json, adapter_model.safetensors) or, with --full, the whole model with its code files; the
+tokenizer; `parallelflow_meta.json` (base model, data, hyperparameters, eval loss: the model card reads it);
 `loss.png`. Trainer checkpoints go to --checkpoint-dir (default: OUTPUT_DIR-checkpoints) every
---save-steps steps and at the end; `--resume` continues from the latest one there (or from a given path).
+--save-steps steps and at the end; `--resume` continues from the newest complete one there (or a given
+path).
 """
 
 from __future__ import annotations
@@ -22,19 +23,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-from transformers import (
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments, set_seed
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from .errors import require
 from .hub import write_meta
-from .peft_support import LORA_TARGET_MODULES, register_lora_target_modules
+from .loading import load_causal_lm
+from .loading import load_tokenizer as load_any_tokenizer
 from .training import LossPlotCallback, TokenBlockDataset, atomic_dir, concat_token_ids
 
 TEXT, PROMPT_COMPLETION = "text", "prompt_completion"
@@ -50,13 +46,18 @@ def read_records(path: str | Path) -> tuple[str, list]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data file {str(path)!r} does not exist")
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(
+            f"data file {str(path)!r} is not UTF-8 text ({err.reason} at byte {err.start}); convert it first"
+        ) from None
     if path.suffix != ".jsonl":
-        text = path.read_text(encoding="utf-8")
-        if not text.strip():
+        if not content.strip():
             raise ValueError(f"data file {str(path)!r} is empty")
-        return TEXT, [text]
+        return TEXT, [content]
     kinds, records = set(), []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(content.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -194,31 +195,26 @@ def load_model(
     lora_alpha: float = 32.0,
     lora_dropout: float = 0.0,
     target_modules: list[str] | None = None,
+    trust_remote_code: bool = False,
 ) -> PreTrainedModel:
-    """The base causal LM in float32 (mixed precision is the Trainer's job), wrapped in a LoRA PeftModel
-    unless `full`. `target_modules=None` takes the "parallelflow" defaults (LORA_TARGET_MODULES)."""
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    """The base causal LM in float32 (mixed precision is the Trainer's job), loaded strictly, wrapped in a
+    LoRA PeftModel unless `full`. `target_modules=None` takes the "parallelflow" defaults."""
+    peft = None if full else require("peft", "LoRA fine-tuning (or pass --full)")
+    model = load_causal_lm(base, trust_remote_code=trust_remote_code, dtype=torch.float32)
     if full:
         return model
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as err:
-        raise ImportError(
-            "LoRA fine-tuning needs peft: pip install 'parallelflow[peft]' (or pass --full)"
-        ) from err
-    register_lora_target_modules()
-    config = LoraConfig(
+    config = peft.LoraConfig(
         task_type="CAUSAL_LM",
         r=lora_r,
         lora_alpha=lora_alpha,
         lora_dropout=lora_dropout,
         target_modules=target_modules,
     )
-    return get_peft_model(model, config)
+    return peft.get_peft_model(model, config)
 
 
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(path)
+def load_tokenizer(path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    tokenizer = load_any_tokenizer(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -246,18 +242,42 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
+def is_complete_checkpoint(path: Path) -> bool:
+    """A Trainer checkpoint folder a run can resume from: its trainer state and its weights (or adapter)."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+    return (path / TRAINER_STATE_NAME).is_file() and any((path / name).is_file() for name in weights)
+
+
+def newest_complete_checkpoint(folder: Path) -> Path | None:
+    """The complete checkpoint-N in `folder` with the largest N; None when there is none."""
+    steps = {}
+    for path in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if folder.is_dir() else ():
+        suffix = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
+        if suffix.isdigit() and is_complete_checkpoint(path):
+            steps[int(suffix)] = path
+    return steps[max(steps)] if steps else None
+
+
 def resolve_resume(resume: str | None, checkpoint_dir: Path) -> str | None:
-    """`--resume` alone ("latest") -> the newest checkpoint-N in `checkpoint_dir`; a path -> itself."""
+    """`--resume` alone ("latest") -> the newest complete checkpoint-N in `checkpoint_dir`; a path -> itself
+    or, when a crash left it without its trainer state or weights, the newest complete one next to it."""
     if resume is None:
         return None
     if resume != "latest":
-        if not Path(resume).is_dir():
+        path = Path(resume)
+        if not path.is_dir():
             raise ValueError(f"--resume checkpoint {resume!r} does not exist")
-        return resume
-    last = get_last_checkpoint(str(checkpoint_dir)) if checkpoint_dir.is_dir() else None
+        if is_complete_checkpoint(path):
+            return resume
+        checkpoint_dir = path.parent
+        print(
+            f"--resume: {resume} is incomplete (no {TRAINER_STATE_NAME} or weights); "
+            "taking the newest complete checkpoint next to it"
+        )
+    last = newest_complete_checkpoint(checkpoint_dir)
     if last is None:
-        raise ValueError(f"--resume: no checkpoint-N folder in {checkpoint_dir}")
-    return last
+        raise ValueError(f"--resume: no complete {PREFIX_CHECKPOINT_DIR}-N folder in {checkpoint_dir}")
+    return str(last)
 
 
 def training_arguments(args: argparse.Namespace, checkpoint_dir: Path, has_eval: bool) -> TrainingArguments:
@@ -288,58 +308,6 @@ def training_arguments(args: argparse.Namespace, checkpoint_dir: Path, has_eval:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("base", help="base checkpoint: a local folder or a Hub repo id")
-    parser.add_argument("data", help="training data: a text file, or .jsonl with text or prompt/completion")
-    parser.add_argument("--output-dir", "-o", required=True, help="where the adapter (or model) is saved")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output-dir if it exists")
-    parser.add_argument("--checkpoint-dir", help="Trainer checkpoints (default: OUTPUT_DIR-checkpoints)")
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        help="resume from the latest checkpoint in --checkpoint-dir, or PATH",
-    )
-    parser.add_argument("--tokenizer", help="tokenizer folder or repo id (default: the base checkpoint)")
-    parser.add_argument("--eval-file", help="held-out data in the same format (default: split --data)")
-    parser.add_argument(
-        "--eval-fraction", type=float, default=0.1, help="held-out share of the data (default 0.1)"
-    )
-    parser.add_argument("--full", action="store_true", help="train every weight instead of a LoRA adapter")
-    parser.add_argument("--lora-r", type=int, default=16)
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument(
-        "--target-modules",
-        nargs="+",
-        help=f"LoRA target module names (default: {' '.join(LORA_TARGET_MODULES)}; b_proj, g_proj optional)",
-    )
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    parser.add_argument(
-        "--epochs", type=float, default=1.0, help="training epochs (ignored with --max-steps)"
-    )
-    parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (default: from --epochs)")
-    parser.add_argument("--learning-rate", type=float, help="default 2e-4 with LoRA, 2e-5 with --full")
-    parser.add_argument("--lr-scheduler", default="cosine", help="Trainer lr_scheduler_type (default cosine)")
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--weight-decay", type=float, default=0.0)
-    parser.add_argument("--logging-steps", type=int, default=10)
-    parser.add_argument(
-        "--eval-steps", type=int, default=0, help="evaluate every N steps (default: at the end)"
-    )
-    parser.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps; 0: none")
-    parser.add_argument("--save-total-limit", type=int, default=2, help="checkpoints kept (default 2)")
-    parser.add_argument(
-        "--precision", choices=("auto", "bf16", "fp32"), default="auto", help="auto: bf16 on a GPU, else fp32"
-    )
-    parser.add_argument(
-        "--gradient-checkpointing", action="store_true", help="recompute activations in backward"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-
-
 def _check_args(args: argparse.Namespace) -> None:
     for name in ("batch_size", "grad_accum", "lora_r", "logging_steps"):
         if getattr(args, name) < 1:
@@ -355,7 +323,8 @@ def _check_args(args: argparse.Namespace) -> None:
         args.learning_rate = 2e-5 if args.full else 2e-4
 
 
-def run(args: argparse.Namespace) -> int:
+def run_finetune(args: argparse.Namespace) -> int:
+    """Fine-tuning with `finetune_cli.add_arguments`' arguments; 0 on success, 2 when --output-dir exists."""
     _check_args(args)
     output_dir = Path(args.output_dir)
     if output_dir.exists() and not args.overwrite:
@@ -369,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
     base = str(Path(args.base).resolve()) if Path(args.base).is_dir() else args.base
     set_seed(args.seed)
 
-    tokenizer = load_tokenizer(args.tokenizer or base)
+    tokenizer = load_tokenizer(args.tokenizer or base, trust_remote_code=args.trust_remote_code)
     train, evaluation, data_summary = build_datasets(
         tokenizer, args.data, args.seq_len, eval_fraction=args.eval_fraction, eval_data=args.eval_file
     )
@@ -384,6 +353,7 @@ def run(args: argparse.Namespace) -> int:
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=args.target_modules,
+        trust_remote_code=args.trust_remote_code,
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     kind = "full" if args.full else "LoRA"

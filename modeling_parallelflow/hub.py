@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from .errors import CheckpointError, HubError, one_line
+from .loading import REPO_ID
+
 META_FILE = "parallelflow_meta.json"
 DEFAULT_COMMIT_MESSAGE = "Upload ParallelFlow model"
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def write_meta(directory: str | Path, meta: dict[str, Any]) -> Path:
@@ -74,7 +75,7 @@ def find_eval_results(directory: str | Path) -> dict[str, dict[str, float]]:
 
 def _display_source(name: str) -> str:
     """A repo id as is; a local path by its folder name only (no user paths in a public card)."""
-    return name if _REPO_ID.match(name) and not Path(name).exists() else Path(name).name
+    return name if REPO_ID.match(name) and not Path(name).exists() else Path(name).name
 
 
 def _eval_rows(evals: dict[str, dict[str, float]]) -> list[str]:
@@ -88,6 +89,28 @@ def _eval_rows(evals: dict[str, dict[str, float]]) -> list[str]:
             shown = metric if kind in ("", "none") else f"{metric} ({kind})"
             rows.append(f"| {task} | {shown} | {value:.4f} | {'' if stderr is None else f'{stderr:.4f}'} |")
     return rows
+
+
+def _data_line(data: dict[str, Any]) -> str:
+    """`- data: NAME (format, records, files, tokens)` with whichever of these the metadata records."""
+    source = Path(data["path"]).name if data.get("path") else data.get("source", "not recorded")
+    details = [data["format"]] if "format" in data else []
+    for key, unit in (("records", "records"), ("train_files", "files"), ("train_tokens", "training tokens")):
+        if key in data:
+            details.append(f"{data[key]:,} {unit}")
+    return f"- data: {source}" + (f" ({', '.join(details)})" if details else "")
+
+
+def _training_line(training: dict[str, Any]) -> str:
+    """`- N steps, batch B x T tokens, learning rate LR, precision` with whichever of these are recorded."""
+    parts = [f"{training['steps']} steps"] if "steps" in training else []
+    if "batch_size" in training and "seq_len" in training:
+        parts.append(f"batch {training['batch_size']} x {training['seq_len']} tokens")
+    if "learning_rate" in training:
+        parts.append(f"learning rate {training['learning_rate']:g}")
+    if "precision" in training:
+        parts.append(training["precision"])
+    return "- " + (", ".join(parts) or "training settings not recorded")
 
 
 def model_card(
@@ -170,15 +193,9 @@ def model_card(
     if base:
         lines.append(f"- base model: {_display_source(base)} ({meta.get('kind', 'fine-tuned')})")
     if data:
-        lines.append(
-            f"- data: {Path(data['path']).name} ({data['format']}, {data['records']:,} records, "
-            f"{data['train_tokens']:,} training tokens)"
-        )
+        lines.append(_data_line(data))
     if training:
-        lines.append(
-            f"- {training['steps']} steps, batch {training['batch_size']} x {training['seq_len']} tokens, "
-            f"learning rate {training['learning_rate']:g}, {training['precision']}"
-        )
+        lines.append(_training_line(training))
         if "lora" in training:
             lora = training["lora"]
             lines.append(
@@ -197,22 +214,24 @@ def model_card(
     return "\n".join(lines).rstrip() + "\n"
 
 
-def _load(src: Path, tokenizer: str | Path | None):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _load(src: Path, tokenizer: str | Path | None, trust_remote_code: bool):
+    from .loading import load_causal_lm, load_tokenizer
 
+    if not src.is_dir():
+        raise FileNotFoundError(f"no such checkpoint folder: {src}")
     if (src / "adapter_config.json").is_file():
-        raise ValueError(
+        raise CheckpointError(
             f"{src} holds a LoRA adapter; merge it first (parallelflow merge BASE {src} MERGED_DIR) "
             "and push MERGED_DIR"
         )
     if not (src / "config.json").is_file():
-        raise ValueError(f"{src} is not a checkpoint folder (no config.json)")
-    model = AutoModelForCausalLM.from_pretrained(src, dtype="auto")
+        raise CheckpointError(f"{src} is not a checkpoint folder (no config.json)")
+    model = load_causal_lm(src, trust_remote_code=trust_remote_code, dtype="auto")
     try:
-        tok = AutoTokenizer.from_pretrained(tokenizer or src)
+        tok = load_tokenizer(tokenizer or src, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ValueError(
-            f"no tokenizer in {tokenizer or src} ({err}); pass tokenizer= (--tokenizer)"
+        raise CheckpointError(
+            f"no tokenizer in {tokenizer or src} ({one_line(err)}); pass tokenizer= (--tokenizer)"
         ) from err
     return model, tok
 
@@ -224,6 +243,7 @@ def prepare_folder(
     repo_id: str,
     tokenizer: str | Path | None = None,
     eval_results: list[str | Path] | None = None,
+    trust_remote_code: bool = False,
 ) -> list[str]:
     """Write the Hub folder for checkpoint `src` into the empty/new folder `dst`; the file names written.
 
@@ -232,9 +252,9 @@ def prepare_folder(
     of `src` and the evaluation results of the `eval_results` files (default: those found in `src`).
     """
     src, dst = Path(src), Path(dst)
-    if not _REPO_ID.match(repo_id):
+    if not REPO_ID.match(repo_id):
         raise ValueError(f"repo_id must look like 'owner/name', got {repo_id!r}")
-    model, tok = _load(src, tokenizer)
+    model, tok = _load(src, tokenizer, trust_remote_code)
     generation = model.generation_config
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if getattr(generation, name, None) is None and getattr(tok, name) is not None:
@@ -260,21 +280,45 @@ def push_to_hub(
     commit_message: str = DEFAULT_COMMIT_MESSAGE,
     tokenizer: str | Path | None = None,
     eval_results: list[str | Path] | None = None,
+    trust_remote_code: bool = False,
     api=None,
 ):
     """Upload checkpoint `src` (model, code files, generation config, tokenizer, model card) to `repo_id`,
     creating the repo if needed. `api` defaults to `huggingface_hub.HfApi()` (token from `hf auth login`
-    or HF_TOKEN). Returns `upload_folder`'s result (a CommitInfo)."""
-    if api is None:
-        from huggingface_hub import HfApi
+    or HF_TOKEN). Returns `upload_folder`'s result (a CommitInfo). HubError when the Hub cannot be reached
+    or refuses the upload."""
+    from huggingface_hub import HfApi
 
-        api = HfApi()
+    api = HfApi() if api is None else api
     with tempfile.TemporaryDirectory(prefix="parallelflow-push-") as tmp:
-        prepare_folder(src, tmp, repo_id=repo_id, tokenizer=tokenizer, eval_results=eval_results)
-        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-        return api.upload_folder(
-            repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message
+        prepare_folder(
+            src,
+            tmp,
+            repo_id=repo_id,
+            tokenizer=tokenizer,
+            eval_results=eval_results,
+            trust_remote_code=trust_remote_code,
         )
+        try:
+            api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=tmp, repo_type="model", commit_message=commit_message
+            )
+        except _network_errors() as err:
+            raise HubError(
+                f"cannot upload to the Hugging Face Hub ({one_line(err)}); check the network and your login "
+                "(hf auth login, or HF_TOKEN)"
+            ) from err
+
+
+def _network_errors() -> tuple[type[Exception], ...]:
+    """What an unreachable or refusing Hub raises: OSError (offline mode, no token) and the errors of
+    huggingface_hub's HTTP client (httpx2 for huggingface_hub 2.x, httpx for 1.x), HfHubHTTPError included."""
+    try:
+        from httpx2 import HTTPError
+    except ImportError:
+        from httpx import HTTPError
+    return OSError, HTTPError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -290,6 +334,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lm-eval results files for the card, e.g. `parallelflow eval`'s results.json "
         "(default: *.json with a results table in DIR or DIR/evals)",
     )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run Python code shipped with DIR (needed only for architectures this package does not provide)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -300,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         tokenizer=args.tokenizer,
         eval_results=args.eval_results,
+        trust_remote_code=args.trust_remote_code,
     )
     print(f"pushed {args.dir} to {getattr(commit, 'commit_url', None) or args.repo_id}")
     return 0

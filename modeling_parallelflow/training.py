@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 import shutil
+import socket
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -153,23 +155,28 @@ class ProgressBarCallback(TrainerCallback):
             self.bar = None
 
 
-class TimeBudgetCallback(TrainerCallback):
-    """Stops training at the end of the first step that finishes after `seconds` of training."""
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
 
-    def __init__(self, seconds: float):
-        if seconds <= 0:
-            raise ValueError(f"seconds must be positive, got {seconds}")
-        self.seconds = seconds
-        self.start: float | None = None
-        self.stopped_early = False
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start >= self.seconds and state.global_step < state.max_steps:
-            control.should_training_stop = True
-            self.stopped_early = True
+def remove_stale_staging(target: str | os.PathLike) -> list[Path]:
+    """Remove the staging dirs `atomic_dir(target)` left behind when its process died (kill -9, power loss):
+    those made on this host by a process that no longer runs. A live writer's staging dir is kept."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(?P<host>.+)-(?P<pid>\d+)\.[^.]+\.tmp$")
+    removed = []
+    for path in target.parent.glob(f".{glob.escape(target.name)}.*.tmp"):
+        match = pattern.match(path.name)
+        if match and match["host"] == socket.gethostname() and not _process_alive(int(match["pid"])):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 @contextlib.contextmanager
@@ -177,13 +184,16 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     """Yield a fresh staging dir next to `path`; on success rename it to `path`, on error remove it.
 
     Refuses (FileExistsError) when `path` exists, unless `overwrite`, in which case the old `path` is
-    replaced only once the new one is complete.
+    replaced only once the new one is complete. Staging dirs of earlier writers of `path` that died are
+    removed first (`remove_stale_staging`).
     """
     target = Path(path)
     if target.exists() and not overwrite:
         raise FileExistsError(f"{target} already exists; remove it or choose another path")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    remove_stale_staging(target)
+    owner = f"{socket.gethostname()}-{os.getpid()}"
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.{owner}.", suffix=".tmp", dir=target.parent))
     os.chmod(staging, 0o755)
     try:
         yield staging

@@ -10,21 +10,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from modeling_parallelflow import cli
+from modeling_parallelflow.errors import CheckpointError
 from modeling_parallelflow.finetune import (
     PromptCompletionDataset,
     build_datasets,
     pad_collator,
     read_records,
     resolve_precision,
+    resolve_resume,
 )
-from modeling_parallelflow.finetune_merge import merge_adapter
-from modeling_parallelflow.hub import read_meta
+from modeling_parallelflow.finetune_merge import merge_adapter, merge_to_dir
+from modeling_parallelflow.hub import push_to_hub, read_meta
 from modeling_parallelflow.peft_support import LORA_TARGET_MODULES, register_lora_target_modules
 from modeling_parallelflow.tokenizer import build_tokenizer
+from tests.hub_helpers import RecordingHubApi
 from tests.model_helpers import run_without_package, tiny_model
 
 peft = pytest.importorskip("peft")
@@ -105,10 +108,10 @@ def test_target_modules_none_takes_the_parallelflow_defaults():
     assert not any("conv1d" in name or "b_proj" in name for name in targets)
 
 
-def test_importing_the_package_registers_lora_defaults():
+def test_using_the_package_registers_lora_defaults():
     script = textwrap.dedent(
         """
-        import modeling_parallelflow
+        from modeling_parallelflow import PFlowForCausalLM
         from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
         assert "parallelflow" in mapping, sorted(mapping)
         """
@@ -118,6 +121,23 @@ def test_importing_the_package_registers_lora_defaults():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+@pytest.mark.skipif(
+    "peft_support" not in (REPO / "modeling_parallelflow" / "modeling_parallelflow.py").read_text(),
+    reason="the saved modeling code does not import peft_support yet",
+)
+def test_default_lora_targets_through_remote_code_without_package(base, tmp_path):
+    script = f"""
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(base)!r}, trust_remote_code=True)
+        assert type(model).__module__.startswith("transformers_modules")
+        lora = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
+        print("TARGETS", sorted(lora.peft_config["default"].target_modules))
+    """
+    result = run_without_package(script, tmp_path)
+    assert f"TARGETS {sorted(LORA_TARGET_MODULES)}" in result.stdout, result.stderr[-3000:]
 
 
 def test_adapter_save_reload_gives_identical_logits(base, tmp_path):
@@ -215,6 +235,52 @@ def test_merge_equals_the_adapted_model_and_reloads(base, lora_run, tmp_path):
     assert torch.equal(logits(reloaded, ids), logits(merged, ids))
     assert cli.main(["merge", str(base), str(lora_run), str(dst)]) == 2  # refuses to overwrite
 
+    api = RecordingHubApi(tmp_path / "hub-cache")
+    push_to_hub(dst, "pflow-org/merged", api=api)
+    card = next((tmp_path / "hub-cache").rglob("README.md")).read_text()
+    assert "LoRA r=8" in card and "(merged)" in card and "model.safetensors" in api.uploaded
+
+
+def test_merge_checks_the_adapter_against_the_base_before_writing(base, lora_run, tmp_path, capsys):
+    other = make_base_checkpoint(tmp_path / "other-vocab", name="tiny")  # another architecture and tokenizer
+    dst = tmp_path / "merged"
+    assert cli.main(["merge", str(other), str(lora_run), str(dst)]) == 1
+    assert "does not fit this base" in capsys.readouterr().err and not dst.exists()
+
+    bigger = tmp_path / "bigger-vocab"  # same weights, a tokenizer with more tokens than embedding rows
+    shutil.copytree(lora_run, bigger)
+    tokenizer = build_tokenizer([TEXT + " zebra quokka axolotl"] * 3, vocab_size=600, min_frequency=1)
+    tokenizer.save_pretrained(bigger)
+    with pytest.raises(CheckpointError, match="trained on another base"):
+        merge_to_dir(base, bigger, dst)
+    assert not dst.exists()
+
+    truncated = tmp_path / "truncated"  # one LoRA tensor removed
+    shutil.copytree(lora_run, truncated)
+    weights = load_file(truncated / "adapter_model.safetensors")
+    removed = sorted(weights)[0]
+    weights.pop(removed)
+    save_file(weights, truncated / "adapter_model.safetensors")
+    assert cli.main(["merge", str(base), str(truncated), str(dst)]) == 1
+    err = capsys.readouterr().err
+    assert f"missing {removed}" in err and not dst.exists()
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint(tmp_path):
+    for step, files in ((10, ("trainer_state.json", "adapter_model.safetensors")),
+                        (20, ("trainer_state.json", "adapter_model.safetensors")),
+                        (30, ("adapter_model.safetensors",))):  # fmt: skip
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_text("{}")
+    assert resolve_resume("latest", tmp_path) == str(tmp_path / "checkpoint-20")
+    assert resolve_resume(str(tmp_path / "checkpoint-30"), tmp_path / "elsewhere") == str(
+        tmp_path / "checkpoint-20"
+    )
+    assert resolve_resume(str(tmp_path / "checkpoint-10"), tmp_path) == str(tmp_path / "checkpoint-10")
+    with pytest.raises(ValueError, match="no complete checkpoint-N"):
+        resolve_resume("latest", tmp_path / "empty")
+
 
 def test_full_finetune_on_prompt_completion_with_gradient_checkpointing(base, tmp_path):
     pairs = [
@@ -237,6 +303,11 @@ def test_full_finetune_on_prompt_completion_with_gradient_checkpointing(base, tm
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = sample_ids(base)
     assert not torch.equal(logits(model, ids), logits(AutoModelForCausalLM.from_pretrained(base), ids))
+
+    api = RecordingHubApi(tmp_path / "hub-cache")
+    push_to_hub(out, "pflow-org/full", api=api)
+    card = next((tmp_path / "hub-cache").rglob("README.md")).read_text()
+    assert "(full)" in card and "pairs.jsonl (prompt_completion, 40 records" in card
 
 
 # ----- data and options ------------------------------------------------------------------------------------
@@ -296,5 +367,6 @@ def test_existing_output_and_missing_checkpoint_are_refused(base, tmp_path, caps
     (tmp_path / "out").mkdir()
     assert cli.main(["finetune", str(base), str(tmp_path / "data.txt"), "-o", str(tmp_path / "out")]) == 2
     assert "--overwrite" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--resume: no checkpoint"):
-        cli.main(["finetune", str(base), str(tmp_path / "data.txt"), "-o", str(tmp_path / "new"), "--resume"])
+    argv = ["finetune", str(base), str(tmp_path / "data.txt"), "-o", str(tmp_path / "new"), "--resume"]
+    assert cli.main(argv) == 1
+    assert "--resume: no complete checkpoint-N folder" in capsys.readouterr().err

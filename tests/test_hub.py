@@ -2,9 +2,7 @@
 folder back by repo id from an offline Hub cache in a fresh process without the package."""
 
 import json
-import shutil
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,11 +12,11 @@ from transformers.dynamic_module_utils import get_relative_import_files
 import modeling_parallelflow.modeling_parallelflow as modeling_file
 from modeling_parallelflow import cli
 from modeling_parallelflow.hub import find_eval_results, model_card, push_to_hub, write_meta
+from tests.hub_helpers import SHA, RecordingHubApi
 from tests.model_helpers import run_without_package, tiny_config, tiny_model
 from tests.test_finetune import make_base_checkpoint, sample_ids
 
 REPO_ID = "pflow-org/tiny-hybrid"
-SHA = "0123456789abcdef0123456789abcdef01234567"
 META = {
     "kind": "merged",
     "base_model": "pflow-org/tiny-base",
@@ -33,30 +31,6 @@ LM_EVAL_RESULTS = {
                                  "perplexity,none": 123.4, "perplexity_stderr,none": 5.6}},
     "config": {"model": "hf"},
 }  # fmt: skip
-
-
-class RecordingHubApi:
-    """Stands in for `huggingface_hub.HfApi`: records the calls and lays each upload out as the Hub cache
-    would after a download (HF_HUB_CACHE/models--org--name/refs/main + snapshots/<sha>/...)."""
-
-    def __init__(self, cache: Path):
-        self.cache = cache
-        self.calls: list[tuple[str, str, dict]] = []
-        self.uploaded: list[str] = []
-
-    def create_repo(self, repo_id, **kwargs):
-        self.calls.append(("create_repo", repo_id, kwargs))
-        return f"https://huggingface.co/{repo_id}"
-
-    def upload_folder(self, *, repo_id, folder_path, **kwargs):
-        self.calls.append(("upload_folder", repo_id, kwargs))
-        folder = Path(folder_path)
-        self.uploaded = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-        repo = self.cache / f"models--{repo_id.replace('/', '--')}"
-        shutil.copytree(folder, repo / "snapshots" / SHA)
-        (repo / "refs").mkdir(parents=True)
-        (repo / "refs" / "main").write_text(SHA)
-        return SimpleNamespace(commit_url=f"https://huggingface.co/{repo_id}/commit/{SHA}", oid=SHA)
 
 
 def expected_upload(tokenizer_dir: Path, tmp_path: Path) -> set[str]:
