@@ -28,15 +28,17 @@ import re
 import select
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
 
 POISON_ENV = "PFLOW_TRITON_POISON"
 TUNE_ENV = "PFLOW_SWEEP_TUNE"
-# Relative error bounds per input dtype (output, state and every gradient); measured on an H200,
-# benchmarks/results/gpu_sweep_<commit>.json and tests/README.md.
-TOLERANCES = {"bfloat16": 1.5e-2, "float16": 2.5e-3, "float32": 2e-4}
+# Relative error bounds per input dtype (output, final state and every gradient). Measured on an H200
+# (benchmarks/results/gpu_sweep_*.json): worst bf16 8e-3, fp16 1.2e-3, fp32 (3xTF32 dots) 1e-6; bf16 and
+# fp16 are the rounding of the states and corrected values the kernels keep in the input dtype.
+TOLERANCES = {"bfloat16": 1.5e-2, "float16": 2.5e-3, "float32": 2e-5}
 HEAD_DIMS = (16, 32, 48, 64, 96, 128, 192, 256)
 MIXED_DIMS = ((16, 64), (64, 16), (32, 128), (128, 32), (48, 96), (96, 48), (32, 256), (256, 32), (16, 256))
 CU_SEQLENS = (0, 1, 1, 40, 64, 65, 200, 300)  # an empty sequence, a 1-token one, chunk-size edges
@@ -94,6 +96,12 @@ def full_cases() -> list[dict]:
             for b in (1, 3, 64):  # the float64 loop keeps B H K V T R (product) values per step
                 if b * 2 * k * k * t * (r if m == "product" else 1) <= 1 << 27:
                     cases.append(case(B=b, T=t, R=r, K=k, mode=m, h0=b != 1))
+    for b, t, r, k, dtype in (
+        (64, 16, 8, 256, "bfloat16"),
+        (64, 16, 1, 256, "float32"),
+        (64, 40, 8, 128, "bfloat16"),
+    ):
+        cases.append(case(B=b, T=t, R=r, K=k, dtype=dtype))  # many programs: the scans' widest V blocks
     for i, k in enumerate((16, 32, 64, 128)):  # smaller chunks: C * R = 16 and 32 rows
         for j, (r, chunk) in enumerate(((1, 16), (1, 32), (2, 16), (3, 16))):
             cases.append(case(R=r, K=k, mode=("sum", "product")[(i + j) % 2], chunk=chunk))
@@ -122,15 +130,16 @@ def full_cases() -> list[dict]:
 
 
 def sanitizer_cases() -> list[dict]:
-    """Small shapes for compute-sanitizer (slow): the small head dims of issue #18, every kernel."""
+    """Small shapes for compute-sanitizer (slow): the small head dims of issue #18 and every kernel."""
     cases = [
-        case(B=2, T=40, R=r, K=k, mode=m) for k in (16, 32) for r in (1, 2, 4, 8) for m in ("sum", "product")
+        case(B=2, T=20, R=r, K=k, mode=m) for k in (16, 32) for r in (1, 2, 4, 8) for m in ("sum", "product")
     ]
-    cases += [case(B=2, T=40, R=r, K=k, V=v) for k, v in ((16, 64), (48, 96), (256, 32)) for r in (2, 5)]
-    cases += [case(B=1, T=80, R=3, K=32, cu=(0, 1, 1, 17, 40, 80), dtype=d) for d in ("bfloat16", "float32")]
+    cases += [case(B=2, T=20, R=r, K=k, V=v) for k, v in ((16, 64), (256, 32)) for r in (2, 8)]
+    cases += [case(B=1, T=40, R=3, K=32, cu=(0, 1, 1, 17, 40), dtype=d) for d in ("bfloat16", "float32")]
+    cases += [case(B=2, T=20, R=8, K=256, dtype=d) for d in ("bfloat16", "float32")]
     for algo in ("sigdelta", "recurrent", "decode"):
         cases += [
-            case(algo, B=2, T=3 if algo == "decode" else 40, R=r, K=k, grad=algo == "sigdelta")
+            case(algo, B=2, T=3 if algo == "decode" else 20, R=r, K=k, grad=algo == "sigdelta")
             for k, r in ((16, 2), (32, 8))
         ]
     return cases
@@ -374,8 +383,8 @@ def main() -> int:
     parser.add_argument("--out", help="JSON file written as results come in")
     parser.add_argument("--subset", default="full", choices=sorted(SUBSETS))
     parser.add_argument("--filter", default="", help="regular expression on case ids")
-    parser.add_argument("--workers", type=int, default=max(1, min(12, (os.cpu_count() or 2) - 2)))
-    parser.add_argument("--group", type=int, default=6, help="cases per child process")
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    parser.add_argument("--group", type=int, default=4, help="cases per child process")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds without a result")
     parser.add_argument("--commit", default=os.environ.get("PFLOW_COMMIT"))
     parser.add_argument("--tune", nargs="*", default=[], help="triton_utils.TUNE overrides key=int")
@@ -395,8 +404,7 @@ def main() -> int:
     work: queue.Queue = queue.Queue()
     for i in range(0, len(ordered), args.group):
         work.put(ordered[i : i + args.group])
-    workdir = os.path.join(os.path.dirname(os.path.abspath(args.out)), ".gpu_sweep_tmp")
-    os.makedirs(workdir, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="gpu_sweep_")  # group files and child stderr
     results: dict[str, dict] = {}
     lock = threading.Lock()
     start = time.time()

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .triton_chunk_fwd import scan_block_v, solve_mask
-from .triton_utils import TUNE, chunk_rows, dot_precision, new_like, new_tensor, next_pow2
+from .triton_utils import TUNE, chunk_rows, dot_precision, new_like, new_tensor, next_pow2, scan_stages
 
 
 @triton.jit
@@ -40,6 +40,7 @@ def _bwd_dh_kernel(
     V: tl.constexpr,
     R: tl.constexpr,
     C: tl.constexpr,
+    CQ: tl.constexpr,
     CRP: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -64,7 +65,7 @@ def _bwd_dh_kernel(
         dstate = tl.load(dht + nh.to(tl.int64) * K * V + hv_off, mask=hv_mask, other=0.0).to(tl.float32)
     else:
         dstate = tl.zeros((BK, BV), tl.float32)
-    cidx = tl.arange(0, C)
+    cidx = tl.arange(0, CQ)  # query rows, padded to 16 for tl.dot when C = 8
     n_chunks = tl.cdiv(eos - bos, C)
     for ii in range(n_chunks):
         i = n_chunks - 1 - ii
@@ -79,12 +80,12 @@ def _bwd_dh_kernel(
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         qtok = t0 + cidx
         qrow = qtok.to(tl.int64) * H + h
-        qmask = (qtok < eos)[:, None]
+        qmask = ((qtok < eos) & (cidx < C))[:, None]
         q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
-        p_tr = tl.dot(b_t, tl.trans(q_t), input_precision=PREC)  # P^T = (B Q^T) * M_out^T [CRP, C]
-        p_tr = tl.where(t[:, None] <= cidx[None, :], p_tr, 0.0).to(w_t.dtype)
-        dx_t = scale * tl.dot(p_tr, do_t, input_precision=PREC)
+        p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+        p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)
+        dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
         dx_t += tl.dot(b_t, dstate.to(w_t.dtype), input_precision=PREC)  # [CRP, BV]
         dx_in = dx_t.to(w_t.dtype)
         tl.store(dx + row[:, None] * V + vv[None, :], dx_in, mask=valid[:, None] & vmask[None, :])
@@ -113,17 +114,22 @@ def _bwd_chunk_kernel(
     chunk_tok,
     cu,
     scale,
+    v_len,
     H: tl.constexpr,
     K: tl.constexpr,
     V: tl.constexpr,
     R: tl.constexpr,
     C: tl.constexpr,
+    CQ: tl.constexpr,
     CRP: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
     PRODUCT: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # v_len = V, a run-time bound, keeps the V loops loops: with the constexpr bound a one-trip loop (V <= BV)
+    # is unrolled, and Triton 3.6 compiles that straight-line form for sm_90 so that a wgmma reads past its
+    # shared memory (NaN dk / dbeta or an illegal address at K = V <= 32, R >= 2; issue #18).
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
@@ -132,31 +138,24 @@ def _bwd_chunk_kernel(
     t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
     j = tl.arange(0, CRP)
     t_inv = tl.load(tmat + ((g.to(tl.int64) * H + h) * CRP + j[:, None]) * CRP + j[None, :])
-    cidx = tl.arange(0, C)
+    cidx = tl.arange(0, CQ)
     qrow = (t0 + cidx).to(tl.int64) * H + h
-    qmask = (t0 + cidx < eos)[:, None]
+    qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
     st_base = (g.to(tl.int64) * H + h) * K * V
-    dox = tl.zeros((C, CRP), tl.float32)
-    dox_tr = tl.zeros((CRP, C), tl.float32)
+    dox = tl.zeros((CQ, CRP), tl.float32)
     dn = tl.zeros((CRP, CRP), tl.float32)
-    dn_tr = tl.zeros((CRP, CRP), tl.float32)
-    for v0 in range(0, V, BV):  # K-free part: du, dO X^T, dU X^T and their transposes
+    for v0 in range(0, v_len, BV):  # K-free part: du, dO X^T, dU X^T
         vv = v0 + tl.arange(0, BV)
         rvmask = valid[:, None] & (vv[None, :] < V)
         x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-        dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
+        dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
         do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & (vv[None, :] < V), other=0.0)
-        du_t = tl.dot(tl.trans(t_inv), dx_t, input_precision=PREC)  # [CRP, BV]
-        du_tr = tl.dot(tl.trans(dx_t), t_inv, input_precision=PREC)  # dU^T [BV, CRP]
+        du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC)  # [CRP, BV]
         tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask)
         dox += tl.dot(do_t, tl.trans(x_t), input_precision=PREC)
-        dox_tr += tl.dot(x_t, tl.trans(do_t), input_precision=PREC)
         dn += tl.dot(du_t.to(x_t.dtype), tl.trans(x_t), input_precision=PREC)
-        dn_tr += tl.dot(x_t, du_tr.to(x_t.dtype), input_precision=PREC)
     dp = tl.where(cidx[:, None] >= t[None, :], dox * scale, 0.0).to(q.dtype.element_ty)
-    dp_tr = tl.where(t[:, None] <= cidx[None, :], dox_tr * scale, 0.0).to(q.dtype.element_ty)
-    dn = tl.where(solve_mask(t, CRP, PRODUCT, False), dn, 0.0).to(q.dtype.element_ty)
-    dn_tr = tl.where(solve_mask(t, CRP, PRODUCT, True), dn_tr, 0.0).to(q.dtype.element_ty)
+    dn = tl.where(solve_mask(t, CRP, PRODUCT), dn, 0.0).to(q.dtype.element_ty)
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
@@ -164,10 +163,12 @@ def _bwd_chunk_kernel(
         a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
         q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
-        dq_t = tl.zeros((C, BK), tl.float32)
+        dq_t = tl.zeros((CQ, BK), tl.float32)
         da_t = tl.dot(dn, b_t, input_precision=PREC)
-        db_t = tl.dot(dp_tr, q_t, input_precision=PREC) + tl.dot(dn_tr, a_t, input_precision=PREC)
-        for v0 in range(0, V, BV):
+        db_t = tl.dot(tl.trans(dp), q_t, input_precision=PREC) + tl.dot(
+            tl.trans(dn), a_t, input_precision=PREC
+        )
+        for v0 in range(0, v_len, BV):
             vv = v0 + tl.arange(0, BV)
             vmask = vv < V
             rvmask = valid[:, None] & vmask[None, :]
@@ -242,6 +243,7 @@ def launch_chunk_bwd(
         V=v_dim,
         R=rank,
         C=chunk,
+        CQ=max(16, chunk),
         CRP=crp,
         BK=bk,
         BV=bv,
@@ -249,7 +251,7 @@ def launch_chunk_bwd(
         HAS_DHT=dht is not None,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
-        num_stages=TUNE["scan_stages"],
+        num_stages=scan_stages(crp, chunk, bk, a.element_size()),
     )
     dq, da, db, du = (new_like(x) for x in (q, a, b, xs))
     _bwd_chunk_kernel[(seq.numel(), n_heads)](
@@ -270,14 +272,16 @@ def launch_chunk_bwd(
         tok,
         cu,
         scale,
+        v_dim,
         H=n_heads,
         K=k_dim,
         V=v_dim,
         R=rank,
         C=chunk,
+        CQ=max(16, chunk),
         CRP=crp,
-        BK=min(64, bk),
-        BV=min(TUNE["par_bv"], max(16, next_pow2(v_dim))),
+        BK=max(32, min(64, bk)),  # tiles of at least 32: K, V = 16 compile as the measured 32-wide case
+        BV=max(32, min(TUNE["par_bv"], next_pow2(v_dim))),
         PRODUCT=product,
         PREC=prec,
         num_warps=TUNE["par_warps"],

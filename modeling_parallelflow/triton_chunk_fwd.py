@@ -23,6 +23,7 @@ from .triton_utils import (
     new_like,
     new_tensor,
     next_pow2,
+    scan_stages,
     seq_offsets,
 )
 
@@ -64,16 +65,12 @@ def unit_lower_inverse(scr, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.co
 
 
 @triton.jit
-def solve_mask(t, CRP: tl.constexpr, PRODUCT: tl.constexpr, TRANSPOSED: tl.constexpr):
-    """M of algorithm.md (or M^T): sum form row (t,i) sees (s,j) iff s < t; product form iff (s,j) < (t,i)."""
+def solve_mask(t, CRP: tl.constexpr, PRODUCT: tl.constexpr):
+    """M of algorithm.md: sum form row (t,i) sees (s,j) iff s < t; product form iff (s,j) < (t,i)."""
     if PRODUCT:
         j = tl.arange(0, CRP)
-        if TRANSPOSED:
-            return j[:, None] < j[None, :]
         return j[:, None] > j[None, :]
     else:
-        if TRANSPOSED:
-            return t[:, None] < t[None, :]
         return t[:, None] > t[None, :]
 
 
@@ -119,7 +116,7 @@ def _wu_kernel(
         gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
     j = tl.arange(0, CRP)
     scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
-    tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT, False), gram, 0.0))
+    tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
     tl.debug_barrier()
     t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
     tl.debug_barrier()
@@ -158,6 +155,7 @@ def _fwd_scan_kernel(
     V: tl.constexpr,
     R: tl.constexpr,
     C: tl.constexpr,
+    CQ: tl.constexpr,
     CRP: tl.constexpr,
     BK: tl.constexpr,
     BV: tl.constexpr,
@@ -183,7 +181,7 @@ def _fwd_scan_kernel(
         state = tl.load(h0 + nh.to(tl.int64) * K * V + hv_off, mask=hv_mask, other=0.0).to(tl.float32)
     else:
         state = tl.zeros((BK, BV), tl.float32)
-    cidx = tl.arange(0, C)
+    cidx = tl.arange(0, CQ)  # query rows, padded to 16 for tl.dot when C = 8
     for i in range(tl.cdiv(eos - bos, C)):
         t0 = bos + i * C
         if STORE_STATES:
@@ -195,7 +193,7 @@ def _fwd_scan_kernel(
         u_t = tl.load(uu + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
         qtok = t0 + cidx
         qrow = qtok.to(tl.int64) * H + h
-        qmask = (qtok < eos)[:, None]
+        qmask = ((qtok < eos) & (cidx < C))[:, None]
         q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         s_in = state.to(w_t.dtype)
         x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)  # corrected values [CRP, BV]
@@ -203,7 +201,7 @@ def _fwd_scan_kernel(
         if STORE_STATES:
             tl.store(xs + row[:, None] * V + vv[None, :], x_in, mask=valid[:, None] & vmask[None, :])
         p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-        p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [C, CRP]
+        p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
         o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
         tl.store(
             o + qrow[:, None] * V + vv[None, :],
@@ -294,6 +292,7 @@ def launch_fwd_scan(
         states = new_tensor((n_chunks, n_heads, k_dim, v_dim), dtype=states_dtype, device=q.device)
         xs = new_like(uu)
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
+    crp, bk = max(16, next_pow2(chunk * rank)), max(16, next_pow2(k_dim))
     _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
         q,
         b,
@@ -312,15 +311,16 @@ def launch_fwd_scan(
         V=v_dim,
         R=rank,
         C=chunk,
-        CRP=max(16, next_pow2(chunk * rank)),
-        BK=max(16, next_pow2(k_dim)),
+        CQ=max(16, chunk),
+        CRP=crp,
+        BK=bk,
         BV=bv,
         HAS_H0=h0 is not None,
         STORE_HT=store_ht,
         STORE_STATES=store_states,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
-        num_stages=TUNE["scan_stages"],
+        num_stages=scan_stages(crp, chunk, bk, w.element_size()),
     )
     return o, ht, states, xs
 

@@ -48,7 +48,7 @@ class _Plan:
     def __init__(self, a, cu_seqlens, chunk_size, mode, scale):
         batch, seq_len, self.n_heads, self.rank, self.k_dim = a.shape
         self.batch, self.seq_len = batch, seq_len
-        self.chunk = pick_chunk(chunk_size, self.rank)
+        self.chunk = pick_chunk(chunk_size, self.rank, a.dtype)
         self.product = mode == "product"
         self.mode = mode
         self.scale = scale
@@ -183,7 +183,8 @@ def triton_delta_rule_drivers(
     q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V]; initial_state [N, H, K, V] (any float);
     cu_seqlens [N + 1] (B = 1). Returns o [B, T, H, V] (dtype of u) and final_state [N, H, K, V] fp32
     (or None). Per token (sum): h <- h + B_t (A_t^T h + U_t^T); o_t = scale h^T q_t after the update.
-    chunk_size caps the token chunk C; C = min(chunk_size, max(16, pow2 <= 64 / R)) (triton_utils).
+    chunk_size caps the token chunk C; C = min(chunk_size, max(16, pow2 <= 64 / R)) (8 for fp32 at
+    R >= 5; triton_utils.pick_chunk).
     algorithm "recurrent" runs the token-by-token kernel (forward only, for decoding).
     """
     _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm)

@@ -45,15 +45,27 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def pick_chunk(chunk_size: int, rank: int) -> int:
+def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> int:
     """Token chunk C actually used: min(chunk_size, largest power of two <= cr_target / R), at least 16.
 
     R = 1 -> 64, R = 2 -> 32, R >= 3 -> 16 (C * R padded to the next power of two inside the kernels).
+    float32 inputs at R >= 5 take C = 8 (64 rows): their 128-row fp32 tiles exceed the shared memory of an
+    sm_90 GPU; the kernels pad query tiles to 16 rows.
     """
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16 for the Triton kernels, got {chunk_size}")
-    by_rank = max(16, 1 << ((TUNE["cr_target"] // rank).bit_length() - 1))
+    smallest = 8 if dtype == torch.float32 else 16
+    by_rank = max(smallest, 1 << ((TUNE["cr_target"] // rank).bit_length() - 1))
     return min(chunk_size, by_rank)
+
+
+def scan_stages(rows: int, chunk: int, k_block: int, elem_bytes: int) -> int:
+    """Pipeline depth of the sequential scans: TUNE["scan_stages"], or 1 where one stage of a chunk's W, B
+    and Q tiles ((2 * rows + query rows) x k_block) reaches 96 KB, so that two stages would pass the 227 KB
+    of shared memory of an sm_90 GPU (K = 256 at R >= 5 in bf16, K >= 128 in fp32; measured with Triton 3.6).
+    """
+    per_stage = (2 * rows + max(16, chunk)) * k_block * elem_bytes
+    return TUNE["scan_stages"] if per_stage < 96 * 1024 else 1
 
 
 def dot_precision(dtype: torch.dtype) -> str:

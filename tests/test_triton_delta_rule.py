@@ -130,6 +130,9 @@ INTERPRET_CASES = [
     pytest.param(1, 17, 1, 3, 32, 16, "sum", True, 16, None, id="R3-sum-T17-CRpad"),
     pytest.param(1, 40, 1, 2, 24, 20, "sum", True, 16, [0, 5, 21, 40], id="R2-sum-varlen-oddK"),
     pytest.param(1, 31, 1, 2, 16, 16, "product", True, 16, [0, 16, 31], id="R2-product-varlen-h0"),
+    # fp32 at R >= 5 runs chunks of C = 8 tokens, query tiles padded to 16 rows
+    pytest.param(1, 21, 1, 5, 16, 16, "sum", True, 16, None, id="R5-sum-T21-C8"),
+    pytest.param(1, 19, 1, 8, 16, 32, "product", True, 64, [0, 3, 19], id="R8-product-varlen-C8"),
 ]
 
 
