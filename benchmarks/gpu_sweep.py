@@ -149,9 +149,10 @@ SUBSETS = {"full": full_cases, "sanitizer": sanitizer_cases}
 
 
 def cost(c: dict) -> float:
-    """Rough relative cost (the float64 loop dominates large cases): puts big cases first."""
-    steps = c["T"] * (c["R"] if c["mode"] == "product" else 1)
-    return steps * (2 if c["grad"] else 1) * (1 + c["B"] * c["K"] * c["V"] / 65536)
+    """Rough relative cost: compiling (fp32 3xTF32 kernels and wide heads are slow) plus the float64 loop."""
+    steps = c["T"] * (c["R"] if c["mode"] == "product" else 1) * (2 if c["grad"] else 1)
+    compile_cost = (3 if c["dtype"] == "float32" else 1) * (c["K"] + c["V"]) / 64
+    return compile_cost + steps * (1 + c["B"] * c["K"] * c["V"] / 65536) / 2000
 
 
 # ---------------------------------------------------------------------------------------------- child
@@ -401,9 +402,10 @@ def main() -> int:
     by_id = {c["id"]: c for c in cases}
     assert len(by_id) == len(cases), "case ids must be unique"
     ordered = sorted(cases, key=cost, reverse=True)
+    n_groups = -(-len(ordered) // args.group)
     work: queue.Queue = queue.Queue()
-    for i in range(0, len(ordered), args.group):
-        work.put(ordered[i : i + args.group])
+    for i in range(n_groups):  # every group mixes heavy and light cases, so the groups cost about the same
+        work.put(ordered[i::n_groups])
     workdir = tempfile.mkdtemp(prefix="gpu_sweep_")  # group files and child stderr
     results: dict[str, dict] = {}
     lock = threading.Lock()
