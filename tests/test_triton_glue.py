@@ -1,0 +1,218 @@
+"""The fused Triton glue of the pflow mixer against its torch path (the reference in modeling_parallelflow).
+
+Tier 2 (`triton_interpret`): small fp32 shapes in Triton's CPU interpreter. Tier 3 (`gpu`): bf16 at a
+model-like shape, forward and backward, against the torch path computed in fp32.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_parallelflow.compat_transformers import cache_of
+from modeling_parallelflow.modeling_parallelflow import (
+    causal_depthwise_conv,
+    l2_normalize,
+    segment_ids_from_cu_seqlens,
+)
+
+triton_conv = pytest.importorskip("modeling_parallelflow.triton_conv")
+
+
+def conv_reference(x, weight, tail, cu_seqlens, pad_mask, group, normalize):
+    """The mixer's torch path: pads zeroed -> causal_depthwise_conv -> SiLU -> (L2 norm per group)."""
+    if pad_mask is not None:
+        x = torch.where(pad_mask[..., None], x, torch.zeros_like(x))
+    segments = segment_ids_from_cu_seqlens(cu_seqlens, x.shape[1]) if cu_seqlens is not None else None
+    y, new_tail = causal_depthwise_conv(x, weight, tail, segments)
+    y = F.silu(y)
+    if normalize:
+        y = l2_normalize(y.unflatten(-1, (-1, group))).flatten(-2)
+    return y, new_tail
+
+
+def positions(cu_seqlens, length):
+    segments = segment_ids_from_cu_seqlens(cu_seqlens, length)
+    return (torch.arange(length, device=cu_seqlens.device) - cu_seqlens[segments]).to(torch.int32)
+
+
+CASES = {
+    # name: (B, T, groups, group, W, tail, cu_seqlens, pad)
+    "plain": (2, 37, 3, 16, 4, False, None, False),
+    "norm_odd_group": (2, 21, 2, 24, 4, False, None, False),
+    "tail_prefill": (2, 19, 2, 16, 4, True, None, False),
+    "tail_decode_1": (3, 1, 2, 16, 4, True, None, False),
+    "tail_decode_2": (1, 2, 2, 16, 3, True, None, False),
+    "packed": (1, 50, 2, 16, 4, False, [0, 1, 3, 20, 50], False),
+    "pads": (2, 23, 2, 16, 4, False, None, True),
+    "width_1": (2, 9, 2, 16, 1, False, None, False),
+}
+
+
+def make_case(name, device, dtype):
+    batch, length, groups, group, width, has_tail, cu, pad = CASES[name]
+    channels = groups * group
+    x = torch.randn(batch, length, channels, device=device, dtype=dtype)
+    weight = torch.randn(channels, 1, width, device=device, dtype=dtype) / width**0.5
+    tail = torch.randn(batch, channels, width - 1, device=device, dtype=dtype) if has_tail else None
+    cu_seqlens = torch.tensor(cu, device=device) if cu is not None else None
+    pad_mask = None
+    if pad:
+        pad_mask = torch.ones(batch, length, dtype=torch.bool, device=device)
+        pad_mask[0, :5] = False  # left padding
+        pad_mask[1, 7] = False
+    return x, weight, tail, cu_seqlens, pad_mask, group
+
+
+def check_conv(name, normalize, device, dtype, tol):
+    x, weight, tail, cu, pad_mask, group = make_case(name, device, dtype)
+    x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    x2, w2 = x.float().requires_grad_(), weight.float().requires_grad_()
+    pos = positions(cu, x.shape[1]) if cu is not None else None
+    y, new_tail = triton_conv.short_conv_silu(
+        x1, w1, group=group, normalize=normalize, tail=tail, pos=pos, pad_mask=pad_mask
+    )
+    ref_tail = tail.float() if tail is not None else None
+    y_ref, tail_ref = conv_reference(x2, w2, ref_tail, cu, pad_mask, group, normalize)
+    dy = torch.randn_like(y_ref)
+    (y.float() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(new_tail.float(), tail_ref, **tol)
+    torch.testing.assert_close(x1.grad.float(), x2.grad, **tol)
+    torch.testing.assert_close(w1.grad.float(), w2.grad, **tol)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv_interpreted(name, normalize):
+    check_conv(name, normalize, "cpu", torch.float32, dict(rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_conv_gpu(name, normalize):
+    check_conv(name, normalize, "cuda", torch.float32, dict(rtol=1e-4, atol=1e-4))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
+def test_conv_gpu_bf16_model_shape(normalize):
+    """bf16 at 2 x 2048 tokens, 8 heads of 128 channels; the reference runs in fp32 on the same inputs.
+    Tolerance: bf16 output rounding (rel. 4e-3) and bf16 dx; dweight sums 4,096 products in fp32."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
+    weight = (torch.randn(1024, 1, 4, device="cuda") / 2).to(torch.bfloat16)
+    x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
+    x2, w2 = x.float().requires_grad_(), weight.float().requires_grad_()
+    y, _ = triton_conv.short_conv_silu(x1, w1, group=128, normalize=normalize)
+    y_ref, _ = conv_reference(x2, w2, None, None, None, 128, normalize)
+    dy = torch.randn_like(y_ref)
+    (y.float() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    for ours, ref in ((y, y_ref), (x1.grad, x2.grad), (w1.grad, w2.grad)):
+        rel = (ours.float() - ref).norm() / ref.norm()
+        assert rel < 1e-2, rel
+
+
+def norm_reference(o, weight, gate, eps):
+    """The mixer's torch path: PFlowRMSNorm (fp32 inside), times silu(gate)."""
+    from modeling_parallelflow.modeling_parallelflow import PFlowRMSNorm
+
+    y = PFlowRMSNorm.forward(SimpleNamespace(weight=weight, eps=eps), o)  # its code, our weight leaf
+    return y * F.silu(gate) if gate is not None else y
+
+
+def check_norm(shape, gated, device, dtype, tol):
+    triton_norm = pytest.importorskip("modeling_parallelflow.triton_norm")
+    o = torch.randn(*shape, device=device, dtype=dtype)
+    weight = 1 + 0.3 * torch.randn(shape[-1], device=device, dtype=dtype)
+    gate = torch.randn(*shape, device=device, dtype=dtype) if gated else None
+    ours_in = [x.clone().requires_grad_() if x is not None else None for x in (o, weight, gate)]
+    ref_in = [x.float().requires_grad_() if x is not None else None for x in (o, weight, gate)]
+    y = triton_norm.gated_rms_norm(ours_in[0], ours_in[1], ours_in[2], 1e-6)
+    y_ref = norm_reference(ref_in[0], ref_in[1], ref_in[2], 1e-6)
+    dy = torch.randn_like(y_ref)
+    (y.float() * dy).sum().backward()
+    (y_ref * dy).sum().backward()
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    for ours, ref in zip(ours_in, ref_in, strict=True):
+        if ours is not None:
+            torch.testing.assert_close(ours.grad.float(), ref.grad, **tol)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("shape", [(2, 7, 3, 32), (1, 5, 2, 24)], ids=["V32", "V24"])
+def test_gated_norm_interpreted(shape, gated):
+    check_norm(shape, gated, "cpu", torch.float32, dict(rtol=1e-5, atol=1e-5))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize(
+    "shape, dtype",
+    [((2, 37, 3, 32), torch.float32), ((4, 2048, 8, 128), torch.bfloat16)],
+    ids=["fp32", "bf16_model_shape"],
+)
+def test_gated_norm_gpu(shape, dtype, gated):
+    # bf16: one output rounding (rel. 4e-3); dweight sums 65,536 rows in fp32.
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    check_norm(shape, gated, "cuda", dtype, tol)
+
+
+def tiny_pair(**overrides):
+    """The same tiny fp32 model twice: Triton backend (fused glue, interpreted on CPU) and torch backend."""
+    from modeling_parallelflow import PFlowConfig, PFlowForCausalLM
+
+    fields = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_heads=2, rank=2, chunk_size=16)
+    fields.update(overrides)
+    torch.manual_seed(0)
+    fused = PFlowForCausalLM(PFlowConfig(kernel_backend="triton", **fields))
+    reference = PFlowForCausalLM(PFlowConfig(kernel_backend="torch", **fields))
+    reference.load_state_dict(fused.state_dict())
+    return fused, reference
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize("case", ["plain_gate", "pads", "packed"])
+def test_model_training_step_interpreted(case):
+    """Loss and every gradient of the Triton-glue model equal the torch path's (fp32)."""
+    fused, reference = tiny_pair(use_gate=case == "plain_gate")
+    ids = torch.randint(0, 50, (2, 21) if case != "packed" else (1, 40))
+    kwargs = {}
+    if case == "pads":
+        mask = torch.ones_like(ids)
+        mask[0, :6] = 0
+        kwargs["attention_mask"] = mask
+    if case == "packed":
+        kwargs["cu_seqlens"] = torch.tensor([0, 3, 17, 40])
+    losses = []
+    for model in (fused, reference):
+        loss = model(input_ids=ids, labels=ids, **kwargs).loss
+        loss.backward()
+        losses.append(loss)
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    ref_params = dict(reference.named_parameters())
+    for name, param in fused.named_parameters():
+        torch.testing.assert_close(param.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.triton_interpret
+def test_model_prefill_and_decode_interpreted():
+    """Prefill writes the conv tails, decode reads them: Triton-glue logits equal the torch path's."""
+    fused, reference = tiny_pair(use_gate=True)
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        outs = [model(input_ids=ids[:, :9], use_cache=True) for model in (fused, reference)]
+        torch.testing.assert_close(outs[0].logits, outs[1].logits, rtol=1e-4, atol=1e-5)
+        caches = [cache_of(out) for out in outs]
+        for step in range(9, 12):
+            logits = [
+                model(input_ids=ids[:, step : step + 1], past_key_values=cache, use_cache=True).logits
+                for model, cache in zip((fused, reference), caches, strict=True)
+            ]
+            torch.testing.assert_close(logits[0], logits[1], rtol=1e-4, atol=1e-5)
