@@ -1,7 +1,7 @@
 """The fused Triton glue of the pflow mixer against its torch path (the reference in modeling_parallelflow).
 
-Tier 2 (`triton_interpret`): small fp32 shapes in Triton's CPU interpreter. Tier 3 (`gpu`): bf16 at a
-model-like shape, forward and backward, against the torch path computed in fp32.
+Tier 2 (`triton_interpret`): small fp32 shapes in Triton's CPU interpreter (compiled on a GPU where there
+is one). Tier 3 (`gpu`): bf16 at a model-like shape, forward and backward, against the torch path in fp32.
 """
 
 from types import SimpleNamespace
@@ -18,6 +18,7 @@ from modeling_parallelflow.modeling_parallelflow import (
 )
 
 triton_conv = pytest.importorskip("modeling_parallelflow.triton_conv")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # tier 2 runs on a GPU too
 
 
 def conv_reference(x, weight, tail, cu_seqlens, pad_mask, group, normalize):
@@ -88,14 +89,7 @@ def check_conv(name, normalize, device, dtype, tol):
 @pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
 @pytest.mark.parametrize("name", list(CASES))
 def test_conv_interpreted(name, normalize):
-    check_conv(name, normalize, "cpu", torch.float32, dict(rtol=1e-5, atol=1e-5))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
-@pytest.mark.parametrize("name", list(CASES))
-def test_conv_gpu(name, normalize):
-    check_conv(name, normalize, "cuda", torch.float32, dict(rtol=1e-4, atol=1e-4))
+    check_conv(name, normalize, DEVICE, torch.float32, dict(rtol=1e-5, atol=1e-5))
 
 
 @pytest.mark.gpu
@@ -148,15 +142,15 @@ def check_norm(shape, gated, device, dtype, tol):
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize("shape", [(2, 7, 3, 32), (1, 5, 2, 24)], ids=["V32", "V24"])
 def test_gated_norm_interpreted(shape, gated):
-    check_norm(shape, gated, "cpu", torch.float32, dict(rtol=1e-5, atol=1e-5))
+    check_norm(shape, gated, DEVICE, torch.float32, dict(rtol=1e-5, atol=1e-5))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
 @pytest.mark.parametrize(
     "shape, dtype",
-    [((2, 37, 3, 32), torch.float32), ((4, 2048, 8, 128), torch.bfloat16)],
-    ids=["fp32", "bf16_model_shape"],
+    [((2, 1000, 3, 128), torch.float32), ((4, 2048, 8, 128), torch.bfloat16)],
+    ids=["fp32_V128", "bf16_model_shape"],
 )
 def test_gated_norm_gpu(shape, dtype, gated):
     # bf16: one output rounding (rel. 4e-3); dweight sums 65,536 rows in fp32.
@@ -174,7 +168,7 @@ def tiny_pair(**overrides):
     fused = PFlowForCausalLM(PFlowConfig(kernel_backend="triton", **fields))
     reference = PFlowForCausalLM(PFlowConfig(kernel_backend="torch", **fields))
     reference.load_state_dict(fused.state_dict())
-    return fused, reference
+    return fused.to(DEVICE), reference.to(DEVICE)
 
 
 @pytest.mark.triton_interpret
@@ -182,20 +176,21 @@ def tiny_pair(**overrides):
 def test_model_training_step_interpreted(case):
     """Loss and every gradient of the Triton-glue model equal the torch path's (fp32)."""
     fused, reference = tiny_pair(use_gate=case == "plain_gate")
-    ids = torch.randint(0, 50, (2, 21) if case != "packed" else (1, 40))
+    ids = torch.randint(0, 50, (2, 21) if case != "packed" else (1, 40), device=DEVICE)
     kwargs = {}
     if case == "pads":
         mask = torch.ones_like(ids)
         mask[0, :6] = 0
         kwargs["attention_mask"] = mask
     if case == "packed":
-        kwargs["cu_seqlens"] = torch.tensor([0, 3, 17, 40])
+        kwargs["cu_seqlens"] = torch.tensor([0, 3, 17, 40], device=DEVICE)
     losses = []
     for model in (fused, reference):
         loss = model(input_ids=ids, labels=ids, **kwargs).loss
         loss.backward()
         losses.append(loss)
-    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-5)
+    # Measured on the CPU interpreter: loss equal to 1e-7; the GPU's fp32 dots are 3xTF32.
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
     ref_params = dict(reference.named_parameters())
     for name, param in fused.named_parameters():
         torch.testing.assert_close(param.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
@@ -205,7 +200,7 @@ def test_model_training_step_interpreted(case):
 def test_model_prefill_and_decode_interpreted():
     """Prefill writes the conv tails, decode reads them: Triton-glue logits equal the torch path's."""
     fused, reference = tiny_pair(use_gate=True)
-    ids = torch.randint(0, 50, (2, 12))
+    ids = torch.randint(0, 50, (2, 12), device=DEVICE)
     with torch.no_grad():
         outs = [model(input_ids=ids[:, :9], use_cache=True) for model in (fused, reference)]
         torch.testing.assert_close(outs[0].logits, outs[1].logits, rtol=1e-4, atol=1e-5)
