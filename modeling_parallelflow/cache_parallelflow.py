@@ -263,7 +263,7 @@ class PFlowStaticCache(PFlowCache):
         if batch_size < 1 or max_cache_len < 1:
             raise ValueError(f"batch_size and max_cache_len must be >= 1, got {batch_size}, {max_cache_len}")
         dtype = dtype or torch.float32
-        self.max_cache_len = max_cache_len
+        self.capacity = max_cache_len  # not `max_cache_len`: a read-only property of Cache in some releases
         self.fixed_batch_size = batch_size
         self.layers = [
             self._allocate(config, t, batch_size, max_cache_len, dtype, device) for t in self.layer_types
@@ -306,9 +306,9 @@ class PFlowStaticCache(PFlowCache):
         super().check_compatible(config, batch_size)
 
     def check_room(self, length: int) -> None:
-        if self.seen_tokens + length > self.max_cache_len:
+        if self.seen_tokens + length > self.capacity:
             raise ValueError(
-                f"the static cache holds {self.max_cache_len} positions; {self.seen_tokens} are used and "
+                f"the static cache holds {self.capacity} positions; {self.seen_tokens} are used and "
                 f"{length} more do not fit (make it with a larger max_cache_len)"
             )
 
@@ -347,7 +347,7 @@ class PFlowStaticCache(PFlowCache):
         self.slot += num_tokens
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.max_cache_len
+        return self.capacity
 
     @property
     def batch_size(self) -> int:
