@@ -1,7 +1,8 @@
 """Checkpoint conversion to and from the PFlow layout (`parallelflow convert`).
 
-One declarative key map per conversion (conversion/keymap.py), tensor surgery in named helpers
-(conversion/surgery.py), one module per source family, and a float64 reference of fla's models for checks.
+The pipeline (conversion/pipeline.py), one declarative key map per conversion (conversion/keymap.py), tensor
+surgery in named helpers (conversion/surgery.py), one module per source family, and a float64 reference of
+fla's models for checks.
 """
 
 import importlib
@@ -9,7 +10,7 @@ import importlib
 from .formats import SOURCES, TARGETS
 
 # torch-using names load on first use, so `parallelflow convert --help` starts fast
-_LAZY = {name: ".convert" for name in ("Options", "Report", "convert")}
+_LAZY = {name: ".pipeline" for name in ("Options", "Report", "convert")}
 _LAZY.update({name: ".keymap" for name in ("ConversionError", "KeyMap", "Rule")})
 
 __all__ = ["SOURCES", "TARGETS", "ConversionError", "KeyMap", "Options", "Report", "Rule", "convert"]

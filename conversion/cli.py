@@ -91,7 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .convert import Options, convert
+    from .pipeline import Options, convert
 
     if args.no_progress:
         from transformers.utils import logging as transformers_logging

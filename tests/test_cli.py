@@ -208,7 +208,7 @@ def test_finetune_data_file_problems(checkpoint, tmp_path, capsys, monkeypatch):
 
 @pytest.mark.parametrize(
     ("where", "code", "message"),
-    [("conversion.convert.save_pflow", errno.ENOSPC, "No space left on device"),
+    [("conversion.pipeline.save_pflow", errno.ENOSPC, "No space left on device"),
      ("modeling_parallelflow.training.tempfile.mkdtemp", errno.EROFS, "Read-only file system")],
     ids=["full", "read-only"],
 )  # fmt: skip

@@ -7,7 +7,6 @@ agree to ~4e-6 on logits of size ~5 (measured 3.7e-6; with those two steps in fl
 3e-7). PFlow's q/k L2 norm is fla's (1e-6 under the square root), so the reference runs with fla's epsilon.
 """
 
-import importlib
 import os
 from pathlib import Path
 
@@ -445,7 +444,7 @@ def test_wrong_model_type_missing_files_and_existing_destination(tmp_path):
 
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    pipeline = importlib.import_module("conversion.convert")  # the module, not the function it exports
+    from conversion import pipeline
     src = fla_deltanet_checkpoint(tmp_path / "fla")
 
     def interrupted(*args, **kwargs):
@@ -488,6 +487,20 @@ def test_cli_convert_verify_and_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--help"])
     assert "fla-deltaproduct" in capsys.readouterr().out
+
+
+def test_no_progress_silences_transformers_bars_too(tmp_path, capsys):
+    from transformers.utils import logging as transformers_logging
+
+    src = tmp_path / "src"
+    tiny_model("tiny").save_pretrained(src)
+    capsys.readouterr()
+    try:
+        assert main(["convert", "--from", "pflow", str(src), str(tmp_path / "dst"), "--no-progress"]) == 0
+    finally:
+        transformers_logging.enable_progress_bar()
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "Writing" not in err and "Loading" not in err, err
 
 
 # the real fla model (GPU machines with fla)
