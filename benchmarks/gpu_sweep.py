@@ -264,7 +264,8 @@ def child_main(path: str) -> None:
             out = run_case(c)
         except Exception as err:  # a CUDA error poisons this process: report it and let the parent restart
             msg = f"{type(err).__name__}: {err}"[:600]
-            fatal = isinstance(err, getattr(torch, "AcceleratorError", ())) or "CUDA error" in msg
+            # "CUDA error" from torch, "Triton Error [CUDA]" from a launch: the context is lost either way
+            fatal = isinstance(err, getattr(torch, "AcceleratorError", ())) or "CUDA" in msg
             out = {"status": "crash" if fatal else "error", "message": msg}
             print(
                 "@@RESULT " + json.dumps({"id": c["id"], "seconds": time.time() - start, **out}), flush=True

@@ -251,7 +251,7 @@ def launch_chunk_bwd(
         HAS_DHT=dht is not None,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, a.element_size()),
+        num_stages=scan_stages(crp, chunk, bk, a.dtype),
     )
     dq, da, db, du = (new_like(x) for x in (q, a, b, xs))
     _bwd_chunk_kernel[(seq.numel(), n_heads)](

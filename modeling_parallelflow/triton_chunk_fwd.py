@@ -320,7 +320,7 @@ def launch_fwd_scan(
         STORE_STATES=store_states,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, w.element_size()),
+        num_stages=scan_stages(crp, chunk, bk, w.dtype),
     )
     return o, ht, states, xs
 

@@ -17,7 +17,7 @@ try:
     from .triton_chunk_bwd import launch_chunk_bwd
     from .triton_chunk_fwd import launch_fwd_scan, launch_wu, tensor_inv_wu
     from .triton_recurrent import launch_recurrent_
-    from .triton_utils import MAX_HEAD_DIM, MAX_RANK, chunk_map, pick_chunk, seq_offsets
+    from .triton_utils import MAX_HEAD_DIM, MAX_RANK, chunk_map, needs_fp32, pick_chunk, seq_offsets
 
     HAS_TRITON = True
 except ImportError:  # the package imports without triton; the torch backend is then used
@@ -184,7 +184,8 @@ def triton_delta_rule_drivers(
     cu_seqlens [N + 1] (B = 1). Returns o [B, T, H, V] (dtype of u) and final_state [N, H, K, V] fp32
     (or None). Per token (sum): h <- h + B_t (A_t^T h + U_t^T); o_t = scale h^T q_t after the update.
     chunk_size caps the token chunk C; C = min(chunk_size, max(16, pow2 <= 64 / R)) (8 for fp32 at
-    R >= 5; triton_utils.pick_chunk).
+    R >= 5; triton_utils.pick_chunk). bf16 / fp16 inputs at R >= 5 with K > 128 run the fp32 kernels
+    (triton_utils.needs_fp32); o keeps u's dtype.
     algorithm "recurrent" runs the token-by-token kernel (forward only, for decoding).
     """
     _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm)
@@ -207,6 +208,8 @@ def triton_delta_rule_drivers(
         flat = [x.reshape(batch * seq_len, *x.shape[2:]).contiguous() for x in (q, a, b, u)]
         o = launch_recurrent_(*flat, state, cu, scale=scale, product=mode == "product", out_dtype=dtype)
         return o.view(batch, seq_len, n_heads, v_dim), state if output_final_state else None
+    if needs_fp32(a.shape[3], a.shape[4], dtype):  # bf16 / fp16, R >= 5, K > 128 (triton_utils)
+        q, a, b, u = (x.float() for x in (q, a, b, u))
     plan = _Plan(a, cu_seqlens, chunk_size, mode, scale)
     flat = [plan.flat(x) for x in (q, a, b, u)]
     h0 = None if initial_state is None else initial_state.contiguous()
@@ -223,7 +226,7 @@ def triton_delta_rule_drivers(
         o, ht = _ChunkDeltaRule.apply(*flat, h0, plan, solver, output_final_state)
     else:
         o, ht, _ = _forward(*flat, h0, plan, solver, store_ht=output_final_state, for_backward=False)
-    return o.view(out_shape), ht
+    return o.view(out_shape).to(dtype), ht
 
 
 def triton_recurrent_step_(q, a, b, u, state, *, mode="sum", scale=None):

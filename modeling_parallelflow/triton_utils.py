@@ -59,13 +59,22 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
     return min(chunk_size, by_rank)
 
 
-def scan_stages(rows: int, chunk: int, k_block: int, elem_bytes: int) -> int:
-    """Pipeline depth of the sequential scans: TUNE["scan_stages"], or 1 where one stage of a chunk's W, B
-    and Q tiles ((2 * rows + query rows) x k_block) reaches 96 KB, so that two stages would pass the 227 KB
-    of shared memory of an sm_90 GPU (K = 256 at R >= 5 in bf16, K >= 128 in fp32; measured with Triton 3.6).
+def scan_stages(rows: int, chunk: int, k_block: int, dtype: torch.dtype) -> int:
+    """Pipeline depth of the sequential scans: TUNE["scan_stages"], or 1 for float32 inputs where one stage
+    of a chunk's W, B and Q tiles ((2 * rows + query rows) x k_block) reaches 96 KB, since two stages pass
+    the 227 KB of shared memory of an sm_90 GPU (K = 128 at R = 1, K = 256). Measured with Triton 3.6 on an
+    H200: one stage is correct for fp32 there, but for bf16 / fp16 at K = 256 it is compiled into wgmma
+    reads past shared memory, so those keep two stages (and `needs_fp32` keeps them off 128-row chunks).
     """
-    per_stage = (2 * rows + max(16, chunk)) * k_block * elem_bytes
-    return TUNE["scan_stages"] if per_stage < 96 * 1024 else 1
+    per_stage = (2 * rows + max(16, chunk)) * k_block * 4
+    return 1 if dtype == torch.float32 and per_stage >= 96 * 1024 else TUNE["scan_stages"]
+
+
+def needs_fp32(rank: int, k_dim: int, dtype: torch.dtype) -> bool:
+    """bf16 / fp16 chunks at R >= 5 have 128 rows (C = 16); with K > 128 two-stage scans of them pass shared
+    memory and one-stage ones are miscompiled (Triton 3.6, sm_90). The chunked kernels then run in float32
+    (C = 8, 64 rows: measured correct), the inputs cast up and the outputs back."""
+    return dtype != torch.float32 and rank >= 5 and next_pow2(k_dim) > 128
 
 
 def dot_precision(dtype: torch.dtype) -> str:

@@ -159,6 +159,22 @@ def test_chunk_matches_loop_fp32(batch, seq_len, n_heads, rank, k_dim, v_dim, mo
 
 
 @pytest.mark.triton_interpret
+def test_wide_keys_at_high_rank_run_in_fp32_and_keep_the_dtype():
+    # bf16 at R >= 5 and K > 128 takes the fp32 kernels (triton_utils.needs_fp32); o stays bf16
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (q, a, b, u), h0 = make_inputs(1, 11, 1, 5, 160, 16, dtype=torch.bfloat16, device=device, n_states=1)
+    o, ht = triton_dispatch.triton_delta_rule_drivers(
+        q, a, b, u, mode="sum", scale=0.1, initial_state=h0, output_final_state=True, chunk_size=16
+    )
+    o_ref, ht_ref = loop_reference(
+        q.cpu(), a.cpu(), b.cpu(), u.cpu(), mode="sum", scale=0.1, initial_state=h0.cpu()
+    )
+    assert o.dtype == torch.bfloat16 and ht.dtype == torch.float32
+    # computed in fp32 from the bf16 inputs: only the bf16 rounding of o remains (~4e-3)
+    assert rel_err(o.cpu(), o_ref) < 1e-2 and rel_err(ht.cpu(), ht_ref) < 1e-4
+
+
+@pytest.mark.triton_interpret
 @pytest.mark.parametrize("mode", ["sum", "product"])
 def test_recurrent_matches_loop_and_updates_in_place(mode):
     device = "cuda" if torch.cuda.is_available() else "cpu"
