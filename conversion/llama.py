@@ -47,6 +47,17 @@ DROPPABLE = {
 KEPT_EXTRAS = tuple(name for name in DROPPABLE if "rotary_emb" not in name)
 
 
+def _token_id(config, name: str):
+    """A special-token id of the source config, or None where it lies outside the vocabulary (some Llama
+    configs use pad_token_id = -1 for "no padding token"); eos may be a list."""
+    value = getattr(config, name, None)
+    ids = value if isinstance(value, list) else [value]
+    kept = [i for i in ids if isinstance(i, int) and 0 <= i < config.vocab_size]
+    if isinstance(value, list):
+        return kept or None
+    return kept[0] if kept else None
+
+
 def _rope_theta(config) -> float:
     params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type", params.get("type", "default"))
@@ -138,9 +149,7 @@ def to_pflow(
         norm_eps=config.rms_norm_eps,
         initializer_range=getattr(config, "initializer_range", 0.02),
         tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        pad_token_id=getattr(config, "pad_token_id", None),
-        bos_token_id=getattr(config, "bos_token_id", None),
-        eos_token_id=getattr(config, "eos_token_id", None),
+        **{name: _token_id(config, name) for name in ("pad_token_id", "bos_token_id", "eos_token_id")},
     )
     if keep_attention_layers:
         fields["rope_theta"] = _rope_theta(config)

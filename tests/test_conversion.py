@@ -445,6 +445,7 @@ def test_wrong_model_type_missing_files_and_existing_destination(tmp_path):
 
 def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     from conversion import pipeline
+
     src = fla_deltanet_checkpoint(tmp_path / "fla")
 
     def interrupted(*args, **kwargs):
@@ -559,3 +560,13 @@ def test_against_the_fla_model(tmp_path, variant, length):
     # and <= 1.8e-4 for the DeltaProduct (K = 8), where fla's L2-norm epsilon (absent in PFlow) dominates.
     torch.testing.assert_close(expected, reference, atol=1e-4, rtol=0)
     torch.testing.assert_close(got, expected, atol=5e-4, rtol=0)
+
+
+def test_llama_special_token_ids_outside_the_vocabulary_become_none(tmp_path):
+    """Some Llama configs say pad_token_id = -1 for "no padding token": the converted config keeps None."""
+    src = llama_family_checkpoint(
+        tmp_path / "src", "llama", pad_token_id=-1, bos_token_id=1, eos_token_id=[2, 99]
+    )
+    convert("llama", src, tmp_path / "pflow", options=Options(progress=False))
+    config = AutoModelForCausalLM.from_pretrained(tmp_path / "pflow").config
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (None, 1, [2])
