@@ -35,10 +35,11 @@ import zlib
 
 POISON_ENV = "PFLOW_TRITON_POISON"
 TUNE_ENV = "PFLOW_SWEEP_TUNE"
-# Relative error bounds per input dtype (output, final state and every gradient). Measured on an H200
-# (benchmarks/results/gpu_sweep_*.json): worst bf16 8e-3, fp16 1.2e-3, fp32 (3xTF32 dots) 1e-6; bf16 and
-# fp16 are the rounding of the states and corrected values the kernels keep in the input dtype.
-TOLERANCES = {"bfloat16": 1.5e-2, "float16": 2.5e-3, "float32": 2e-5}
+# Relative error bounds per input dtype (output, final state and every gradient), about 2x the worst
+# measured on an H200 at 762502b (benchmarks/results/gpu_sweep_762502b.json, passing cases): bf16 8.3e-3,
+# fp16 2.2e-3 (dh0, K = 16, R = 8), fp32 8.5e-7 (3xTF32 dots; the bound leaves room for longer sequences).
+# bf16 / fp16 errors are the rounding of the states and corrected values kept in the input dtype.
+TOLERANCES = {"bfloat16": 1.5e-2, "float16": 4e-3, "float32": 2e-5}
 HEAD_DIMS = (16, 32, 48, 64, 96, 128, 192, 256)
 MIXED_DIMS = ((16, 64), (64, 16), (32, 128), (128, 32), (48, 96), (96, 48), (32, 256), (256, 32), (16, 256))
 CU_SEQLENS = (0, 1, 1, 40, 64, 65, 200, 300)  # an empty sequence, a 1-token one, chunk-size edges

@@ -70,10 +70,10 @@ def test_tiny_model_triton_gradients_match_torch_and_it_trains(head_dim, rank):
         f"worst parameter {worst:.2e}"
     )
     # Both paths see the same bf16 activations under autocast; the kernels also keep states in bf16. Measured
-    # on an H200 (tests/README.md): losses within 4e-5 relative, gradients 1.4e-2 to 1.6e-2 relative
-    # (worst single parameter 2.7e-2); the bounds are about 2x that.
+    # on an H200 at 8214020 (tests/README.md): losses within 2e-5 relative, gradients 1.7e-2 to 2.1e-2
+    # relative (worst single parameter 2.7e-2); the bounds are about 2x that.
     assert abs(loss_triton - loss_torch).item() < 1e-3 * loss_torch.item(), (loss_triton, loss_torch)
-    assert rel < 3e-2 and worst < 5e-2, (rel, worst)
+    assert rel < 4e-2 and worst < 6e-2, (rel, worst)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
