@@ -127,9 +127,9 @@ def _bwd_chunk_kernel(
     PRODUCT: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # v_len = V, a run-time bound, keeps the V loops loops: with the constexpr bound a one-trip loop (V <= BV)
-    # is unrolled, and Triton 3.6 compiles that straight-line form for sm_90 so that a wgmma reads past its
-    # shared memory (NaN dk / dbeta or an illegal address at K = V <= 32, R >= 2; issue #18).
+    # v_len = V, a run-time bound, keeps the V loops as loops: with a constexpr bound a one-trip loop
+    # (V <= BV) is unrolled, and Triton 3.6 compiles that straight-line form for sm_90 so that a wgmma reads
+    # past its shared memory (NaN dk / dbeta or an illegal address at K = V <= 32, R >= 2; issue #18).
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
