@@ -15,6 +15,10 @@ from .ops import BACKENDS as KERNEL_BACKENDS
 from .ops import MODES as RANK_MODES
 
 LAYER_TYPES = ("pflow", "attention", "sliding_attention")
+# config.json stores transformers' own layer-type names, so plain transformers (AutoTokenizer without this
+# code, say) can read it; both spellings are accepted on load.
+SAVED_LAYER_TYPES = {"pflow": "linear_attention", "attention": "full_attention"}
+LOADED_LAYER_TYPES = {saved: ours for ours, saved in SAVED_LAYER_TYPES.items()}
 FLOWS = ("euler", "exact")
 HIDDEN_ACTS = ("silu", "swish")
 # The Triton kernels' limits (triton_utils.MAX_RANK / MAX_HEAD_DIM; not imported: that module needs triton).
@@ -170,7 +174,7 @@ class PFlowConfig(PretrainedConfig):
         _require(
             isinstance(layer_types, list | tuple), "layer_types", f"a list of {LAYER_TYPES}", layer_types
         )
-        self.layer_types = list(layer_types)
+        self.layer_types = [LOADED_LAYER_TYPES.get(t, t) if isinstance(t, str) else t for t in layer_types]
         if head_k_dim is None and "pflow" in self.layer_types:
             _require(
                 hidden_size % num_heads == 0,
@@ -222,6 +226,12 @@ class PFlowConfig(PretrainedConfig):
         self.bos_token_id = bos_token_id
         self.eos_token_id = eos_token_id
         self.validate_pflow()
+
+    def to_dict(self) -> dict:
+        """As PretrainedConfig's, with layer types under transformers' names (SAVED_LAYER_TYPES)."""
+        output = super().to_dict()
+        output["layer_types"] = [SAVED_LAYER_TYPES.get(t, t) for t in output["layer_types"]]
+        return output
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -735,3 +735,7 @@ def cached_prefix_length(
 PFlowConfig.register_for_auto_class()
 PFlowModel.register_for_auto_class("AutoModel")
 PFlowForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
+from .peft_support import register_lora_target_modules  # noqa: E402  (copied into saved checkpoints)
+
+register_lora_target_modules()  # peft's default LoRA targets, also when this file runs as remote code

@@ -123,10 +123,6 @@ def test_using_the_package_registers_lora_defaults():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-@pytest.mark.skipif(
-    "peft_support" not in (REPO / "modeling_parallelflow" / "modeling_parallelflow.py").read_text(),
-    reason="the saved modeling code does not import peft_support yet",
-)
 def test_default_lora_targets_through_remote_code_without_package(base, tmp_path):
     script = f"""
         from peft import LoraConfig, get_peft_model
