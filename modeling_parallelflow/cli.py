@@ -27,6 +27,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("modeling_parallelflow.finetune_cli", "fine-tune a checkpoint (full or LoRA)"),
     "merge": ("modeling_parallelflow.finetune_merge", "merge a LoRA adapter into its base checkpoint"),
     "push": ("modeling_parallelflow.hub", "upload a checkpoint with its code to the Hugging Face Hub"),
+    "train": (
+        "modeling_parallelflow.pretrain",
+        "pretrain on a token file: one process, or FSDP2/DDP under torchrun or accelerate launch",
+    ),
 }
 # What a user can fix; anything else is a bug and keeps its traceback. CheckpointError and UnicodeDecodeError
 # are ValueErrors, MissingExtraError an ImportError.

@@ -393,11 +393,15 @@ def run_finetune(args: argparse.Namespace) -> int:
         "eval": {"eval_loss": eval_after, "eval_loss_before": eval_before} if eval_after is not None else {},
     }
     model.config.use_cache = True  # Trainer switches it off for training; saved models decode with the cache
-    with atomic_dir(output_dir, overwrite=args.overwrite) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        write_meta(staging, meta)
-        plot.save(staging / "loss.png")
+    # Every rank takes part in gathering the weights (FSDP shards them); rank 0 alone writes the folder.
+    state_dict = trainer.accelerator.get_state_dict(trainer.model)
+    if trainer.is_world_process_zero():
+        with atomic_dir(output_dir, overwrite=args.overwrite) as staging:
+            trainer.accelerator.unwrap_model(trainer.model).save_pretrained(staging, state_dict=state_dict)
+            tokenizer.save_pretrained(staging)
+            write_meta(staging, meta)
+            plot.save(staging / "loss.png")
+    trainer.accelerator.wait_for_everyone()
     print(f"saved {'model' if args.full else 'adapter'} to {output_dir}/ (checkpoints in {checkpoint_dir}/)")
     return 0
 
