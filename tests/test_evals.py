@@ -102,6 +102,7 @@ def test_loader_is_deterministic_and_answers_are_in_context():
         loader.load({"kind": "nope"})
 
 
+@pytest.mark.slow
 def test_harness_cli_runs_every_bundled_task_offline(checkpoint, suite_results, tmp_path):
     """`lm_eval --model hf ... --include_path <abs evals/tasks>` from another directory == the runner."""
     out = tmp_path / "cli_out"
@@ -199,11 +200,13 @@ def test_peft_adapter_is_applied(checkpoint, tmp_path):
         assert loglikelihood != pytest.approx(_by_hand(adapted, tokenizer, context, continuation), abs=1e-3)
 
 
+@pytest.mark.slow
 def test_unknown_task_is_reported(checkpoint):
     with pytest.raises(TaskUnavailableError, match="no_such_task"):
         evaluate(str(checkpoint), ["no_such_task"], device="cpu", log=str)
 
 
+@pytest.mark.slow
 def test_hub_task_offline_says_so_without_traceback(checkpoint, tmp_path):
     env = {**os.environ, **OFFLINE, "PYTHONPATH": str(REPO)}
     command = [
@@ -240,3 +243,37 @@ def test_report_from_a_results_dict(tmp_path):
     paths = write_report(results, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json", "results.md", "results.png"]
     assert json.loads(paths["json"].read_text())["results"]["t1"]["acc,none"] == 0.25
+
+
+def test_generated_text_is_the_models_greedy_continuation(checkpoint):
+    """lm-eval's generate_until (HFLM, the runner's model class: a left-padded batch of two) equals an argmax
+    loop over full forwards without a cache, so broken cached generation fails here. (The bundled passkey
+    tasks stop at the first newline or period, which a random tiny model emits at once: their text is
+    empty, so this test uses its own stop string.)"""
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    contexts = [
+        "def main(argv):\n    return",
+        "The pass key is 4821. Remember it. What is the pass key? It is",
+    ]
+    options = {"until": ["@@@"], "max_gen_toks": 10, "do_sample": False}
+    requests = [
+        Instance(request_type="generate_until", doc={}, arguments=(context, options), idx=0)
+        for context in contexts
+    ]
+    generated = HFLM(
+        pretrained=model, tokenizer=tokenizer, batch_size=2, max_length=MAX_LENGTH
+    ).generate_until(requests)
+    eos = tokenizer.decode([tokenizer.eos_token_id])
+    for context, text in zip(contexts, generated, strict=True):
+        seq = torch.tensor([tokenizer(context, add_special_tokens=False)["input_ids"]])
+        start = seq.shape[1]
+        with torch.no_grad():
+            for _ in range(options["max_gen_toks"]):
+                seq = torch.cat([seq, model(seq, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        expected = tokenizer.decode(seq[0, start:]).split(eos)[0].split("@@@")[0]
+        assert len(expected) > 0 and text == expected, (text, expected)

@@ -123,6 +123,7 @@ def test_using_the_package_registers_lora_defaults():
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_default_lora_targets_through_remote_code_without_package(base, tmp_path):
     script = f"""
         from peft import LoraConfig, get_peft_model
@@ -182,6 +183,7 @@ def test_trained_adapter_loads_with_peft_and_auto_peft(base, lora_run):
     assert (adapted - base_logits).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_auto_peft_loads_in_fresh_process_without_package(base, lora_run, tmp_path):
     ids = sample_ids(base)
     expected = logits(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), lora_run), ids)

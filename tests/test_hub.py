@@ -60,6 +60,7 @@ def checkpoint(tmp_path) -> Path:
     return src
 
 
+@pytest.mark.slow
 def test_push_uploads_exactly_the_expected_files_and_loads_by_repo_id_offline(checkpoint, tmp_path):
     api = RecordingHubApi(tmp_path / "hub-cache")
     commit = push_to_hub(checkpoint, REPO_ID, private=True, commit_message="first", api=api)

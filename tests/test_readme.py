@@ -19,7 +19,8 @@ REPO = Path(__file__).resolve().parents[1]
 BLOCKS = re.findall(
     r"^```python\n(.*?)^```", (REPO / "README.md").read_text(), flags=re.DOTALL | re.MULTILINE
 )
-SLOW_MARKERS = ("-340m", "-1.3b")  # paper-sized configs: seconds to build, over a GB to save
+# paper-sized configs (seconds to build, over a GB to save); a checkpoint loaded in a fresh interpreter
+SLOW_MARKERS = ("-340m", "-1.3b", "runs/demo")
 
 
 def _param(block: str) -> pytest.param:

@@ -70,6 +70,7 @@ def test_tied_embeddings_stay_tied(tmp_path):
     assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["tiny", "tiny-hybrid"])
 def test_remote_code_loads_in_fresh_process_without_package(tmp_path, name):
     model = tiny_model(name)

@@ -174,6 +174,7 @@ def tiny_pair(**overrides):
     return fused.to(DEVICE), reference.to(DEVICE)
 
 
+@pytest.mark.slow
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("case", ["plain_gate", "pads", "packed"])
 def test_model_training_step_interpreted(case):
@@ -199,6 +200,7 @@ def test_model_training_step_interpreted(case):
         torch.testing.assert_close(param.grad, ref_params[name].grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.slow
 @pytest.mark.triton_interpret
 def test_model_prefill_and_decode_interpreted():
     """Prefill writes the conv tails, decode reads them: Triton-glue logits equal the torch path's."""
