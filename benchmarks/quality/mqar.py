@@ -1,0 +1,584 @@
+"""Multi-query associative recall (MQAR), as in the Zoology and DeltaNet papers: does rank R help recall?
+
+A sequence holds `kv_pairs` distinct key-value pairs (k1 v1 k2 v2 ...), then a query region of filler
+token 0 in which every key appears once more, followed by its value. The model is scored on predicting the
+value at each query key (loss and accuracy on those answer tokens only). Keys come from [1, vocab/2), values
+from [vocab/2, vocab), both drawn without replacement per sequence. Query slots (pairs of positions after the
+context) are drawn without replacement with probability proportional to slot^(a - 1), a = 0.01 (Zoology's
+power law: most queries come soon after the context, a few much later), and the keys are assigned to the
+chosen slots in a random order.
+
+Training draws a fresh batch every step (seeded; the same stream for every model), cycling over the grid's
+tasks with the same number of tokens per step; accuracy (exact match of the answer token, argmax) is measured
+on a fixed held-out set per task, drawn from a separate seed. Models: PFlow variants and a softmax-attention
+Llama (SDPA), 2 layers, every model's non-embedding parameter count matched to PFlow R = 1 at the same width
+by its MLP width. One JSON file holds every run; it is rewritten atomically after each run, and a rerun skips
+the runs it already holds.
+
+    python benchmarks/quality/mqar.py --grid smoke --out mqar_smoke.json
+    python benchmarks/quality/mqar.py --grid full --out mqar.json --models pflow-r1,llama --widths 64
+    python benchmarks/quality/mqar.py --merge a.json b.json --out mqar.json  # shards -> one file
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+IGNORE = -100
+POWER_A = 0.01
+HEAD_DIM = 64  # heads = width // 64 (at least one head) for both PFlow and Llama
+LAYERS = 2
+SCHEMA = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    seq_len: int
+    kv_pairs: int
+
+    @property
+    def name(self) -> str:
+        return f"kv{self.kv_pairs}_t{self.seq_len}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Grid:
+    tasks: tuple[Task, ...]
+    widths: tuple[int, ...]
+    lrs: tuple[float, ...]
+    steps: int
+    tokens_per_step: int
+    eval_examples: int  # held-out sequences per task
+    vocab_size: int = 8192
+    seed: int = 0
+
+
+GRIDS = {
+    "full": Grid(
+        tasks=(Task(256, 16), Task(512, 64), Task(1024, 256)),
+        widths=(64, 128, 256),
+        lrs=(5e-4, 1.5e-3, 5e-3),
+        steps=2000,
+        tokens_per_step=2**16,
+        eval_examples=1000,
+    ),
+    # A CPU check of the machinery at toy scale, not a measurement: vocabulary 64, so 400 steps learn.
+    "smoke": Grid(
+        tasks=(Task(32, 4), Task(64, 8)),
+        widths=(32,),
+        lrs=(3e-3,),
+        steps=400,
+        tokens_per_step=1024,
+        eval_examples=128,
+        vocab_size=64,
+    ),
+}
+
+# name -> PFlowConfig fields (None: the Llama baseline)
+MODELS: dict[str, dict | None] = {
+    "pflow-r1": {"rank": 1},
+    "pflow-r2-sum": {"rank": 2, "rank_mode": "sum"},
+    "pflow-r4-sum": {"rank": 4, "rank_mode": "sum"},
+    "pflow-r2-product": {"rank": 2, "rank_mode": "product"},
+    "pflow-r2-exact": {"rank": 2, "rank_mode": "sum", "flow": "exact"},
+    "pflow-r1-negeig": {"rank": 1, "allow_neg_eigval": True},
+    "llama": None,
+}
+REFERENCE_MODEL = "pflow-r1"
+
+
+# ---------------------------------------------------------------- data
+
+
+def mqar_batch(
+    task: Task, batch: int, generator: torch.Generator, vocab_size: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(inputs [B, T], labels [B, T]) on the generator's device; labels are -100 except at query keys,
+    where they hold the value paired with that key in the context."""
+    n, length = task.kv_pairs, task.seq_len
+    slots = (length + 1 - 2 * n) // 2  # the full sequence has T + 1 tokens: inputs are [:-1], targets [1:]
+    if n < 1 or slots < n:
+        raise ValueError(f"{task.name}: needs seq_len + 1 >= 4 * kv_pairs, got {length} and {n}")
+    half = vocab_size // 2
+    if half - 1 < n:
+        raise ValueError(f"vocab_size {vocab_size} has fewer than {n} keys")
+    device = generator.device
+
+    def distinct(count: int, low: int, high: int) -> torch.Tensor:  # [B, count], distinct per row
+        return (
+            torch.rand(batch, high - low, generator=generator, device=device).topk(count, dim=1).indices + low
+        )
+
+    keys = distinct(n, 1, half)
+    values = distinct(n, half, vocab_size)
+    # Gumbel top-k: n slots without replacement, P(slot j) proportional to (j + 1)^(a - 1).
+    log_w = (POWER_A - 1) * torch.log(torch.arange(1, slots + 1, device=device, dtype=torch.float32))
+    uniform = torch.rand(batch, slots, generator=generator, device=device).clamp_min(1e-20)
+    chosen = (log_w - torch.log(-torch.log(uniform))).topk(n, dim=1).indices
+    order = torch.rand(batch, n, generator=generator, device=device).argsort(dim=1)  # key i -> slot order[i]
+    query_pos = 2 * n + 2 * chosen.gather(1, order)
+    seq = torch.zeros(batch, length + 1, dtype=torch.long, device=device)
+    seq[:, 0 : 2 * n : 2] = keys
+    seq[:, 1 : 2 * n : 2] = values
+    seq.scatter_(1, query_pos, keys)
+    seq.scatter_(1, query_pos + 1, values)
+    labels = torch.full((batch, length), IGNORE, dtype=torch.long, device=device)
+    labels.scatter_(1, query_pos, values)
+    return seq[:, :-1], labels
+
+
+def batch_size(task: Task, tokens_per_step: int) -> int:
+    return max(1, tokens_per_step // task.seq_len)
+
+
+def heldout_set(grid: Grid, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fixed evaluation set of a task (CPU, seeded apart from the training stream)."""
+    generator = torch.Generator().manual_seed(
+        1_000_003 + 7919 * grid.seed + task.seq_len * 4099 + task.kv_pairs
+    )
+    return mqar_batch(task, grid.eval_examples, generator, grid.vocab_size)
+
+
+# ---------------------------------------------------------------- models
+
+
+def _build(name: str, width: int, intermediate: int | None, grid: Grid) -> torch.nn.Module:
+    heads = max(1, width // HEAD_DIM)
+    max_len = max(t.seq_len for t in grid.tasks)
+    variant = MODELS[name]
+    if variant is None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=grid.vocab_size,
+            hidden_size=width,
+            intermediate_size=intermediate,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=heads,
+            num_key_value_heads=heads,
+            max_position_embeddings=max_len,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(config)
+    from modeling_parallelflow import PFlowConfig, PFlowForCausalLM
+
+    config = PFlowConfig(
+        vocab_size=grid.vocab_size,
+        hidden_size=width,
+        num_hidden_layers=LAYERS,
+        num_heads=heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=max_len,
+        fused_loss=False,
+        tie_word_embeddings=False,
+        **variant,
+    )
+    return PFlowForCausalLM(config)
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "embed_tokens" not in n and not n.startswith("lm_head")
+    )
+
+
+def matched_intermediate(name: str, width: int, grid: Grid) -> int:
+    """The MLP width (a multiple of 8) that brings `name`'s non-embedding parameters closest to PFlow R = 1's
+    with its default MLP at this width. The count is linear in the MLP width; measured on the meta device."""
+    with torch.device("meta"):
+        target = non_embedding_params(_build(REFERENCE_MODEL, width, None, grid))
+        at8, at16 = (non_embedding_params(_build(name, width, i, grid)) for i in (8, 16))
+    size = 8 * round((8 + (target - at8) / ((at16 - at8) / 8)) / 8)
+    if size < 8:
+        raise ValueError(f"{name} at width {width} has more non-MLP parameters than {REFERENCE_MODEL} in all")
+    return size
+
+
+# ---------------------------------------------------------------- one run
+
+
+def lr_lambda(steps: int, warmup: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+def answer_loss_and_hits(model, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the answer tokens (the LM head runs there only) and a bool per answer."""
+    hidden = model.model(input_ids=inputs).last_hidden_state
+    mask = labels != IGNORE
+    logits = model.lm_head(hidden[mask]).float()
+    targets = labels[mask]
+    return F.cross_entropy(logits, targets), logits.argmax(-1) == targets
+
+
+@torch.no_grad()
+def evaluate(model, grid: Grid, heldout: dict[str, tuple], device: torch.device, autocast) -> dict:
+    model.eval()
+    accuracy, sequence_accuracy = {}, {}
+    for task in grid.tasks:
+        inputs, labels = heldout[task.name]
+        hits, seq_hits = [], []
+        step = batch_size(task, grid.tokens_per_step)
+        for start in range(0, len(inputs), step):
+            x, y = inputs[start : start + step].to(device), labels[start : start + step].to(device)
+            with autocast():
+                _, hit = answer_loss_and_hits(model, x, y)
+            hits.append(hit.cpu())
+            per_row = torch.zeros_like(y, dtype=torch.bool)
+            per_row[y != IGNORE] = hit
+            seq_hits.append((per_row.sum(1) == (y != IGNORE).sum(1)).cpu())
+        accuracy[task.name] = torch.cat(hits).float().mean().item()
+        sequence_accuracy[task.name] = torch.cat(seq_hits).float().mean().item()
+    model.train()
+    return {"accuracy": accuracy, "sequence_accuracy": sequence_accuracy}
+
+
+def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, device: torch.device) -> dict:
+    from tqdm import tqdm
+
+    cuda = device.type == "cuda"
+    intermediate = matched_intermediate(name, width, grid)
+    torch.manual_seed(grid.seed)
+    model = _build(name, width, intermediate, grid).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(0.9, 0.98),
+        fused=cuda,
+    )
+    warmup = max(1, grid.steps // 10)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(grid.steps, warmup))
+
+    def autocast():
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+
+    generator = torch.Generator(device=device).manual_seed(grid.seed)
+    log_every = max(1, grid.steps // 50)
+    curve, window, tokens = [], [], 0
+    steady_tokens, steady_start = 0, None
+    start = time.perf_counter()
+    bar = tqdm(range(grid.steps), desc=f"{name} w{width} lr{lr:g}", leave=False, dynamic_ncols=True)
+    for step in bar:
+        task = grid.tasks[step % len(grid.tasks)]
+        inputs, labels = mqar_batch(task, batch_size(task, grid.tokens_per_step), generator, grid.vocab_size)
+        with autocast():
+            loss, _ = answer_loss_and_hits(model, inputs, labels)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        window.append(loss.detach())
+        tokens += inputs.numel()
+        if step == 0:  # the first step compiles kernels: throughput counts from the end of it
+            if cuda:
+                torch.cuda.synchronize()
+            steady_start = time.perf_counter()
+        else:
+            steady_tokens += inputs.numel()
+        if (step + 1) % log_every == 0 or step + 1 == grid.steps:
+            mean = torch.stack(window).mean().item()
+            curve.append([step + 1, round(mean, 5)])
+            window.clear()
+            bar.set_postfix(loss=f"{mean:.3f}")
+            if not math.isfinite(mean):
+                break
+    if cuda:
+        torch.cuda.synchronize()
+    train_s = time.perf_counter() - start
+    steady_s = time.perf_counter() - steady_start
+    bar.close()
+    result = evaluate(model, grid, heldout, device, autocast)
+    return {
+        "model": name,
+        "width": width,
+        "lr": lr,
+        "heads": max(1, width // HEAD_DIM),
+        "intermediate_size": intermediate,
+        "params": params,
+        "non_embedding_params": non_embedding_params(model),
+        "steps_done": curve[-1][0] if curve else 0,
+        "tokens": tokens,
+        **result,
+        "final_loss": curve[-1][1] if curve else None,
+        "loss_curve": curve,
+        "tokens_per_s": round(steady_tokens / steady_s, 1) if steady_tokens else None,
+        "train_s": round(train_s, 2),
+        "wall_s": round(time.perf_counter() - start, 2),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+    }
+
+
+# ---------------------------------------------------------------- results file, table, plot
+
+
+def run_key(name: str, width: int, lr: float) -> str:
+    return f"{name}/w{width}/lr{lr:g}"
+
+
+def git_commit() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno"))}
+
+
+def grid_dict(grid: Grid) -> dict:
+    """The grid as it reads back from JSON (lists, not tuples), so a resumed file compares equal."""
+    out = dataclasses.asdict(grid)
+    out["tasks"] = [dataclasses.asdict(t) | {"name": t.name} for t in grid.tasks]
+    return json.loads(json.dumps(out))
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_results(path: Path, header: dict) -> dict:
+    """The results file at `path` (a new one from `header` if absent); its grid must equal this run's."""
+    if not path.exists():
+        return {**header, "runs": {}}
+    data = json.loads(path.read_text())
+    if data.get("schema") != SCHEMA or data.get("grid") != header["grid"]:
+        raise SystemExit(f"{path} holds runs of another grid or schema: pass another --out")
+    return data
+
+
+def best_cells(runs: dict) -> dict:
+    """{(model, width, task): best run over learning rates by that task's accuracy}."""
+    best: dict = {}
+    for run in runs.values():
+        for task, acc in run["accuracy"].items():
+            key = (run["model"], run["width"], task)
+            if key not in best or acc > best[key]["accuracy"][task]:
+                best[key] = run
+    return best
+
+
+def table(data: dict) -> str:
+    runs = data["runs"]
+    if not runs:
+        return "no runs"
+    best = best_cells(runs)
+    tasks = [t["name"] for t in data["config"]["tasks"]]
+    widths = sorted({r["width"] for r in runs.values()})
+    models = [m for m in MODELS if any(r["model"] == m for r in runs.values())]
+    head = ["model", "width", "params (non-emb)", "MLP", *tasks, "best lr per task", "tokens/s"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for model in models:
+        for width in widths:
+            cells = [best.get((model, width, t)) for t in tasks]
+            if not any(cells):
+                continue
+            any_run = next(c for c in cells if c)
+            lines.append(
+                " | ".join(
+                    [
+                        model,
+                        str(width),
+                        f"{any_run['params']:,} ({any_run['non_embedding_params']:,})",
+                        str(any_run["intermediate_size"]),
+                        *(
+                            f"{100 * c['accuracy'][t]:.1f}" if c else "-"
+                            for c, t in zip(cells, tasks, strict=True)
+                        ),
+                        "/".join(f"{c['lr']:g}" if c else "-" for c in cells),
+                        f"{any_run['tokens_per_s']:,.0f}" if any_run["tokens_per_s"] else "-",
+                    ]
+                )
+            )
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = best_cells(data["runs"])
+    tasks = [t["name"] for t in data["config"]["tasks"]]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.2 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for model in MODELS:
+            points = sorted(
+                (w, r["accuracy"][task]) for (m, w, t), r in best.items() if m == model and t == task
+            )
+            if points:
+                ax.plot([w for w, _ in points], [100 * a for _, a in points], marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("model width")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(f"MQAR, {LAYERS} layers, best of the learning-rate sweep ({data['config']['steps']} steps)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def report(data: dict, out: Path) -> None:
+    print(table(data))
+    if data["runs"]:
+        plot(data, out.with_suffix(".png"))
+        print(f"results: {out}  plot: {out.with_suffix('.png')}")
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def _list(text: str, kind=str) -> list:
+    return [kind(x) for x in text.replace(",", " ").split()]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    p.add_argument("--grid", choices=sorted(GRIDS), default="smoke")
+    p.add_argument(
+        "--out", required=True, type=Path, help="results JSON (resumed if present); plot beside it"
+    )
+    p.add_argument("--models", type=_list, help=f"comma-separated subset of: {', '.join(MODELS)}")
+    p.add_argument("--widths", type=lambda s: _list(s, int), help="subset of the grid's widths")
+    p.add_argument("--lrs", type=lambda s: _list(s, float), help="override the grid's learning rates")
+    p.add_argument("--steps", type=int, help="override the grid's training steps")
+    p.add_argument("--tokens-per-step", type=int, help="override the grid's tokens per step")
+    p.add_argument(
+        "--shard", default="0/1", help="K/N: run only the runs whose index %% N == K (default 0/1)"
+    )
+    p.add_argument("--max-wall", type=float, help="start no new run after this many seconds")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --out (no training)")
+    args = p.parse_args(argv)
+    if args.models and set(args.models) - set(MODELS):
+        p.error(f"unknown models {sorted(set(args.models) - set(MODELS))}; choose from {', '.join(MODELS)}")
+    try:
+        k, n = map(int, args.shard.split("/"))
+        assert 0 <= k < n
+    except (ValueError, AssertionError):
+        p.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
+    args.shard_k, args.shard_n = k, n
+    return args
+
+
+def merge(paths: list[Path], out: Path) -> dict:
+    merged = None
+    for path in paths:
+        data = json.loads(path.read_text())
+        if merged is None:
+            merged = {**data, "runs": dict(data["runs"]), "merged_from": [str(p) for p in paths]}
+        elif data["config"] != merged["config"]:
+            raise SystemExit(f"{path} was run with another configuration than {paths[0]}")
+        else:
+            merged["runs"].update(data["runs"])
+    write_atomic(out, merged)
+    return merged
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.merge:
+        report(merge(args.merge, args.out), args.out)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    grid = GRIDS[args.grid]
+    overrides = {
+        "lrs": tuple(args.lrs) if args.lrs else None,
+        "steps": args.steps,
+        "tokens_per_step": args.tokens_per_step,
+    }
+    grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
+    widths = args.widths or list(grid.widths)
+    models = args.models or list(MODELS)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    import transformers
+
+    header = {
+        "schema": SCHEMA,
+        "benchmark": "mqar",
+        "grid": args.grid,
+        "config": grid_dict(grid)
+        | {
+            "layers": LAYERS,
+            "head_dim": HEAD_DIM,
+            "power_a": POWER_A,
+            "precision": "bf16 autocast" if device.type == "cuda" else "fp32",
+        },
+        **git_commit(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    data = load_results(args.out, header)
+    if data["config"] != header["config"]:
+        raise SystemExit(
+            f"{args.out} was run with another configuration (steps, lrs, ...): pass another --out"
+        )
+    plan = [(m, w, lr) for m in models for w in widths for lr in grid.lrs]
+    plan = [run for i, run in enumerate(plan) if i % args.shard_n == args.shard_k]
+    todo = [run for run in plan if run_key(*run) not in data["runs"]]
+    print(
+        f"{len(plan)} runs in this call, {len(plan) - len(todo)} already in {args.out}; "
+        f"device {header['device']}"
+    )
+    heldout = {t.name: heldout_set(grid, t) for t in grid.tasks}
+    started = time.perf_counter()
+    for i, (name, width, lr) in enumerate(todo, 1):
+        if args.max_wall is not None and time.perf_counter() - started > args.max_wall:
+            print(f"--max-wall {args.max_wall:g}s reached: {len(todo) - i + 1} runs left for the next call")
+            break
+        result = train_one(name, width, lr, grid, heldout, device)
+        data["runs"][run_key(name, width, lr)] = result | {
+            "commit": header["commit"],
+            "dirty": header["dirty"],
+        }
+        write_atomic(args.out, data)
+        accs = " ".join(f"{t}={100 * a:.1f}" for t, a in result["accuracy"].items())
+        print(
+            f"[{i}/{len(todo)}] {run_key(name, width, lr)}: {accs} loss={result['final_loss']} "
+            f"{result['tokens_per_s']} tok/s {result['wall_s']}s",
+            flush=True,
+        )
+    report(data, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

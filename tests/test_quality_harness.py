@@ -1,0 +1,111 @@
+"""The MQAR harness (benchmarks/quality/mqar.py): its data generator, and a CPU run of the smoke grid."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "quality" / "mqar.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("mqar", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["mqar"] = module  # dataclasses look their module up while the file runs
+    spec.loader.exec_module(module)
+    return module
+
+
+mqar = _load()
+
+
+@pytest.mark.parametrize(("length", "pairs", "vocab"), [(64, 4, 64), (256, 16, 8192), (1024, 256, 8192)])
+def test_answers_are_the_values_of_the_queried_keys_and_never_leak(length, pairs, vocab):
+    inputs, labels = mqar.mqar_batch(mqar.Task(length, pairs), 8, torch.Generator().manual_seed(1), vocab)
+    assert inputs.shape == labels.shape == (8, length)
+    half = vocab // 2
+    for x, y in zip(inputs.tolist(), labels.tolist(), strict=True):
+        keys, values = x[0 : 2 * pairs : 2], x[1 : 2 * pairs : 2]
+        assert len(set(keys)) == pairs and all(1 <= k < half for k in keys)
+        assert len(set(values)) == pairs and all(half <= v < vocab for v in values)
+        answers = [p for p, label in enumerate(y) if label != mqar.IGNORE]
+        assert len(answers) == pairs and min(answers) >= 2 * pairs  # one query per key, after the context
+        assert sorted(x[p] for p in answers) == sorted(keys)  # every key is queried once
+        for p in answers:
+            i = keys.index(x[p])
+            assert y[p] == values[i]  # the answer is the value paired with the queried key
+            assert x[: p + 1].count(y[p]) == 1  # and is in the input only at its pair, until it is predicted
+            assert p + 1 == length or x[p + 1] == y[p]  # the value follows its query (teacher forcing)
+        filler = set(range(2 * pairs, length)) - set(answers) - {p + 1 for p in answers}
+        assert all(x[p] == 0 for p in filler)
+
+
+def test_generator_is_seeded_and_heldout_is_apart_from_training():
+    task = mqar.Task(64, 8)
+    a = mqar.mqar_batch(task, 4, torch.Generator().manual_seed(0), 64)
+    b = mqar.mqar_batch(task, 4, torch.Generator().manual_seed(0), 64)
+    assert all(torch.equal(u, v) for u, v in zip(a, b, strict=True))
+    grid = mqar.GRIDS["smoke"]
+    held = mqar.heldout_set(grid, task)
+    assert torch.equal(held[0], mqar.heldout_set(grid, task)[0])
+    assert len(held[0]) == grid.eval_examples
+    first_train = mqar.mqar_batch(task, 4, torch.Generator().manual_seed(grid.seed), grid.vocab_size)[0]
+    assert not any(torch.equal(row, h) for row in first_train for h in held[0])
+    with pytest.raises(ValueError, match="seq_len"):
+        mqar.mqar_batch(mqar.Task(32, 16), 1, torch.Generator(), 64)
+
+
+@pytest.mark.slow  # builds 7 models (on the meta device): about 10 s with the imports
+def test_models_are_matched_in_non_embedding_parameters():
+    grid = mqar.GRIDS["full"]
+    with torch.device("meta"):
+        counts = {
+            name: mqar.non_embedding_params(
+                mqar._build(name, 64, mqar.matched_intermediate(name, 64, grid), grid)
+            )
+            for name in mqar.MODELS
+        }
+    reference = counts[mqar.REFERENCE_MODEL]
+    assert all(abs(c - reference) / reference < 0.02 for c in counts.values()), counts
+
+
+@pytest.mark.slow
+def test_smoke_grid_runs_on_cpu_and_resumes(tmp_path):
+    out = tmp_path / "mqar.json"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--grid",
+        "smoke",
+        "--models",
+        "pflow-r1,llama",
+        "--steps",
+        "10",
+        "--out",
+        str(out),
+        "--threads",
+        "2",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads(out.read_text())
+    assert data["schema"] == mqar.SCHEMA and data["grid"] == "smoke" and "commit" in data
+    assert data["config"]["steps"] == 10 and [t["name"] for t in data["config"]["tasks"]] == [
+        "kv4_t32",
+        "kv8_t64",
+    ]
+    assert sorted(data["runs"]) == ["llama/w32/lr0.003", "pflow-r1/w32/lr0.003"]
+    for run in data["runs"].values():
+        assert set(run["accuracy"]) == {"kv4_t32", "kv8_t64"}
+        assert all(isinstance(a, float) and 0.0 <= a <= 1.0 for a in run["accuracy"].values())
+        assert run["steps_done"] == 10 and run["loss_curve"][-1][0] == 10
+        assert run["tokens_per_s"] > 0 and run["wall_s"] > 0 and run["non_embedding_params"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "llama | 32 |" in first.stdout
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "2 already in" in again.stdout
+    assert json.loads(out.read_text())["runs"] == data["runs"]
