@@ -7,6 +7,7 @@ agree to ~4e-6 on logits of size ~5 (measured 3.7e-6; with those two steps in fl
 3e-7). PFlow's q/k L2 norm is fla's (1e-6 under the square root), so the reference runs with fla's epsilon.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -564,9 +565,11 @@ def test_against_the_fla_model(tmp_path, variant, length):
 
 def test_llama_special_token_ids_outside_the_vocabulary_become_none(tmp_path):
     """Some Llama configs say pad_token_id = -1 for "no padding token": the converted config keeps None."""
-    src = llama_family_checkpoint(
-        tmp_path / "src", "llama", pad_token_id=-1, bos_token_id=1, eos_token_id=[2, 99]
-    )
+    src = llama_family_checkpoint(tmp_path / "src", "llama")
+    # as in Hub configs; transformers 5.17 refuses to save a generation config with pad_token_id = -1
+    config = json.loads((src / "config.json").read_text())
+    config.update(pad_token_id=-1, bos_token_id=1, eos_token_id=[2, 99])
+    (src / "config.json").write_text(json.dumps(config))
     convert("llama", src, tmp_path / "pflow", options=Options(progress=False))
     config = AutoModelForCausalLM.from_pretrained(tmp_path / "pflow").config
     assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (None, 1, [2])
