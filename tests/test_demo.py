@@ -38,7 +38,7 @@ def test_demo_through_cli(tmp_path, capsys):
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "config.json").read_text())["use_cache"] is True
     assert "reloaded logits equal the trained model's" in printed
-    assert "greedy sample" in printed and "sampled sample" in printed and "trained 30 steps" in printed
+    assert "--- greedy" in printed and "--- sampled sample ---" in printed and "trained 30 steps" in printed
     assert not [p for p in tmp_path.iterdir() if p.name != "demo"], "staging dirs left behind"
 
     # a second run refuses to clobber the checkpoint without --overwrite
