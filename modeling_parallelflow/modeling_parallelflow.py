@@ -127,7 +127,7 @@ class PFlowMixer(nn.Module):
         """proj -> (pads zeroed) -> short causal conv -> SiLU -> (q, k: L2 norm per head and rank) [B, T, C].
 
         Triton glue (`glue` not None): one fused kernel, unless a cache tail needs a gradient (the kernel
-        treats tails as constants); `positions` [T] int32 are the packed tokens' positions in their sequences.
+        treats tails as constants); `positions` [T] int32: the packed tokens' positions in their sequences.
         """
         y = getattr(self, f"{name}_proj")(x)
         group = self.head_v_dim if name == "v" else self.head_k_dim
@@ -163,16 +163,15 @@ class PFlowMixer(nn.Module):
         state: PFlowLayerState | None = None,
         cu_seqlens: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        segment_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x [B, T, D], pad_mask [B, T] bool (True = real token) -> [B, T, D]; updates `state` in place."""
+        """x [B, T, D], pad_mask [B, T] bool (True = real token) -> [B, T, D]; updates `state` in place.
+        Packed inputs: cu_seqlens [N + 1], segments [T] (sequence of each token), segment_positions [T] int32
+        (position of each token in its sequence)."""
         batch, length, _ = x.shape
         h, r, k, v = self.num_heads, self.rank, self.head_k_dim, self.head_v_dim
         glue = triton_glue(self.config.kernel_backend, x.device)
-        positions = None
-        if glue is not None and segments is not None:
-            starts = cu_seqlens.to(segments.device)[segments]
-            positions = (torch.arange(length, device=segments.device) - starts).to(torch.int32)
-        features = [self._features(n, x, state, segments, pad_mask, positions, glue) for n in "qkv"]
+        features = [self._features(n, x, state, segments, pad_mask, segment_positions, glue) for n in "qkv"]
         q = features[0].view(batch, length, h, k)
         keys = features[1].view(batch, length, h, r, k)
         values = features[2].view(batch, length, h, r, v)
@@ -318,14 +317,15 @@ class PFlowDecoderLayer(GradientCheckpointingLayer):
         cache: PFlowCache | None = None,
         cu_seqlens: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        segment_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """hidden_states [B, T, D], positions [B, T]; pad_mask [B, T] (new tokens) and key_valid [B, past + T]
-        bool (True = real token) or None."""
+        bool (True = real token) or None; packed inputs as in PFlowMixer.forward."""
         residual = hidden_states
         x = self.input_layernorm(hidden_states)
         if self.layer_type == "pflow":
             state = cache.layers[self.layer_idx] if cache is not None else None
-            x = self.linear_attn(x, pad_mask, state, cu_seqlens, segments)
+            x = self.linear_attn(x, pad_mask, state, cu_seqlens, segments, segment_positions)
         else:
             x = self.self_attn(x, positions, key_valid, cache, segments)
         hidden_states = residual + x
@@ -467,10 +467,12 @@ class PFlowModel(PFlowPreTrainedModel):
             cache.check_room(length)
         past = cache.get_seq_length() if cache is not None else 0
 
-        segments = None
+        segments = segment_positions = None
         if cu_seqlens is not None:
             _validate_packed(cu_seqlens, batch, length, cache)
             segments = segment_ids_from_cu_seqlens(cu_seqlens, length)
+            starts = cu_seqlens.to(segments.device)[segments]
+            segment_positions = (torch.arange(length, device=segments.device) - starts).to(torch.int32)
         key_valid = pad_mask = None
         if attention_mask is not None:
             if attention_mask.ndim != 2 or attention_mask.shape[0] != batch:
@@ -496,8 +498,7 @@ class PFlowModel(PFlowPreTrainedModel):
                     f"got {tuple(position_ids.shape)}"
                 )
         elif segments is not None:
-            starts = cu_seqlens.to(segments.device)[segments]
-            position_ids = (torch.arange(length, device=segments.device) - starts)[None]
+            position_ids = segment_positions.long()[None]
         elif static:
             pass  # from the cache's device-side mask, inside the step (run_layers)
         elif key_valid is not None:
@@ -505,7 +506,14 @@ class PFlowModel(PFlowPreTrainedModel):
         else:
             position_ids = torch.arange(past, past + length, device=device)[None].expand(batch, -1)
         return StepInputs(
-            length, position_ids, pad_mask, None if static else key_valid, cache, cu_seqlens, segments
+            length,
+            position_ids,
+            pad_mask,
+            None if static else key_valid,
+            cache,
+            cu_seqlens,
+            segments,
+            segment_positions,
         )
 
     def run_layers(
@@ -532,6 +540,7 @@ class PFlowModel(PFlowPreTrainedModel):
                     cache=cache,
                     cu_seqlens=step.cu_seqlens,
                     segments=step.segments,
+                    segment_positions=step.segment_positions,
                 )
             if cache is not None:
                 cache.advance(step.length)
@@ -544,15 +553,17 @@ class PFlowModel(PFlowPreTrainedModel):
 @dataclass
 class StepInputs:
     """A forward's resolved inputs: T new tokens, position_ids [B, T] (None on a static cache: computed in
-    the step), pad_mask [B, T] and key_valid [B, past + T] bool (True = real token) or None."""
+    the step), pad_mask [B, T] and key_valid [B, past + T] bool (True = real token) or None; packed inputs:
+    cu_seqlens [N + 1], segments [T] and segment_positions [T] int32 (computed once, shared by all layers)."""
 
     length: int
     position_ids: torch.Tensor | None
     pad_mask: torch.Tensor | None
     key_valid: torch.Tensor | None
     cache: PFlowCache | None
-    cu_seqlens: torch.Tensor | None
-    segments: torch.Tensor | None
+    cu_seqlens: torch.Tensor | None = None
+    segments: torch.Tensor | None = None
+    segment_positions: torch.Tensor | None = None
 
 
 def _check_input_ids(input_ids) -> None:
@@ -596,7 +607,7 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
 
     def _graph_step(self, cache, input_ids, pad_mask, position_ids) -> torch.Tensor:
         """One decode step on a static cache, as decode_graph.DecodeGraphs captures it: logits [B, 1, V]."""
-        step = StepInputs(input_ids.shape[1], position_ids, pad_mask, None, cache, None, None)
+        step = StepInputs(input_ids.shape[1], position_ids, pad_mask, None, cache)
         hidden_states, _ = self.model.run_layers(self.model.embed_tokens(input_ids), step)
         return self.lm_head(hidden_states[:, -1:, :])
 
