@@ -6,8 +6,8 @@ with torch.compile), one process, random weights, greedy decoding, bf16.
 
 For each model, batch B and prompt length P: `generate` with max_new_tokens = 1 (the prefill) and 1 + N;
 decode tokens/s = B * N / (t[1 + N] - t[1]); end-to-end new tokens/s = B * (1 + N) / t[1 + N]; peak memory
-of the longer call. A run that does not fit is recorded as "OOM". Sizes: the 340M shape of
-configs/deltanet-340m-r1.json (hidden 1024, 24 layers, 8 heads) and a Llama of equal parameters.
+of the longer call. A run that does not fit is recorded as "OOM". Models: bench_model.py's at the 340M
+shape (configs/deltanet-340m-r<R>.json; fla and Llama at the PFlow R = 1 shape).
 """
 
 from __future__ import annotations
@@ -25,45 +25,22 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from modeling_parallelflow import PFlowConfig, PFlowForCausalLM  # noqa: E402
+from benchmarks.bench_model import HAS_FLA, fla_deltanet, llama, pflow  # noqa: E402  (the same models)
 
 
-def pflow(rank: int):
-    config = PFlowConfig.from_json_file(str(ROOT / "configs" / "deltanet-340m-r1.json"))
-    config.rank = rank
-    return PFlowForCausalLM(config)
-
-
-def llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=24,
-            num_attention_heads=16, num_key_value_heads=16, max_position_embeddings=65536,
-            tie_word_embeddings=True, attn_implementation="sdpa",
-        )
-    )  # fmt: skip
-
-
-def fla_deltanet():
-    from fla.models import DeltaNetConfig, DeltaNetForCausalLM
-
-    return DeltaNetForCausalLM(
-        DeltaNetConfig(
-            vocab_size=32000, hidden_size=1024, num_hidden_layers=24, num_heads=8, use_gate=False,
-            tie_word_embeddings=True, fuse_cross_entropy=False,
-        )
-    )  # fmt: skip
+def fla_model(size: str):
+    if not HAS_FLA:
+        raise ImportError("fla (flash-linear-attention) is not installed")
+    return fla_deltanet(size)
 
 
 # name -> (builder, generate() keyword arguments)
 PROVIDERS = {
-    "pflow-r1 eager": (lambda: pflow(1), {}),
-    "pflow-r1 static+graphs": (lambda: pflow(1), {"cache_implementation": "static"}),
-    "pflow-r4 eager": (lambda: pflow(4), {}),
-    "pflow-r4 static+graphs": (lambda: pflow(4), {"cache_implementation": "static"}),
-    "fla-deltanet": (fla_deltanet, {}),
+    "pflow-r1 eager": (pflow(1), {}),
+    "pflow-r1 static+graphs": (pflow(1), {"cache_implementation": "static"}),
+    "pflow-r4 eager": (pflow(4), {}),
+    "pflow-r4 static+graphs": (pflow(4), {"cache_implementation": "static"}),
+    "fla-deltanet": (fla_model, {}),
     "llama dynamic": (llama, {}),
     # transformers compiles the forward itself for a compileable (static) cache on CUDA
     "llama static+compile": (llama, {"cache_implementation": "static"}),
@@ -119,7 +96,7 @@ def main() -> None:
     for name in args.providers.split(","):
         builder, kwargs = PROVIDERS[name]
         try:
-            model = builder().to("cuda", torch.bfloat16).eval()
+            model = builder("340m").to("cuda", torch.bfloat16).eval()
         except ImportError as err:
             results["rows"].append({"model": name, "skipped": str(err)})
             continue
