@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from modeling_parallelflow.loading import add_trust_remote_code_argument
+
 from .runner import DEFAULT_TASKS, TaskUnavailableError
 
 
@@ -55,11 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-samples", action="store_true", help="also write every request to samples.jsonl"
     )
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run Python code shipped with MODEL (only architectures this package does not provide need it)",
-    )
+    add_trust_remote_code_argument(parser, "MODEL")
     parser.add_argument(
         "--output-dir", help="where results.{json,md,png} go (default: runs/eval/<model folder name>)"
     )

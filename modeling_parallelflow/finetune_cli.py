@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from .loading import add_trust_remote_code_argument
 from .peft_support import LORA_TARGET_MODULES
 
 
@@ -58,11 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--gradient-checkpointing", action="store_true", help="recompute activations in backward"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run Python code shipped with BASE (only architectures this package does not provide need it)",
-    )
+    add_trust_remote_code_argument(parser, "BASE")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .errors import CheckpointError, require
 from .hub import read_meta, write_meta
+from .loading import add_trust_remote_code_argument
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -133,11 +134,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("adapter", help="adapter folder (from `parallelflow finetune`)")
     parser.add_argument("dst", help="output folder for the merged checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run Python code shipped with BASE (only architectures this package does not provide need it)",
-    )
+    add_trust_remote_code_argument(parser, "BASE")
 
 
 def run(args: argparse.Namespace) -> int:

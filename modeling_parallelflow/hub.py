@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CheckpointError, HubError, one_line
-from .loading import REPO_ID
+from .loading import REPO_ID, add_trust_remote_code_argument
 
 META_FILE = "parallelflow_meta.json"
 DEFAULT_COMMIT_MESSAGE = "Upload ParallelFlow model"
@@ -334,11 +334,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="lm-eval results files for the card, e.g. `parallelflow eval`'s results.json "
         "(default: *.json with a results table in DIR or DIR/evals)",
     )
-    parser.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="run Python code shipped with DIR (needed only for architectures this package does not provide)",
-    )
+    add_trust_remote_code_argument(parser, "DIR")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -19,6 +19,16 @@ REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MAX_LISTED = 10
 
 
+def add_trust_remote_code_argument(parser, checkpoint: str) -> None:
+    """The `--trust-remote-code` flag (off by default) of every command that loads `checkpoint`."""
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help=f"run Python code shipped with {checkpoint} (only architectures this package does not provide "
+        "need it)",
+    )
+
+
 def check_source(source: str | Path) -> None:
     """FileNotFoundError unless `source` is an existing path or could be a Hub repo id ("owner/name")."""
     text = str(source)
