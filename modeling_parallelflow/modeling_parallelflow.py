@@ -23,7 +23,13 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
 from .cache_parallelflow import PFlowCache, PFlowLayerState, PFlowStaticCache
-from .compat_transformers import CACHE_FIELD, cache_of, output_with_cache, resolve_cache_argument
+from .compat_transformers import (
+    CACHE_FIELD,
+    cache_of,
+    cached_prefix_length,
+    output_with_cache,
+    resolve_cache_argument,
+)
 from .configuration_parallelflow import PFlowConfig
 from .glue_parallelflow import triton_glue
 from .loss_parallelflow import linear_cross_entropy
@@ -727,18 +733,6 @@ def _uses_decode_graph(cache, input_ids, labels, output_hidden_states, cu_seqlen
         and cu_seqlens is None
         and not torch.is_grad_enabled()
     )
-
-
-def cached_prefix_length(
-    input_ids: torch.Tensor, cache: PFlowCache, attention_mask: torch.Tensor | None
-) -> int:
-    """How many leading tokens of input_ids [B, L] the cache has already seen: all it has seen when generation
-    restarts from a returned cache with the whole sequence (as transformers <= 5.23 always assumes, and 5.24
-    when the mask, if any, is as long as the ids), else 0. transformers >= 5.24 leaves this slicing to
-    models whose caches are all linear."""
-    seen = cache.get_seq_length()
-    whole_sequence = attention_mask is None or attention_mask.shape[1] == input_ids.shape[1]
-    return seen if 0 < seen < input_ids.shape[1] and whole_sequence else 0
 
 
 # save_pretrained copies this file and its relative imports next to the weights and writes `auto_map`, so a
