@@ -270,6 +270,7 @@ class PFlowStaticCache(PFlowCache):
         ]
         self.slot = torch.zeros((), dtype=torch.long, device=device)  # tokens seen, on the device
         self.key_valid = torch.zeros(batch_size, max_cache_len, dtype=torch.bool, device=device)
+        self.real_tokens = torch.zeros(batch_size, dtype=torch.long, device=device)  # non-pad tokens per row
         self.positions = torch.arange(max_cache_len, device=device)
         if cuda_graphs is None:
             on_cuda = device is not None and torch.device(device).type == "cuda"
@@ -322,18 +323,19 @@ class PFlowStaticCache(PFlowCache):
             self.broken = True
             raise
 
-    def record_valid(self, pad_mask: torch.Tensor | None, length: int) -> torch.Tensor:
-        """Write the new tokens' validity (pad_mask [B, T] bool, None = all real) at their positions; returns
-        key_valid [B, max_cache_len]."""
+    def record_new_tokens(
+        self, pad_mask: torch.Tensor | None, length: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write the new tokens' validity (pad_mask [B, T] bool, None = all real) at their positions.
+        Returns key_valid [B, max_cache_len] and the new tokens' RoPE positions [B, T] (real tokens before
+        them: padding does not count), from a per-row count, so a step costs O(T), not O(max_cache_len)."""
         slots = self.slot + self.positions[:length]
         new = pad_mask if pad_mask is not None else self.key_valid.new_ones(self.fixed_batch_size, length)
         self.key_valid.index_copy_(1, slots, new)
-        return self.key_valid
-
-    def default_positions(self, length: int) -> torch.Tensor:
-        """RoPE positions [B, T] of the new tokens: real tokens before them (padding does not count)."""
-        counts = self.key_valid.long().cumsum(-1) - 1
-        return counts.index_select(1, self.slot + self.positions[:length]).clamp(min=0)
+        counts = new.long().cumsum(-1)
+        positions = (self.real_tokens[:, None] + counts - 1).clamp(min=0)
+        self.real_tokens += counts[:, -1]
+        return self.key_valid, positions
 
     def update_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, key_valid):
         layer = self.layers[layer_idx]
@@ -362,7 +364,9 @@ class PFlowStaticCache(PFlowCache):
             tensor.copy_(copy)
 
     def _state_tensors(self) -> list[torch.Tensor]:
-        return [self.slot, self.key_valid] + [t for layer in self.layers for t in layer.tensors().values()]
+        return [self.slot, self.key_valid, self.real_tokens] + [
+            t for layer in self.layers for t in layer.tensors().values()
+        ]
 
     def reset(self) -> None:
         for tensor in self._state_tensors():
@@ -372,7 +376,8 @@ class PFlowStaticCache(PFlowCache):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self.key_valid.copy_(self.key_valid.index_select(0, beam_idx.to(self.key_valid.device)))
+        for tensor in (self.key_valid, self.real_tokens):
+            tensor.copy_(tensor.index_select(0, beam_idx.to(tensor.device)))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("a static cache has a fixed batch size; make it for the expanded batch")

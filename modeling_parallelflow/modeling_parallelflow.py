@@ -532,9 +532,9 @@ class PFlowModel(PFlowPreTrainedModel):
         all_hidden_states = []
         with cache.transaction() if cache is not None else contextlib.nullcontext():
             if isinstance(cache, PFlowStaticCache):
-                key_valid = cache.record_valid(step.pad_mask, step.length)
+                key_valid, new_positions = cache.record_new_tokens(step.pad_mask, step.length)
                 if position_ids is None:
-                    position_ids = cache.default_positions(step.length)
+                    position_ids = new_positions
             for layer in self.layers:
                 if output_hidden_states:
                     all_hidden_states.append(hidden_states)
