@@ -33,6 +33,8 @@ import threading
 import time
 import zlib
 
+from sweep_glue import glue_case, glue_cases, run_glue_case
+
 POISON_ENV = "PFLOW_TRITON_POISON"
 TUNE_ENV = "PFLOW_SWEEP_TUNE"
 # Relative error bounds per input dtype (output, final state and every gradient), about 2x the worst
@@ -127,7 +129,7 @@ def full_cases() -> list[dict]:
         for r, m in ((2, "sum"), (3, "product")):
             cases.append(case(algo, B=1, T=300, R=r, K=32, mode=m, cu=CU_SEQLENS, grad=algo != "recurrent"))
             cases.append(case(algo, B=1, T=1, R=r, K=32, mode=m, grad=algo != "recurrent"))
-    return cases
+    return cases + glue_cases()
 
 
 def sanitizer_cases() -> list[dict]:
@@ -139,6 +141,13 @@ def sanitizer_cases() -> list[dict]:
     cases += [case(B=2, T=20, R=8, K=256, dtype=d) for d in ("bfloat16", "float32")]
     cases += [case("sigdelta", B=2, T=20, R=2, K=16), case("recurrent", B=2, T=20, R=8, K=32, grad=False)]
     cases += [case("decode", B=2, T=3, R=2, K=16, grad=False)]
+    cases += [
+        glue_case("conv", dtype="bfloat16", B=1, T=40, group=g, cu=(0, 1, 1, 17, 40)) for g in (16, 256)
+    ]
+    cases += [glue_case("conv", dtype="float32", B=2, T=2, group=48, tail=True, pad=True)]
+    cases += [
+        glue_case("norm", dtype=d, B=2, T=20, group=g) for d in ("bfloat16", "float32") for g in (24, 256)
+    ]
     return cases
 
 
@@ -204,6 +213,9 @@ def _rel(x, ref) -> float:
 
 def run_case(c: dict) -> dict:
     import torch
+
+    if c["algo"] in ("conv", "norm"):  # the fused layer kernels (sweep_glue.py)
+        return run_glue_case(c)
 
     from modeling_parallelflow.ops import delta_rule
     from modeling_parallelflow.triton_dispatch import triton_recurrent_step_

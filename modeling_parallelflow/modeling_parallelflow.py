@@ -39,6 +39,17 @@ from .ops_exact_flow import exact_flow_drivers
 DECODE_MAX_TOKENS = 8  # cached continuations this short run the recurrent algorithm (same maths, less work)
 
 
+def gated_rms_norm_torch(
+    o: torch.Tensor, weight: torch.Tensor, gate: torch.Tensor | None, eps: float
+) -> torch.Tensor:
+    """The torch path of `triton_norm.gated_rms_norm`: o [..., V] -> RMSNorm(o) (fp32 inside) * weight,
+    times silu(gate [..., V]) when a gate is given."""
+    dtype = o.dtype
+    x = o.float()
+    y = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return y * F.silu(gate) if gate is not None else y
+
+
 class PFlowRMSNorm(nn.Module):
     """RMSNorm over the last dim, computed in fp32."""
 
@@ -48,10 +59,7 @@ class PFlowRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return gated_rms_norm_torch(x, self.weight, None, self.eps)
 
 
 class PFlowMLP(nn.Module):
@@ -105,6 +113,33 @@ def causal_depthwise_conv(
     return y.transpose(1, 2), xx[:, :, xx.shape[-1] - (width - 1) :]
 
 
+def short_conv_silu_torch(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    *,
+    group: int,
+    normalize: bool,
+    tail: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    pad_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The torch path of `triton_conv.short_conv_silu` (and its reference): pads zeroed -> causal depthwise
+    conv (skipped when weight is None) -> SiLU -> L2 norm per group of `group` channels if `normalize`.
+
+    x [B, T, C]; weight [C, 1, W] or None; tail [B, C, W-1] or None; segments [T] (packed, B = 1) or None;
+    pad_mask [B, T] bool or None. Returns (y [B, T, C], new tail [B, C, W-1] or None without a conv).
+    """
+    new_tail = None
+    if pad_mask is not None:
+        x = torch.where(pad_mask[..., None], x, torch.zeros_like(x))
+    if weight is not None:
+        x, new_tail = causal_depthwise_conv(x, weight, tail, segments)
+    y = F.silu(x)
+    if normalize:
+        y = l2_normalize(y.unflatten(-1, (-1, group))).flatten(-2)
+    return y, new_tail
+
+
 class PFlowMixer(nn.Module):
     """The rank-R delta-rule token mixer (a DeltaNet layer with R keys, values and betas per head)."""
 
@@ -139,7 +174,6 @@ class PFlowMixer(nn.Module):
         group = self.head_v_dim if name == "v" else self.head_k_dim
         normalize = name != "v"
         tail = state.conv.get(name) if state is not None and self.config.use_short_conv else None
-        new_tail = None
         if glue is not None and self.config.use_short_conv and (tail is None or not tail.requires_grad):
             y, new_tail = glue.short_conv_silu(
                 y,
@@ -151,13 +185,10 @@ class PFlowMixer(nn.Module):
                 pad_mask=pad_mask,
             )
         else:
-            if pad_mask is not None:
-                y = torch.where(pad_mask[..., None], y, torch.zeros_like(y))
-            if self.config.use_short_conv:
-                y, new_tail = causal_depthwise_conv(y, getattr(self, f"{name}_conv1d").weight, tail, segments)
-            y = F.silu(y)
-            if normalize:
-                y = l2_normalize(y.unflatten(-1, (-1, group))).flatten(-2)
+            weight = getattr(self, f"{name}_conv1d").weight if self.config.use_short_conv else None
+            y, new_tail = short_conv_silu_torch(
+                y, weight, group=group, normalize=normalize, tail=tail, segments=segments, pad_mask=pad_mask
+            )
         if state is not None and new_tail is not None:
             state.conv[name] = new_tail
         return y
@@ -219,9 +250,7 @@ class PFlowMixer(nn.Module):
         if glue is not None:
             o = glue.gated_rms_norm(o, self.o_norm.weight, gate, self.o_norm.eps)  # [B, T, H, V]
         else:
-            o = self.o_norm(o)
-            if gate is not None:
-                o = o * F.silu(gate)
+            o = gated_rms_norm_torch(o, self.o_norm.weight, gate, self.o_norm.eps)
         return self.o_proj(o.reshape(batch, length, h * v))
 
 

@@ -20,6 +20,37 @@ from tests.model_helpers import random_ids, tiny_model
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
+@pytest.mark.triton_interpret
+def test_sweep_runs_glue_cases_in_the_interpreter(tmp_path):
+    """The sweep's machinery end to end on the CPU: the fused layer kernels' sanitizer cases under Triton's
+    interpreter, in child processes, each against its float64 torch path."""
+    out = tmp_path / "sweep.json"
+    env = {
+        **os.environ,
+        "TRITON_INTERPRET": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "gpu_sweep.py"),
+        "--out",
+        str(out),
+        "--subset",
+        "sanitizer",
+    ]
+    proc = subprocess.run(
+        cmd + ["--filter", "^(conv|norm)", "--workers", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    report = json.loads(out.read_text())
+    assert report["summary"]["counts"] == {"pass": 7}, (report["summary"], proc.stdout[-2000:])
+    assert {c["algo"] for c in report["cases"]} == {"conv", "norm"}
+
+
 @pytest.mark.gpu
 def test_shape_sweep_matches_float64_loop(tmp_path):
     out = Path(os.environ.get("PFLOW_SWEEP_OUT", tmp_path / "gpu_sweep.json"))

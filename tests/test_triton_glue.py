@@ -4,17 +4,14 @@ Tier 2 (`triton_interpret`): small fp32 shapes in Triton's CPU interpreter (comp
 is one). Tier 3 (`gpu`): bf16 at a model-like shape, forward and backward, against the torch path in fp32.
 """
 
-from types import SimpleNamespace
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from modeling_parallelflow.compat_transformers import cache_of
 from modeling_parallelflow.modeling_parallelflow import (
-    causal_depthwise_conv,
-    l2_normalize,
+    gated_rms_norm_torch,
     segment_ids_from_cu_seqlens,
+    short_conv_silu_torch,
 )
 
 triton_conv = pytest.importorskip("modeling_parallelflow.triton_conv")
@@ -22,15 +19,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # tier 2 runs on a GPU 
 
 
 def conv_reference(x, weight, tail, cu_seqlens, pad_mask, group, normalize):
-    """The mixer's torch path: pads zeroed -> causal_depthwise_conv -> SiLU -> (L2 norm per group)."""
-    if pad_mask is not None:
-        x = torch.where(pad_mask[..., None], x, torch.zeros_like(x))
+    """The mixer's torch path (`short_conv_silu_torch`), with segments from cu_seqlens."""
     segments = segment_ids_from_cu_seqlens(cu_seqlens, x.shape[1]) if cu_seqlens is not None else None
-    y, new_tail = causal_depthwise_conv(x, weight, tail, segments)
-    y = F.silu(y)
-    if normalize:
-        y = l2_normalize(y.unflatten(-1, (-1, group))).flatten(-2)
-    return y, new_tail
+    return short_conv_silu_torch(
+        x, weight, group=group, normalize=normalize, tail=tail, segments=segments, pad_mask=pad_mask
+    )
 
 
 def positions(cu_seqlens, length):
@@ -112,14 +105,6 @@ def test_conv_gpu_bf16_model_shape(normalize):
         assert rel < 1e-2, rel
 
 
-def norm_reference(o, weight, gate, eps):
-    """The mixer's torch path: PFlowRMSNorm (fp32 inside), times silu(gate)."""
-    from modeling_parallelflow.modeling_parallelflow import PFlowRMSNorm
-
-    y = PFlowRMSNorm.forward(SimpleNamespace(weight=weight, eps=eps), o)  # its code, our weight leaf
-    return y * F.silu(gate) if gate is not None else y
-
-
 def check_norm(shape, gated, device, dtype, tol):
     triton_norm = pytest.importorskip("modeling_parallelflow.triton_norm")
     o = torch.randn(*shape, device=device, dtype=dtype)
@@ -128,7 +113,7 @@ def check_norm(shape, gated, device, dtype, tol):
     ours_in = [x.clone().requires_grad_() if x is not None else None for x in (o, weight, gate)]
     ref_in = [x.float().requires_grad_() if x is not None else None for x in (o, weight, gate)]
     y = triton_norm.gated_rms_norm(ours_in[0], ours_in[1], ours_in[2], 1e-6)
-    y_ref = norm_reference(ref_in[0], ref_in[1], ref_in[2], 1e-6)
+    y_ref = gated_rms_norm_torch(ref_in[0], ref_in[1], ref_in[2], 1e-6)
     # Both get the same dy: ours arrives in y's dtype, so the reference gets it rounded alike. (With an fp32
     # dy for the reference only, dweight, a sum over 65,536 rows, differed by up to 0.77 at |dweight| ~ 144
     # from the rounding of dy alone: H200 run at db39112.)
