@@ -31,7 +31,8 @@ def cache_signature(config) -> dict:
 
 class PFlowLayerState:
     """One layer's state. pflow: `conv` {"q","k","v": [B, C, W-1]}, `recurrent` [B, H, K, V] fp32.
-    attention: `keys` / `values` [B, Hkv, S, D] (sliding layers keep the last `window - 1` positions)."""
+    attention: `keys` / `values` [B, Hkv, S, D] (sliding layers keep the last `window - 1` positions; in a
+    PFlowStaticCache they are a ring [B, Hkv, Wr, D], Wr = min(window, max_cache_len))."""
 
     def __init__(self, layer_type: str, sliding_window: int | None = None):
         self.layer_type = layer_type
@@ -244,8 +245,10 @@ class PFlowStaticCache(PFlowCache):
     as a CUDA graph (`decode_graph.py`). `model.generate(..., cache_implementation="static")` makes one.
 
     pflow layers: conv tails [B, C, W-1] and the fp32 state [B, H, K, V] (memory flat in context length);
-    attention layers: keys / values [B, Hkv, max_cache_len, D] (sliding layers too, masked to their window);
-    `key_valid` [B, max_cache_len] marks real (not padding) positions.
+    global attention layers: keys / values [B, Hkv, max_cache_len, D], position p at slot p;
+    sliding attention layers: a ring, keys / values [B, Hkv, Wr, D] with Wr = min(sliding_window,
+    max_cache_len) (memory flat in context length), position p at slot p % Wr (see `update_attention`);
+    `key_valid` [B, max_cache_len] bool marks real (not padding) positions.
     """
 
     def __init__(
@@ -290,6 +293,8 @@ class PFlowStaticCache(PFlowCache):
                     )
             buffers["recurrent"] = torch.zeros(batch, h, k, v, dtype=torch.float32, device=device)
         else:
+            if layer_type == "sliding_attention":  # a ring: no query sees more than the window
+                length = min(config.sliding_window, length)
             shape = (batch, config.num_key_value_heads, length, config.attention_head_dim)
             for name in ("keys", "values"):
                 buffers[name] = torch.zeros(shape, dtype=dtype, device=device)
@@ -338,11 +343,57 @@ class PFlowStaticCache(PFlowCache):
         return self.key_valid, positions
 
     def update_attention(self, layer_idx: int, keys: torch.Tensor, values: torch.Tensor, key_valid):
+        """Write keys/values [B, Hkv, T, D] in place. Returns what the T new queries attend to: keys, values
+        [B, Hkv, S, D], the stream position of every key `key_slot` [S] (negative: an empty ring slot) and of
+        every query `query_slot` [T], and `key_valid` [B, S] (None: all real) for those keys.
+
+        Global layers: S = max_cache_len, the buffers themselves. Sliding layers (a ring of Wr slots):
+        - T = 1 (decode; or Wr = max_cache_len, so nothing wraps): write, then attend to the ring (S = Wr),
+          which holds the window ending at the new token, with no copy;
+        - T > 1 (a prefill or a multi-token continuation, of any length): attend to the ring as it was
+          followed by the new keys (S = Wr + T; later queries see at most window - 1 earlier positions, as
+          the dynamic cache), then keep only the last min(T, Wr) new positions in the ring.
+        Shapes depend on T only and positions stay on the device (no host sync; CUDA-graph safe)."""
         layer = self.layers[layer_idx]
-        query_slot = self.slot + self.positions[: keys.shape[2]]
-        layer.keys.index_copy_(2, query_slot, keys)
-        layer.values.index_copy_(2, query_slot, values)
-        return layer.keys, layer.values, self.positions, query_slot, key_valid
+        length = keys.shape[2]
+        query_slot = self.slot + self.positions[:length]
+        if layer.sliding_window is None:
+            layer.keys.index_copy_(2, query_slot, keys)
+            layer.values.index_copy_(2, query_slot, values)
+            return layer.keys, layer.values, self.positions, query_slot, key_valid
+        ring = layer.keys.shape[2]
+        if length == 1 or ring == self.capacity:
+            self._write_ring(layer, query_slot, keys, values)
+            key_slot = self._ring_positions(self.slot + length, ring)
+            return layer.keys, layer.values, key_slot, query_slot, self._valid_at(key_valid, key_slot)
+        ring_slot = self._ring_positions(self.slot, ring)
+        all_keys = torch.cat([layer.keys, keys], dim=2)  # copies: the ring may be overwritten below
+        all_values = torch.cat([layer.values, values], dim=2)
+        key_slot = torch.cat([ring_slot, query_slot])
+        keep = min(length, ring)  # distinct ring slots (index_copy_ with repeated indices is undefined)
+        self._write_ring(layer, query_slot[-keep:], keys[:, :, -keep:], values[:, :, -keep:])
+        return all_keys, all_values, key_slot, query_slot, self._valid_at(key_valid, key_slot)
+
+    @staticmethod
+    def _write_ring(layer, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """keys / values [B, Hkv, N, D] of stream positions [N] (N <= ring size) into their ring slots."""
+        slots = positions % layer.keys.shape[2]
+        layer.keys.index_copy_(2, slots, keys)
+        layer.values.index_copy_(2, slots, values)
+
+    def _ring_positions(self, end: torch.Tensor, ring: int) -> torch.Tensor:
+        """[ring] stream position held by each ring slot once positions 0 .. end - 1 were written (the
+        latest p < end with p % ring == slot); negative where the slot was never written."""
+        last = end - 1
+        return last - (last - self.positions[:ring]) % ring
+
+    def _valid_at(self, key_valid: torch.Tensor | None, key_slot: torch.Tensor) -> torch.Tensor:
+        """key_valid [B, max_cache_len] read at key_slot [S] -> [B, S]; False at negative (empty) slots."""
+        written = key_slot >= 0
+        if key_valid is None:
+            return written[None].expand(self.fixed_batch_size, -1)
+        index = key_slot.clamp(min=0)[None].expand(key_valid.shape[0], -1)
+        return key_valid.gather(1, index) & written
 
     def advance(self, num_tokens: int) -> None:
         super().advance(num_tokens)
