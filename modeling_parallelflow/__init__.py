@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_OPS = {"delta_rule": ".ops", "delta_rule_drivers": ".ops"}
+_OPS = {"delta_rule": ".ops", "delta_rule_drivers": ".ops", "PackedSequences": ".packed"}
 _MODEL = {
     "PFlowCache": ".cache_parallelflow",
     "PFlowStaticCache": ".cache_parallelflow",

@@ -35,6 +35,7 @@ from .glue_parallelflow import triton_glue
 from .loss_parallelflow import linear_cross_entropy
 from .ops import delta_rule, delta_rule_drivers
 from .ops_exact_flow import exact_flow_drivers
+from .packed import PackedSequences
 
 DECODE_MAX_TOKENS = 8  # cached continuations this short run the recurrent algorithm (same maths, less work)
 
@@ -350,7 +351,7 @@ class PFlowDecoderLayer(GradientCheckpointingLayer):
         pad_mask: torch.Tensor | None = None,
         key_valid: torch.Tensor | None = None,
         cache: PFlowCache | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | PackedSequences | None = None,
         segments: torch.Tensor | None = None,
         segment_positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -404,13 +405,22 @@ class PFlowPreTrainedModel(PreTrainedModel):
         return super().save_pretrained(save_directory, *args, **kwargs)
 
 
-def _validate_packed(cu_seqlens: torch.Tensor, batch: int, length: int, cache) -> None:
+def _validate_packed(
+    cu_seqlens: torch.Tensor | PackedSequences, batch: int, length: int, cache, device: torch.device
+) -> PackedSequences:
+    """A forward's packed sequences, validated once and shared by all its layers: a cu_seqlens tensor [N + 1]
+    is read to the host here (the forward's only host read), a PackedSequences is only checked (none)."""
     if batch != 1:
         raise ValueError(f"cu_seqlens needs packed inputs of batch size 1, got batch size {batch}")
     if cache is not None:
         raise ValueError("cu_seqlens (packed sequences) cannot be combined with a cache")
-    if cu_seqlens.ndim != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != length:
-        raise ValueError(f"cu_seqlens must be 1D, start at 0 and end at the sequence length {length}")
+    if not isinstance(cu_seqlens, PackedSequences):
+        return PackedSequences(cu_seqlens, total=length, device=device)
+    if cu_seqlens.total_tokens != length or cu_seqlens.device != device:
+        raise ValueError(
+            f"cu_seqlens {cu_seqlens!r} must pack the {length} tokens of the inputs, on their device {device}"
+        )
+    return cu_seqlens
 
 
 class PFlowModel(PFlowPreTrainedModel):
@@ -434,12 +444,13 @@ class PFlowModel(PFlowPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | PackedSequences | None = None,
         cache: PFlowCache | None = None,
         **ignored,
     ) -> BaseModelOutputWithPast:
         """input_ids [B, T] (or inputs_embeds [B, T, D]); attention_mask [B, past + T] with 1 = token, 0 = pad
-        (left padding for batched generation); cu_seqlens [N + 1] packs N sequences into a batch of one.
+        (left padding for batched generation); cu_seqlens [N + 1] packs N sequences into a batch of one (a
+        tensor, validated with one host read per forward, or a `packed.PackedSequences`: no host read).
 
         The cache comes as `cache` (transformers >= 5.24) or `past_key_values` (older). A cache that is
         passed is always read and updated; `use_cache` (default: config.use_cache outside training) only
@@ -502,11 +513,11 @@ class PFlowModel(PFlowPreTrainedModel):
             cache.check_room(length)
         past = cache.get_seq_length() if cache is not None else 0
 
-        segments = segment_positions = None
+        packed = segments = segment_positions = None
         if cu_seqlens is not None:
-            _validate_packed(cu_seqlens, batch, length, cache)
-            segments = segment_ids_from_cu_seqlens(cu_seqlens, length)
-            starts = cu_seqlens.to(segments.device)[segments]
+            packed = _validate_packed(cu_seqlens, batch, length, cache, device)  # the forward's one host read
+            segments = segment_ids_from_cu_seqlens(packed.cu_seqlens, length)
+            starts = packed.cu_seqlens[segments]
             segment_positions = (torch.arange(length, device=segments.device) - starts).to(torch.int32)
         key_valid = pad_mask = None
         if attention_mask is not None:
@@ -546,7 +557,7 @@ class PFlowModel(PFlowPreTrainedModel):
             pad_mask,
             None if static else key_valid,
             cache,
-            cu_seqlens,
+            packed,
             segments,
             segment_positions,
         )
@@ -589,14 +600,15 @@ class PFlowModel(PFlowPreTrainedModel):
 class StepInputs:
     """A forward's resolved inputs: T new tokens, position_ids [B, T] (None on a static cache: computed in
     the step), pad_mask [B, T] and key_valid [B, past + T] bool (True = real token) or None; packed inputs:
-    cu_seqlens [N + 1], segments [T] and segment_positions [T] int32 (computed once, shared by all layers)."""
+    cu_seqlens (a PackedSequences: validated, one host read), segments [T] and segment_positions [T] int32
+    (computed once per forward, shared by all layers)."""
 
     length: int
     position_ids: torch.Tensor | None
     pad_mask: torch.Tensor | None
     key_valid: torch.Tensor | None
     cache: PFlowCache | None
-    cu_seqlens: torch.Tensor | None = None
+    cu_seqlens: PackedSequences | None = None
     segments: torch.Tensor | None = None
     segment_positions: torch.Tensor | None = None
 
@@ -693,7 +705,7 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        cu_seqlens: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | PackedSequences | None = None,
         cache: PFlowCache | None = None,
         **loss_kwargs,
     ) -> CausalLMOutputWithPast:

@@ -1,8 +1,9 @@
 """Public op of ParallelFlow: the rank-R delta rule. Validates inputs, then dispatches to a backend.
 
-Backends: "triton" (`triton_dispatch.triton_delta_rule_drivers`, imported lazily; optional) and "torch"
+Backends: "triton" (`triton_dispatch.run_drivers`, imported lazily; optional) and "torch"
 (`ops_reference` token loop for algorithm "recurrent", else the chunked `ops_chunk_torch` with the
-tensorInv or sigDelta W/U solver). The maths is in OPS.md.
+tensorInv or sigDelta W/U solver). Packed sequences reach the backends as a `packed.PackedSequences`
+(validated once: its bounds and chunk maps are reused, no further host reads). The maths is in OPS.md.
 """
 
 import functools
@@ -17,6 +18,7 @@ from torch import Tensor
 from .ops_chunk_torch import chunk_delta_rule, chunk_wu
 from .ops_reference import delta_rule_reference
 from .ops_sigdelta_torch import sigdelta_wu
+from .packed import PackedSequences, check_cu_seqlens_tensor
 
 MODES = ("sum", "product")
 ALGORITHMS = ("auto", "tensor_inv", "sigdelta", "recurrent")
@@ -28,15 +30,16 @@ _warned_fallback = False
 
 @functools.cache
 def _load_triton() -> tuple[Callable | None, ImportError | None]:
-    """(triton_delta_rule_drivers, None) if the Triton kernels import, else (None, the ImportError)."""
+    """(triton_dispatch.run_drivers, None) if the Triton kernels import, else (None, the ImportError).
+    run_drivers trusts its arguments: `_run` calls it after the op validated them."""
     # `from .x import y` form: transformers copies the modules imported this way into saved checkpoints.
     try:
-        from .triton_dispatch import HAS_TRITON, triton_delta_rule_drivers
+        from .triton_dispatch import HAS_TRITON, run_drivers
     except ImportError as err:
         return None, err
     if not HAS_TRITON:  # the module imports, its kernels did not
         return None, ImportError("triton_dispatch.HAS_TRITON is False (is the `triton` package installed?)")
-    return triton_delta_rule_drivers, None
+    return run_drivers, None
 
 
 def valid_chunk_size(chunk_size: object) -> bool:
@@ -119,6 +122,28 @@ def _check_dtypes(names: tuple[str, ...], tensors: tuple[Tensor, ...], same: boo
         raise ValueError(f"{', '.join(names)} must share one dtype, got {got}")
 
 
+def _check_packed(cu_seqlens: object, device: torch.device, sizes: dict[str, int]) -> PackedSequences:
+    """cu_seqlens as a PackedSequences (what the backends get): a raw tensor is validated here (one host
+    read of its values); a PackedSequences, validated when built, only has its device and T checked."""
+    if not isinstance(cu_seqlens, PackedSequences):
+        check_cu_seqlens_tensor(cu_seqlens)
+    if cu_seqlens.device != device:
+        raise ValueError(
+            f"cu_seqlens is on {cu_seqlens.device} but q is on {device}: all tensors must share a device"
+        )
+    if sizes["B"] != 1:
+        raise ValueError(
+            f"cu_seqlens requires batch size B == 1 (sequences packed along T), got B = {sizes['B']}"
+        )
+    if not isinstance(cu_seqlens, PackedSequences):
+        return PackedSequences(cu_seqlens, total=sizes["T"])
+    if cu_seqlens.total_tokens != sizes["T"]:
+        raise ValueError(
+            f"cu_seqlens packs {cu_seqlens.total_tokens} tokens ({cu_seqlens!r}), but T = {sizes['T']}"
+        )
+    return cu_seqlens
+
+
 def _check_options(
     q: Tensor,
     sizes: dict[str, int],
@@ -128,7 +153,7 @@ def _check_options(
     scale: float | None,
     initial_state: Tensor | None,
     output_final_state: bool,
-    cu_seqlens: Tensor | None,
+    cu_seqlens: Tensor | PackedSequences | None,
     chunk_size: int,
     algorithm: str,
     backend: str,
@@ -156,25 +181,8 @@ def _check_options(
         raise ValueError(f"scale must be a positive finite float or None (K ** -0.5), got {scale!r}")
     sizes["N"] = sizes["B"]
     if cu_seqlens is not None:
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError(f"cu_seqlens must be a 1-D tensor [N + 1] with N >= 1, got {cu_seqlens!r}")
-        if cu_seqlens.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"cu_seqlens must have dtype int32 or int64, got {cu_seqlens.dtype}")
-        if cu_seqlens.device != q.device:
-            raise ValueError(
-                f"cu_seqlens is on {cu_seqlens.device} but q is on {q.device}: "
-                "all tensors must share a device"
-            )
-        if sizes["B"] != 1:
-            raise ValueError(
-                f"cu_seqlens requires batch size B == 1 (sequences packed along T), got B = {sizes['B']}"
-            )
-        bounds = cu_seqlens.tolist()
-        if bounds[0] != 0 or bounds[-1] != sizes["T"]:
-            raise ValueError(f"cu_seqlens must start at 0 and end at T = {sizes['T']}, got {bounds}")
-        if any(x > y for x, y in zip(bounds[:-1], bounds[1:], strict=True)):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {bounds}")
-        sizes["N"] = len(bounds) - 1
+        cu_seqlens = _check_packed(cu_seqlens, q.device, sizes)
+        sizes["N"] = cu_seqlens.num_sequences
     if initial_state is not None:
         _check_shapes([("initial_state", initial_state, "N H K V")], sizes)
         _check_dtypes(("initial_state",), (initial_state,), same=False)
@@ -206,7 +214,7 @@ def _run(
     scale: float,
     initial_state: Tensor | None,
     output_final_state: bool,
-    cu_seqlens: Tensor | None,
+    cu_seqlens: PackedSequences | None,
     chunk_size: int,
     algorithm: str,
     backend: str,
@@ -239,7 +247,7 @@ def delta_rule_drivers(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | PackedSequences | None = None,
     chunk_size: int = 64,
     algorithm: str = "auto",
     backend: str = "auto",
@@ -248,8 +256,11 @@ def delta_rule_drivers(
 
     q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V] (one floating dtype for all four).
     mode "sum" (the R components of a token read the same state) or "product" (applied r = 1..R).
-    initial_state [N, H, K, V], any float dtype, used in float32; cu_seqlens int32/int64 [N + 1] packs
-    N sequences along T (B must be 1; the state restarts at each one). scale defaults to K ** -0.5.
+    initial_state [N, H, K, V], any float dtype, used in float32. cu_seqlens packs N sequences along T
+    (B must be 1; the state restarts at each one): an int32/int64 tensor [N + 1], validated on every call
+    (one host read of its values per call, a device sync on a GPU), or a `packed.PackedSequences`,
+    validated once when it was built (no host read here; pass one to every layer of a model).
+    scale defaults to K ** -0.5.
     Returns o [B, T, H, V] in u's dtype and, if output_final_state, the final state [N, H, K, V]
     (float32 on the torch backend; float64 when the inputs are float64), else None.
     """
@@ -285,7 +296,7 @@ def delta_rule(
     scale: float | None = None,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | PackedSequences | None = None,
     chunk_size: int = 64,
     algorithm: str = "auto",
     backend: str = "auto",

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .packed import PackedSequences, host_bounds
+
 WUSolver = Callable[[Tensor, Tensor, Tensor, str], tuple[Tensor, Tensor]]
 
 
@@ -92,31 +94,32 @@ def chunk_delta_rule(
     scale: float,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | PackedSequences | None = None,
     chunk_size: int = 64,
     wu_solver: WUSolver = chunk_wu,
 ) -> tuple[Tensor, Tensor | None]:
     """Chunked delta rule on general drivers (no validation: `ops.delta_rule_drivers` does it).
 
     q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V]; initial_state [N, H, K, V] or None;
-    cu_seqlens [N + 1] (B == 1): each sequence runs separately from its own initial state.
+    cu_seqlens [N + 1] or a PackedSequences (B == 1): each sequence runs separately from its own initial
+    state (a tensor's bounds are read to the host, a PackedSequences' are not).
     Computes in float64 when u is float64, else float32. `wu_solver` is `chunk_wu` or `sigdelta_wu`.
     Returns o [B, T, H, V] in u's dtype and the final state [N, H, K, V] in the compute dtype (or None).
     """
     out_dtype = u.dtype
     dtype = torch.float64 if out_dtype == torch.float64 else torch.float32
     bsz, _, heads, _, key_dim = a.shape
-    n_seq = bsz if cu_seqlens is None else cu_seqlens.numel() - 1
+    bounds = None if cu_seqlens is None else host_bounds(cu_seqlens)
+    n_seq = bsz if bounds is None else len(bounds) - 1
     if initial_state is None:
         h0 = q.new_zeros(n_seq, heads, key_dim, u.shape[-1], dtype=dtype)
     else:
         h0 = initial_state.to(dtype)
     q, a, b, u = (x.to(dtype) for x in (q, a, b, u))
     q = q * scale
-    if cu_seqlens is None:
+    if bounds is None:
         o, h = _chunk_sequences(q, a, b, u, h0, mode, chunk_size, wu_solver)
     else:
-        bounds = cu_seqlens.tolist()
         outs, finals = [], []
         for n in range(n_seq):
             span = slice(bounds[n], bounds[n + 1])

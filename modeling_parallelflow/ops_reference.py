@@ -7,6 +7,8 @@ product mode applies the R components one after another; then o_t = scale * h^T 
 import torch
 from torch import Tensor
 
+from .packed import PackedSequences, host_bounds
+
 
 def _token_step(h: Tensor, a: Tensor, b: Tensor, u: Tensor, mode: str) -> Tensor:
     """One token. h [H, K, V], a and b [H, R, K], u [H, R, V] -> new h [H, K, V]."""
@@ -29,13 +31,13 @@ def delta_rule_reference(
     scale: float,
     initial_state: Tensor | None = None,
     output_final_state: bool = False,
-    cu_seqlens: Tensor | None = None,
+    cu_seqlens: Tensor | PackedSequences | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> tuple[Tensor, Tensor | None]:
     """Run the recurrence token by token in `dtype` (no validation: `ops.delta_rule_drivers` does it).
 
     q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V]; initial_state [N, H, K, V] or None;
-    cu_seqlens [N + 1] (B == 1) restarts the state at each sequence start.
+    cu_seqlens [N + 1] or a PackedSequences (B == 1) restarts the state at each sequence start.
     Returns o [B, T, H, V] in `dtype` and the final state [N, H, K, V] in `dtype` (or None).
     """
     q, a, b, u = (x.to(dtype) for x in (q, a, b, u))
@@ -44,7 +46,7 @@ def delta_rule_reference(
     if cu_seqlens is None:
         spans = [(n, 0, seq_len) for n in range(bsz)]
     else:
-        bounds = cu_seqlens.tolist()
+        bounds = host_bounds(cu_seqlens)
         spans = [(0, bounds[n], bounds[n + 1]) for n in range(len(bounds) - 1)]
     outputs, finals = [], []
     for n, (row, bos, eos) in enumerate(spans):

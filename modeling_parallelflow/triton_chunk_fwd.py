@@ -17,14 +17,13 @@ import triton.language as tl
 
 from .triton_utils import (
     TUNE,
-    chunk_map,
     chunk_rows,
     dot_precision,
     new_like,
     new_tensor,
     next_pow2,
     scan_stages,
-    seq_offsets,
+    varlen_layout,
 )
 
 
@@ -329,13 +328,11 @@ def tensor_inv_wu(a, b, u, *, mode: str, chunk_size: int, cu_seqlens=None):
     """Chunk-local W and U (algorithm.md section 3): (I - N) W = A_rows, (I - N) U = U_rows per chunk.
 
     a, b [B, T, H, R, K], u [B, T, H, R, V]; chunks of `chunk_size` tokens (a power of two >= 16)
-    restart at every sequence of `cu_seqlens` (then B = 1). Returns w [B, T, H, R, K] and
-    uu [B, T, H, R, V] in the input dtype (fp32 arithmetic inside).
+    restart at every sequence of `cu_seqlens` (a tensor [N + 1] or a PackedSequences; then B = 1).
+    Returns w [B, T, H, R, K] and uu [B, T, H, R, V] in the input dtype (fp32 arithmetic inside).
     """
     batch, seq_len, n_heads, rank, k_dim = a.shape
-    cu = seq_offsets(batch, seq_len, cu_seqlens, a.device)
-    n_seq = cu.numel() - 1
-    cmap = chunk_map(cu, batch * seq_len, chunk_size, n_seq, None if cu_seqlens is not None else seq_len)
+    cu, cmap = varlen_layout(batch, seq_len, cu_seqlens, chunk_size, a.device)
     flat = [x.reshape(batch * seq_len, n_heads, rank, -1).contiguous() for x in (a, b, u)]
     w, uu, _ = launch_wu(*flat, cu, cmap, chunk=chunk_size, product=mode == "product")
     return w.view(a.shape), uu.view(u.shape)

@@ -1,7 +1,8 @@
 """Entry point of the Triton backend: `triton_delta_rule_drivers` (autograd-aware) and the decode step.
 
 Layers: @triton.jit kernels (triton_chunk_fwd / triton_chunk_bwd / triton_recurrent) -> launchers
-(tensors in, tensors out) -> `_ChunkDeltaRule` (autograd.Function) -> `triton_delta_rule_drivers`.
+(tensors in, tensors out) -> `_ChunkDeltaRule` (autograd.Function) -> `run_drivers` (what ops.py calls,
+after validating) and `triton_delta_rule_drivers` (direct entry: cheap option checks, then `run_drivers`).
 
 Recompute vs save: under autograd the forward also writes the state entering every chunk
 ([G, H, K, V], bf16 for bf16 inputs, else fp32) and the corrected values X [B, T, H, R, V], and keeps
@@ -17,13 +18,19 @@ try:
     from .triton_chunk_bwd import launch_chunk_bwd
     from .triton_chunk_fwd import launch_fwd_scan, launch_wu, tensor_inv_wu
     from .triton_recurrent import launch_recurrent_
-    from .triton_utils import MAX_HEAD_DIM, MAX_RANK, chunk_map, needs_fp32, pick_chunk, seq_offsets
+    from .triton_utils import MAX_HEAD_DIM, MAX_RANK, needs_fp32, pick_chunk, seq_offsets, varlen_layout
 
     HAS_TRITON = True
 except ImportError:  # the package imports without triton; the torch backend is then used
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "tensor_inv_wu", "triton_delta_rule_drivers", "triton_recurrent_step_"]
+__all__ = [
+    "HAS_TRITON",
+    "run_drivers",
+    "tensor_inv_wu",
+    "triton_delta_rule_drivers",
+    "triton_recurrent_step_",
+]
 
 ALGORITHMS = ("auto", "tensor_inv", "sigdelta", "recurrent")
 
@@ -43,7 +50,10 @@ def _wu_solver(algorithm: str):
 
 
 class _Plan:
-    """Per-call constants: chunk, layout and chunk map (a plain batch is varlen with equal lengths)."""
+    """Per-call constants: chunk, layout and chunk map (a plain batch is varlen with equal lengths).
+
+    cu_seqlens: None, a tensor [N + 1] (map built here, no host sync) or a PackedSequences (its cached
+    map, shared by every layer of a forward)."""
 
     def __init__(self, a, cu_seqlens, chunk_size, mode, scale):
         batch, seq_len, self.n_heads, self.rank, self.k_dim = a.shape
@@ -53,10 +63,8 @@ class _Plan:
         self.mode = mode
         self.scale = scale
         self.cu_seqlens = cu_seqlens
-        self.cu = seq_offsets(batch, seq_len, cu_seqlens, a.device)
+        self.cu, self.cmap = varlen_layout(batch, seq_len, cu_seqlens, self.chunk, a.device)
         self.n_seq = self.cu.numel() - 1
-        plain_len = None if cu_seqlens is not None else seq_len
-        self.cmap = chunk_map(self.cu, batch * seq_len, self.chunk, self.n_seq, plain_len)
 
     def flat(self, x):
         return x.reshape(self.batch * self.seq_len, *x.shape[2:]).contiguous()
@@ -146,20 +154,25 @@ class _ChunkDeltaRule(torch.autograd.Function):
         return dq, da, db, du, dh0, None, None, None
 
 
-def _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm):
-    if not HAS_TRITON:
-        raise RuntimeError("the Triton backend needs the `triton` package")
-    if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if mode not in ("sum", "product"):
-        raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
-    rank, k_dim, v_dim = a.shape[3], a.shape[4], u.shape[4]
+def check_kernel_limits(rank: int, k_dim: int, v_dim: int) -> None:
+    """The Triton kernels' own limits (the op's validation in ops.py does not know them): R, K and V."""
     if not 1 <= rank <= MAX_RANK:
         raise ValueError(f"the Triton kernels support rank R in 1..{MAX_RANK}, got R={rank}")
     if k_dim > MAX_HEAD_DIM or v_dim > MAX_HEAD_DIM:
         raise ValueError(
             f"the Triton kernels support head widths up to {MAX_HEAD_DIM}, got K={k_dim}, V={v_dim}"
         )
+
+
+def _check(q, mode, algorithm, cu_seqlens):
+    """Cheap argument checks (no host sync) for direct callers of `triton_delta_rule_drivers`; the op in
+    ops.py validates everything itself and calls `run_drivers`."""
+    if not HAS_TRITON:
+        raise RuntimeError("the Triton backend needs the `triton` package")
+    if algorithm not in ALGORITHMS:
+        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if mode not in ("sum", "product"):
+        raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
     if cu_seqlens is not None and q.shape[0] != 1:
         raise ValueError(f"cu_seqlens needs batch size 1, got B={q.shape[0]}")
 
@@ -178,17 +191,43 @@ def triton_delta_rule_drivers(
     chunk_size=64,
     algorithm="auto",
 ):
-    """Rank-R delta rule on general drivers with the Triton kernels.
+    """Rank-R delta rule on general drivers with the Triton kernels (direct entry: tests, benchmarks).
 
     q [B, T, H, K]; a, b [B, T, H, R, K]; u [B, T, H, R, V]; initial_state [N, H, K, V] (any float);
-    cu_seqlens [N + 1] (B = 1). Returns o [B, T, H, V] (dtype of u) and final_state [N, H, K, V] fp32
-    (or None). Per token (sum): h <- h + B_t (A_t^T h + U_t^T); o_t = scale h^T q_t after the update.
-    chunk_size caps the token chunk C; C = min(chunk_size, max(16, pow2 <= 64 / R)) (8 for fp32 at
-    R >= 5; triton_utils.pick_chunk). bf16 / fp16 inputs at R >= 5 with K > 128 run the fp32 kernels
-    (triton_utils.needs_fp32); o keeps u's dtype.
+    cu_seqlens [N + 1] or a packed.PackedSequences (B = 1). Returns o [B, T, H, V] (dtype of u) and
+    final_state [N, H, K, V] fp32 (or None). Per token (sum): h <- h + B_t (A_t^T h + U_t^T);
+    o_t = scale h^T q_t after the update. chunk_size caps the token chunk C; C = min(chunk_size,
+    max(16, pow2 <= 64 / R)) (8 for fp32 at R >= 5; triton_utils.pick_chunk). bf16 / fp16 inputs at
+    R >= 5 with K > 128 run the fp32 kernels (triton_utils.needs_fp32); o keeps u's dtype.
     algorithm "recurrent" runs the token-by-token kernel (forward only, for decoding).
+
+    Checks only the options, cheaply (no host sync: a cu_seqlens tensor's values are trusted); shapes,
+    dtypes and cu_seqlens are validated by `ops.delta_rule_drivers`, the public op, which calls
+    `run_drivers` directly.
     """
-    _check(q, a, b, u, initial_state, cu_seqlens, mode, algorithm)
+    _check(q, mode, algorithm, cu_seqlens)
+    return run_drivers(
+        q,
+        a,
+        b,
+        u,
+        mode=mode,
+        scale=scale,
+        initial_state=initial_state,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+        chunk_size=chunk_size,
+        algorithm=algorithm,
+    )
+
+
+def run_drivers(
+    q, a, b, u, *, mode, scale, initial_state, output_final_state, cu_seqlens, chunk_size, algorithm
+):
+    """`triton_delta_rule_drivers` without its option checks. Internal: called by ops.py after the op
+    validated every argument (cu_seqlens then arrives as a PackedSequences); checks the kernels' limits only.
+    """
+    check_kernel_limits(a.shape[3], a.shape[4], u.shape[4])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     dtype = u.dtype
     q, a, b = (x.to(dtype) for x in (q, a, b))

@@ -45,7 +45,7 @@ try:
     import triton
     import triton.language as tl
 
-    from .triton_utils import chunk_map, dot_precision, new_like, next_pow2, seq_offsets
+    from .triton_utils import dot_precision, new_like, next_pow2, varlen_layout
 except ImportError:  # the torch backend works without triton
     triton = None
 
@@ -293,7 +293,8 @@ def sigdelta_wu(
 ) -> tuple[Tensor, Tensor]:
     """Chunk-local W and U by the sigDelta sweep (same contract as `tensor_inv_wu`).
 
-    a, b [B, T, H, R, K]; u [B, T, H, R, V]; cu_seqlens int [N + 1] (B == 1) restarts chunks per sequence.
+    a, b [B, T, H, R, K]; u [B, T, H, R, V]; cu_seqlens int [N + 1] or a PackedSequences (B == 1) restarts
+    chunks per sequence.
     Returns w [B, T, H, R, K], uu [B, T, H, R, V] in the inputs' dtype (float32 arithmetic).
     block_rows: rows per block (tokens per block = block_rows / RP, at least 16 rows); solve: "direct" or
     "blockinv" (see the module docstring); None takes `block_config`. num_warps None: 4, or 8 for
@@ -336,9 +337,7 @@ def sigdelta_wu(
             solve == "parallel" and n_blocks * rows * rows > 4096
         )
         num_warps = 8 if big else 4
-    cu = seq_offsets(bsz, seq_len, cu_seqlens, a.device)
-    plain_len = seq_len if cu_seqlens is None else None
-    cmap = chunk_map(cu, bsz * seq_len, chunk_size, cu.numel() - 1, plain_len)
+    cu, cmap = varlen_layout(bsz, seq_len, cu_seqlens, chunk_size, a.device)
     for x, y, dim in ((a, w, key_dim), (u, uu, val_dim)):  # W then U: same sweep, other right-hand side
         _sigdelta_wu_kernel[(cmap[0].numel(), heads)](
             a,

@@ -12,6 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .packed import PackedSequences
+
 MAX_RANK = 8
 # Set to "1" (tests, benchmarks/gpu_sweep.py): launchers allocate outputs and scratch NaN-filled, so an
 # element a kernel forgets to write shows up as a NaN instead of stale memory.
@@ -82,11 +84,24 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
-def seq_offsets(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, device) -> torch.Tensor:
-    """cu [N + 1] int32 over the flattened token axis."""
+def seq_offsets(batch: int, seq_len: int, cu_seqlens, device) -> torch.Tensor:
+    """cu [N + 1] int32 over the flattened token axis; cu_seqlens: None (plain batch), a tensor [N + 1] or a
+    PackedSequences (its int32 cu_seqlens, already on the device)."""
+    if isinstance(cu_seqlens, PackedSequences):
+        return cu_seqlens.cu_seqlens
     if cu_seqlens is not None:
         return cu_seqlens.to(device=device, dtype=torch.int32)
     return torch.arange(0, batch + 1, device=device, dtype=torch.int32) * seq_len
+
+
+def varlen_layout(batch: int, seq_len: int, cu_seqlens, chunk: int, device):
+    """(cu [N + 1] int32, chunk map of `chunk_map`) of a plain batch (cu_seqlens None), of a cu_seqlens
+    tensor (built here, no host sync) or of a PackedSequences (its cached map: built once per chunk size)."""
+    cu = seq_offsets(batch, seq_len, cu_seqlens, device)
+    if isinstance(cu_seqlens, PackedSequences):
+        return cu, cu_seqlens.chunk_map(chunk)
+    plain_len = None if cu_seqlens is not None else seq_len
+    return cu, chunk_map(cu, batch * seq_len, chunk, cu.numel() - 1, plain_len)
 
 
 def chunk_map(cu: torch.Tensor, total_tokens: int, chunk: int, n_seq: int, seq_len: int | None):
