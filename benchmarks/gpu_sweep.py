@@ -105,6 +105,9 @@ def full_cases() -> list[dict]:
         (64, 40, 8, 128, "bfloat16"),
     ):
         cases.append(case(B=b, T=t, R=r, K=k, dtype=dtype))  # many programs: the scans' widest V blocks
+    for dtype in ("float32", "bfloat16"):  # the 8-token fp32 chunks (R >= 5; bf16 runs them at K > 128)
+        for r, k, m in ((8, 256, "sum"), (5, 192, "product"), (6, 256, "product"), (8, 48, "sum")):
+            cases.append(case(B=2, T=20, R=r, K=k, mode=m, dtype=dtype))
     for i, k in enumerate((16, 32, 64, 128)):  # smaller chunks: C * R = 16 and 32 rows
         for j, (r, chunk) in enumerate(((1, 16), (1, 32), (2, 16), (3, 16))):
             cases.append(case(R=r, K=k, mode=("sum", "product")[(i + j) % 2], chunk=chunk))
@@ -387,6 +390,19 @@ def summarize(cases: list[dict], results: dict[str, dict], wall: float) -> dict:
     }
 
 
+def resumed(path: str, rerun: str, by_id: dict[str, dict]) -> dict[str, dict]:
+    """Results of an earlier run's finished (pass / fail) cases that are still in the sweep and do not match
+    `rerun`, each tagged with the commit it ran at."""
+    old = json.load(open(path))
+    commit = old["env"]["commit"]
+    kept = {}
+    for entry in old["cases"]:
+        cid = entry["id"]
+        if cid in by_id and entry["status"] in ("pass", "fail") and not (rerun and re.search(rerun, cid)):
+            kept[cid] = {"commit": commit, **{k: v for k, v in entry.items() if k not in by_id[cid]}}
+    return kept
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -399,6 +415,10 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds without a result")
     parser.add_argument("--commit", default=os.environ.get("PFLOW_COMMIT"))
     parser.add_argument("--tune", nargs="*", default=[], help="triton_utils.TUNE overrides key=int")
+    parser.add_argument(
+        "--resume", help="an earlier JSON of this subset: its finished cases are kept, the others run"
+    )
+    parser.add_argument("--rerun", default="", help="regular expression: cases of --resume to run again")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -411,17 +431,21 @@ def main() -> int:
     cases = [c for c in SUBSETS[args.subset]() if re.search(args.filter, c["id"])]
     by_id = {c["id"]: c for c in cases}
     assert len(by_id) == len(cases), "case ids must be unique"
-    ordered = sorted(cases, key=cost, reverse=True)
+    results = resumed(args.resume, args.rerun, by_id) if args.resume else {}
+    ordered = sorted((c for c in cases if c["id"] not in results), key=cost, reverse=True)
     n_groups = -(-len(ordered) // args.group)
     work: queue.Queue = queue.Queue()
     for i in range(n_groups):  # every group mixes heavy and light cases, so the groups cost about the same
         work.put(ordered[i::n_groups])
     workdir = tempfile.mkdtemp(prefix="gpu_sweep_")  # group files and child stderr
-    results: dict[str, dict] = {}
     lock = threading.Lock()
     start = time.time()
+    env = environment(args.commit)
+    for res in results.values():
+        res.setdefault("commit", "unknown")
     report = {
-        "env": environment(args.commit),
+        "env": env,
+        "resumed_from": args.resume,
         "subset": args.subset,
         "filter": args.filter,
         "tune": tune,
@@ -450,7 +474,7 @@ def main() -> int:
             with lock:
                 for c in group:
                     if c["id"] in got:
-                        results[c["id"]] = verdict(c, got[c["id"]])
+                        results[c["id"]] = {**verdict(c, got[c["id"]]), "commit": env["commit"]}
                         res = results[c["id"]]
                         worst = f"{res['worst']:.2e}" if "worst" in res else res.get("message", "")[:160]
                         log(f"{res['status']:7s} {c['id']} {worst}")
