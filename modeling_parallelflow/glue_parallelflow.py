@@ -1,8 +1,13 @@
-"""Which implementation runs the pflow mixer's glue (short conv + SiLU + L2 norm, gated output RMSNorm).
+"""Which implementation runs the fused parts of a PFlow block.
 
-The fused Triton kernels (`triton_conv`, `triton_norm`) run exactly when the delta rule itself runs on the
-Triton backend (config.kernel_backend, or $PFLOW_KERNEL_BACKEND for "auto": `ops._resolve_backend`);
-otherwise the torch code in modeling_parallelflow, which stays the reference.
+- The pflow mixer's glue (short conv + SiLU + L2 norm, gated output RMSNorm): our Triton kernels
+  (`triton_conv`, `triton_norm`), `triton_glue`.
+- The standard parts (the blocks' RMSNorm, the SwiGLU product): Liger-Kernel's fused kernels (optional extra
+  `liger`), `liger_layers`.
+
+Both run exactly when the delta rule itself runs on the Triton backend (config.kernel_backend, or
+$PFLOW_KERNEL_BACKEND for "auto": `ops._resolve_backend`), Liger's on CUDA tensors and when it imports;
+otherwise the torch code in modeling_parallelflow runs, which stays the reference.
 """
 
 from __future__ import annotations
@@ -32,3 +37,28 @@ def triton_glue(kernel_backend: str, device: torch.device) -> SimpleNamespace | 
     if _resolve_backend(kernel_backend, device) != "triton":
         return None
     return _load_triton_glue()
+
+
+@functools.cache
+def _load_liger() -> SimpleNamespace | None:
+    # Guarded `from x import y` of an optional dependency: a checkpoint's remote code loads without it.
+    try:
+        from liger_kernel.ops.rms_norm import LigerRMSNormFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+    except ImportError:
+        return None
+
+    def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        # "llama" casting: fp32 inside, the normalised x cast to x's dtype, then times weight (as the torch
+        # path); not in place: the incoming gradient also feeds the residual branch.
+        return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
+
+    return SimpleNamespace(rms_norm=rms_norm, silu_mul=LigerSiLUMulFunction.apply)
+
+
+def liger_layers(kernel_backend: str, device: torch.device) -> SimpleNamespace | None:
+    """Liger-Kernel's `rms_norm(x [..., D], weight [D], eps)` and `silu_mul(gate, up)` (silu(gate) * up) for
+    CUDA tensors when the delta rule resolves to the Triton backend and liger_kernel imports, else None."""
+    if device.type != "cuda" or _resolve_backend(kernel_backend, device) != "triton":
+        return None
+    return _load_liger()

@@ -31,7 +31,7 @@ from .compat_transformers import (
     resolve_cache_argument,
 )
 from .configuration_parallelflow import PFlowConfig
-from .glue_parallelflow import triton_glue
+from .glue_parallelflow import liger_layers, triton_glue
 from .loss_parallelflow import linear_cross_entropy
 from .ops import delta_rule, delta_rule_drivers
 from .ops_exact_flow import exact_flow_drivers
@@ -52,28 +52,37 @@ def gated_rms_norm_torch(
 
 
 class PFlowRMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32."""
+    """RMSNorm over the last dim, computed in fp32. Given the model's config, it runs Liger-Kernel's fused
+    RMSNorm where `glue_parallelflow.liger_layers` allows (CUDA, Triton backend, liger installed)."""
 
-    def __init__(self, dim: int, eps: float = 1e-6):
+    def __init__(self, dim: int, eps: float = 1e-6, config: PFlowConfig | None = None):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.config = config
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        liger = liger_layers(self.config.kernel_backend, x.device) if self.config is not None else None
+        if liger is not None:
+            return liger.rms_norm(x, self.weight, self.eps)
         return gated_rms_norm_torch(x, self.weight, None, self.eps)
 
 
 class PFlowMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); the product through Liger-Kernel's fused kernel where
+    `glue_parallelflow.liger_layers` allows (it keeps gate and up for the backward, not silu(gate))."""
 
     def __init__(self, config: PFlowConfig):
         super().__init__()
+        self.config = config
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        liger = liger_layers(self.config.kernel_backend, x.device)
+        return self.down_proj(liger.silu_mul(gate, up) if liger is not None else F.silu(gate) * up)
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -336,12 +345,12 @@ class PFlowDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         self.layer_type = config.layer_types[layer_idx]
         self.layer_idx = layer_idx
-        self.input_layernorm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.input_layernorm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps, config=config)
         if self.layer_type == "pflow":
             self.linear_attn = PFlowMixer(config, layer_idx)
         else:
             self.self_attn = PFlowAttention(config, layer_idx)
-        self.post_attention_layernorm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_attention_layernorm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps, config=config)
         self.mlp = PFlowMLP(config)
 
     def forward(
@@ -428,7 +437,7 @@ class PFlowModel(PFlowPreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(PFlowDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps)
+        self.norm = PFlowRMSNorm(config.hidden_size, eps=config.norm_eps, config=config)
         self.gradient_checkpointing = False
         self.post_init()
 

@@ -1,0 +1,83 @@
+"""Liger-Kernel's fused RMSNorm and SwiGLU product for the standard parts of a block
+(`glue_parallelflow.liger_layers`): where they are taken, that the model routes through them, and (GPU) that
+they equal the torch path, values and gradients."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from modeling_parallelflow import glue_parallelflow
+from modeling_parallelflow import modeling_parallelflow as modeling
+from tests.model_helpers import random_ids, tiny_model
+
+
+def test_not_taken_on_cpu_or_on_the_torch_backend():
+    assert glue_parallelflow.liger_layers("auto", torch.device("cpu")) is None
+    assert glue_parallelflow.liger_layers("torch", torch.device("cuda")) is None
+
+
+def test_not_taken_without_liger(monkeypatch):
+    glue_parallelflow._load_liger.cache_clear()
+    monkeypatch.setitem(__import__("sys").modules, "liger_kernel", None)  # import fails
+    try:
+        assert glue_parallelflow._load_liger() is None
+    finally:
+        glue_parallelflow._load_liger.cache_clear()
+
+
+def test_model_routes_block_norms_and_mlp_through_liger(monkeypatch):
+    """With Liger available, every block norm, the final norm and every MLP product take it (here a counting
+    torch stand-in), and the model's output is unchanged."""
+    model = tiny_model().eval()
+    ids = random_ids(2, 9)
+    with torch.no_grad():
+        expected = model(ids).logits
+    calls = {"rms_norm": 0, "silu_mul": 0}
+
+    def rms_norm(x, weight, eps):
+        calls["rms_norm"] += 1
+        return modeling.gated_rms_norm_torch(x, weight, None, eps)
+
+    def silu_mul(gate, up):
+        calls["silu_mul"] += 1
+        return F.silu(gate) * up
+
+    fake = SimpleNamespace(rms_norm=rms_norm, silu_mul=silu_mul)
+    monkeypatch.setattr(modeling, "liger_layers", lambda backend, device: fake)
+    with torch.no_grad():
+        got = model(ids).logits
+    layers = model.config.num_hidden_layers
+    assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": layers}
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+def test_liger_layers_match_torch_path_bf16():
+    """bf16 at a model-like shape; both paths see the same inputs and upstream gradient."""
+    liger = glue_parallelflow.liger_layers("auto", torch.device("cuda"))
+    if liger is None:
+        pytest.skip("liger_kernel is not installed")
+    torch.manual_seed(0)
+    x = torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16)
+    w = (1 + 0.1 * torch.randn(1024, device="cuda")).to(torch.bfloat16)
+    g, u = (torch.randn(4, 512, 2816, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cases = {
+        "rms_norm": (
+            lambda x, w: liger.rms_norm(x, w, 1e-6),
+            lambda x, w: modeling.gated_rms_norm_torch(x, w, None, 1e-6),
+            (x, w),
+        ),
+        "silu_mul": (liger.silu_mul, lambda g, u: F.silu(g) * u, (g, u)),
+    }
+    for name, (fused, reference, inputs) in cases.items():
+        a = [t.clone().requires_grad_() for t in inputs]
+        b = [t.clone().requires_grad_() for t in inputs]
+        ya, yb = fused(*a), reference(*b)
+        dy = torch.randn_like(ya)
+        (ya * dy).sum().backward()
+        (yb * dy).sum().backward()
+        for ours, ref in [(ya, yb)] + [(p.grad, q.grad) for p, q in zip(a, b, strict=True)]:
+            rel = ((ours.float() - ref.float()).norm() / ref.float().norm()).item()
+            assert rel < 1e-2, (name, rel)
