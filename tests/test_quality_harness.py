@@ -109,3 +109,33 @@ def test_smoke_grid_runs_on_cpu_and_resumes(tmp_path):
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and "2 already in" in again.stdout
     assert json.loads(out.read_text())["runs"] == data["runs"]
+
+
+def test_task_subset_accuracy_curve_and_early_stop(tmp_path):
+    """--tasks trains on a subset, --eval-every records held-out accuracy along the run, --stop-at ends a run
+    once every task reaches it (at 0.0: the first evaluation)."""
+    out = tmp_path / "mqar.json"
+    base = ["--grid", "smoke", "--models", "pflow-r1", "--tasks", "kv4_t32", "--threads", "2"]
+    assert mqar.main(base + ["--steps", "12", "--eval-every", "4", "--out", str(out)]) == 0
+    run = json.loads(out.read_text())["runs"]["pflow-r1/w32/lr0.003"]
+    assert set(run["accuracy"]) == {"kv4_t32"} and run["steps_done"] == 12
+    assert [step for step, _ in run["eval_curve"]] == [4, 8, 12]
+    assert run["eval_curve"][-1][1] == run["accuracy"]
+    stop = tmp_path / "stop.json"
+    assert mqar.main(base + ["--steps", "12", "--eval-every", "4", "--stop-at", "0", "--out", str(stop)]) == 0
+    run = json.loads(stop.read_text())["runs"]["pflow-r1/w32/lr0.003"]
+    assert run["steps_done"] == 4 and [step for step, _ in run["eval_curve"]] == [4]
+    with pytest.raises(SystemExit):
+        mqar.main(base + ["--stop-at", "0.9", "--out", str(tmp_path / "x.json")])  # needs --eval-every
+    with pytest.raises(SystemExit):
+        mqar.main(["--grid", "smoke", "--tasks", "kv9_t99", "--out", str(tmp_path / "y.json")])
+
+
+def test_results_from_before_the_optional_fields_still_resume():
+    grid = mqar.GRIDS["full"]
+    committed = json.loads((SCRIPT.parent / "results" / "mqar_lr1.5e-3_w64-128.json").read_text())
+    import dataclasses
+
+    assert mqar.grid_dict(dataclasses.replace(grid, lrs=(1.5e-3,))) == {
+        k: v for k, v in committed["config"].items() if k in mqar.grid_dict(grid)
+    }

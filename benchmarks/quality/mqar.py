@@ -67,6 +67,8 @@ class Grid:
     eval_examples: int  # held-out sequences per task
     vocab_size: int = 8192
     seed: int = 0
+    eval_every: int | None = None  # held-out accuracy every N steps (None: at the end only)
+    stop_at: float | None = None  # stop a run once every task's held-out accuracy reaches this
 
 
 GRIDS = {
@@ -280,7 +282,7 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
 
     generator = torch.Generator(device=device).manual_seed(grid.seed)
     log_every = max(1, grid.steps // 50)
-    curve, window, tokens = [], [], 0
+    curve, window, tokens, eval_curve, stopped = [], [], 0, [], False
     steady_tokens, steady_start = 0, None
     start = time.perf_counter()
     bar = tqdm(range(grid.steps), desc=f"{name} w{width} lr{lr:g}", leave=False, dynamic_ncols=True)
@@ -309,6 +311,15 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
             bar.set_postfix(loss=f"{mean:.3f}")
             if not math.isfinite(mean):
                 break
+        if grid.eval_every and (step + 1) % grid.eval_every == 0 and step + 1 < grid.steps:
+            accuracy = evaluate(model, grid, heldout, device, autocast)["accuracy"]
+            eval_curve.append([step + 1, accuracy])
+            if grid.stop_at is not None and min(accuracy.values()) >= grid.stop_at:
+                if not curve or curve[-1][0] != step + 1:
+                    curve.append([step + 1, round(torch.stack(window).mean().item(), 5)])
+                    window.clear()
+                stopped = True
+                break
     if cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
@@ -328,6 +339,7 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
         **result,
         "final_loss": curve[-1][1] if curve else None,
         "loss_curve": curve,
+        "eval_curve": eval_curve if stopped else eval_curve + [[step + 1, result["accuracy"]]],
         "tokens_per_s": round(steady_tokens / steady_s, 1) if steady_tokens else None,
         "train_s": round(train_s, 2),
         "wall_s": round(time.perf_counter() - start, 2),
@@ -351,7 +363,8 @@ def git_commit() -> dict:
 
 def grid_dict(grid: Grid) -> dict:
     """The grid as it reads back from JSON (lists, not tuples), so a resumed file compares equal."""
-    out = dataclasses.asdict(grid)
+    out = {k: v for k, v in dataclasses.asdict(grid).items() if v is not None}  # files from before the
+    # optional fields (eval_every, stop_at) existed still resume
     out["tasks"] = [dataclasses.asdict(t) | {"name": t.name} for t in grid.tasks]
     return json.loads(json.dumps(out))
 
@@ -478,6 +491,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lrs", type=lambda s: _list(s, float), help="override the grid's learning rates")
     p.add_argument("--steps", type=int, help="override the grid's training steps")
     p.add_argument("--tokens-per-step", type=int, help="override the grid's tokens per step")
+    p.add_argument("--tasks", type=_list, help="subset of the grid's tasks, by name (e.g. kv64_t512)")
+    p.add_argument("--eval-every", type=int, help="held-out accuracy every N steps (an accuracy curve)")
+    p.add_argument(
+        "--stop-at", type=float, help="with --eval-every: stop a run once every task reaches this accuracy"
+    )
     p.add_argument(
         "--shard", default="0/1", help="K/N: run only the runs whose index %% N == K (default 0/1)"
     )
@@ -494,6 +512,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     except (ValueError, AssertionError):
         p.error(f"--shard must be K/N with 0 <= K < N, got {args.shard!r}")
     args.shard_k, args.shard_n = k, n
+    if args.stop_at is not None and not args.eval_every:
+        p.error("--stop-at needs --eval-every")
+    known = [t.name for t in GRIDS[args.grid].tasks]
+    if args.tasks and set(args.tasks) - set(known):
+        p.error(
+            f"unknown tasks {sorted(set(args.tasks) - set(known))} in grid {args.grid}; choose from {known}"
+        )
     return args
 
 
@@ -523,6 +548,9 @@ def main(argv=None) -> int:
         "lrs": tuple(args.lrs) if args.lrs else None,
         "steps": args.steps,
         "tokens_per_step": args.tokens_per_step,
+        "tasks": tuple(t for t in grid.tasks if t.name in args.tasks) if args.tasks else None,
+        "eval_every": args.eval_every,
+        "stop_at": args.stop_at,
     }
     grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
     widths = args.widths or list(grid.widths)
