@@ -12,17 +12,15 @@ returning (run, inputs needing grad). Timings: triton.testing.do_bench medians.
 """
 
 import argparse
-import json
 import os
-import subprocess
 import sys
-import time
 
 import torch
 import torch.nn.functional as F
 import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from benchmarks.bench_env import environment, write_json  # noqa: E402
 from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd  # noqa: E402
 from modeling_parallelflow.ops import delta_rule  # noqa: E402
 from modeling_parallelflow.ops_reference import delta_rule_reference  # noqa: E402
@@ -241,30 +239,6 @@ def tune_block_v(shape):
     return res
 
 
-def environment():
-    commit = (
-        os.environ.get("PFLOW_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=os.path.dirname(__file__),
-        ).stdout.strip()
-    )
-    env = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "commit": commit or "unknown",
-        "time": time.strftime("%Y-%m-%d %H:%M"),
-    }
-    if HAS_FLA:
-        import fla
-
-        env["fla"] = getattr(fla, "__version__", "?")
-    return env
-
-
 def guarded(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
@@ -283,7 +257,7 @@ def main():
     args = parser.parse_args()
     sections = args.only.split(",")
     result = {"env": environment(), "heads": HEADS, "dim": DIM, "dtype": "bfloat16"}
-    save = lambda: json.dump(result, open(args.out, "w"), indent=1)  # noqa: E731
+    save = lambda: write_json(args.out, result)  # noqa: E731
     if "check" in sections:
         checks = {}
         variants = [

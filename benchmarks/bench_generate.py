@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.bench_env import environment, write_json  # noqa: E402
 from benchmarks.bench_model import HAS_FLA, fla_deltanet, llama, pflow  # noqa: E402  (the same models)
 
 
@@ -74,25 +74,53 @@ def measure(model, batch: int, prompt: int, new_tokens: int, kwargs: dict) -> di
     }
 
 
+def plot(results: dict, path: str) -> None:
+    """Decode tokens/s (log scale) and peak memory against prompt length, a panel per batch size."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if "decode_tokens_per_s" in r]
+    batches = sorted({r["batch"] for r in rows})
+    if not batches:
+        return
+    fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
+    for col, batch in enumerate(batches):
+        for model in dict.fromkeys(r["model"] for r in rows):
+            mine = [r for r in rows if r["model"] == model and r["batch"] == batch]
+            mine.sort(key=lambda r: r["prompt"])
+            if mine:
+                prompts = [r["prompt"] for r in mine]
+                axes[0][col].plot(prompts, [r["decode_tokens_per_s"] for r in mine], "o-", label=model)
+                axes[1][col].plot(prompts, [r["peak_memory_gib"] for r in mine], "o-", label=model)
+        axes[0][col].set(title=f"B = {batch}", xscale="log", yscale="log", ylabel="decode tokens/s")
+        axes[1][col].set(xscale="log", xlabel="prompt tokens", ylabel="peak memory (GiB)")
+        ticks = sorted({r["prompt"] for r in rows})
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)
+            ax.minorticks_off()
+    axes[0][0].legend(fontsize=8)
+    env = results["env"]
+    tokens = results["new_tokens"]
+    fig.suptitle(f"generate(), 340M shape, bf16, {tokens} new tokens; {env['gpu']}, {env['commit']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", required=True)
+    parser.add_argument("--out", required=True, help="results JSON (after every row); chart beside it")
     parser.add_argument("--quick", action="store_true", help="B in (1, 8), 512-token prompts, 32 new tokens")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
     args = parser.parse_args()
     batches, prompts, new_tokens = (
         ((1, 8), (512,), 32) if args.quick else ((1, 8, 64), (512, 8192, 32768), 64)
     )
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    results = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "commit": commit.stdout.strip(),
-        "new_tokens": new_tokens,
-        "rows": [],
-    }
+    results = {"env": environment(), "new_tokens": new_tokens, "rows": []}
     for name in args.providers.split(","):
         builder, kwargs = PROVIDERS[name]
         try:
@@ -113,12 +141,11 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 results["rows"].append(row)
+                write_json(args.out, results)
         del model
         torch.cuda.empty_cache()
-    tmp = args.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(results, f, indent=1)
-    os.replace(tmp, args.out)
+    write_json(args.out, results)
+    plot(results, os.path.splitext(args.out)[0] + ".png")
 
 
 if __name__ == "__main__":

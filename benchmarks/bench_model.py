@@ -19,19 +19,17 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 import torch
-import transformers
 from transformers import LlamaConfig, LlamaForCausalLM
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
+from benchmarks.bench_env import environment, write_json  # noqa: E402
 from modeling_parallelflow import PFlowConfig, PFlowForCausalLM  # noqa: E402
 
 try:
@@ -235,44 +233,6 @@ def profile_model(name: str, size: str, batch: int, length: int, top: int = 25) 
     ]
 
 
-def environment() -> dict:
-    commit = (
-        os.environ.get("PFLOW_COMMIT")
-        or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-        ).stdout.strip()
-    )
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
-    env = {
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "commit": (commit or "unknown") + ("+dirty" if dirty else ""),
-        "time": time.strftime("%Y-%m-%d %H:%M"),
-        "fla": None,
-        "liger_kernel": None,
-    }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        env["triton"] = None
-    if HAS_FLA:
-        import fla
-
-        env["fla"] = getattr(fla, "__version__", "?")
-    try:
-        from importlib.metadata import version
-
-        env["liger_kernel"] = version("liger-kernel")
-    except Exception:
-        pass
-    return env
-
-
 def print_table(bench: dict, shapes: list[str]) -> None:
     header = f"{'size':6s} {'model':18s} {'params':>8s} " + " ".join(
         f"{s + ' tok/s':>16s} {'GiB':>6s}" for s in shapes
@@ -344,8 +304,7 @@ def main() -> None:
         "optimizer": "AdamW(fused)",
         "notes": [],
     }
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    save = lambda: json.dump(result, open(args.out, "w"), indent=1)  # noqa: E731
+    save = lambda: write_json(args.out, result)  # noqa: E731
     print(result["env"], flush=True)
 
     if args.profile:

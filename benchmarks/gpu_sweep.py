@@ -33,6 +33,7 @@ import threading
 import time
 import zlib
 
+import bench_env
 from sweep_glue import glue_case, glue_cases, run_glue_case
 
 POISON_ENV = "PFLOW_TRITON_POISON"
@@ -364,24 +365,12 @@ def run_group(group: list[dict], workdir: str, timeout: float, log) -> dict[str,
 
 
 def environment(commit: str | None) -> dict:
+    """bench_env.environment() (commit: the argument, else $PFLOW_COMMIT, else git) plus CUDA and Python."""
     import torch
-    import triton
 
-    if not commit:
-        here = os.path.dirname(os.path.abspath(__file__))
-        git = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=here
-        )
-        commit = git.stdout.strip() or "unknown"
-    return {
-        "commit": commit,
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "cuda": torch.version.cuda,
-        "python": platform.python_version(),
-        "time": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    env = bench_env.environment()
+    env.update(commit=commit or env["commit"], cuda=torch.version.cuda, python=platform.python_version())
+    return env
 
 
 def summarize(cases: list[dict], results: dict[str, dict], wall: float) -> dict:
@@ -471,9 +460,7 @@ def main() -> int:
     def save():
         report["cases"] = [{**c, **results[c["id"]]} for c in cases if c["id"] in results]
         report["summary"] = summarize(cases, results, time.time() - start)
-        tmp = args.out + ".tmp"
-        json.dump(report, open(tmp, "w"), indent=1)
-        os.replace(tmp, args.out)
+        bench_env.write_json(args.out, report)
 
     def log(msg):
         print(f"[{time.time() - start:6.1f}s] {msg}", flush=True)

@@ -75,7 +75,7 @@ def main():
                 del run, leaves
             result[key] = row
             print(key, json.dumps(row), flush=True)
-            json.dump(result, open(args.out, "w"), indent=1)
+            bench.write_json(args.out, result)
     TUNE.clear()
     TUNE.update(defaults)
 

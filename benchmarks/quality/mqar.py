@@ -355,6 +355,11 @@ def run_key(name: str, width: int, lr: float) -> str:
 
 
 def git_commit() -> dict:
+    """This checkout's HEAD and whether tracked files differ; $PFLOW_COMMIT when set (on the device machine
+    the tree is a copy whose git metadata may be older than the code)."""
+    if os.environ.get("PFLOW_COMMIT"):
+        return {"commit": os.environ["PFLOW_COMMIT"], "dirty": False}
+
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
