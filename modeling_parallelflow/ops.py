@@ -206,10 +206,11 @@ def _check_options(
 
 def _run(
     q: Tensor,
-    a: Tensor,
+    a: Tensor | None,
     b: Tensor,
     u: Tensor,
     *,
+    beta: Tensor | None = None,
     mode: str,
     scale: float,
     initial_state: Tensor | None,
@@ -219,6 +220,9 @@ def _run(
     algorithm: str,
     backend: str,
 ) -> tuple[Tensor, Tensor | None]:
+    """Resolve the backend once and run. Drivers (q, a, b, u), or the beta form (a None, b = k, u = v,
+    beta [B, T, H, R]): the Triton backend takes it as is (under autograd it keeps k, v, beta rather than
+    a = -beta k); the torch backend gets the drivers built here."""
     kwargs = dict(
         mode=mode,
         scale=scale,
@@ -228,7 +232,10 @@ def _run(
     )
     if _resolve_backend(backend, q.device) == "triton":
         kernel, _ = _load_triton()
-        return kernel(q, a, b, u, chunk_size=chunk_size, algorithm=algorithm, **kwargs)
+        return kernel(q, a, b, u, beta=beta, chunk_size=chunk_size, algorithm=algorithm, **kwargs)
+    if beta is not None:
+        col = beta[..., None]
+        a, u = (-col * b).to(b.dtype), (col * u).to(u.dtype)
     if algorithm == "recurrent":
         dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
         o, final_state = delta_rule_reference(q, a, b, u, dtype=dtype, **kwargs)
@@ -304,8 +311,9 @@ def delta_rule(
     """Rank-R delta rule: h <- h + sum_r beta_r k_r (v_r - h^T k_r)^T per token, o_t = scale * h^T q_t.
 
     q [B, T, H, K]; k [B, T, H, R, K] (not normalised here); v [B, T, H, R, V] (q, k, v one floating
-    dtype); beta [B, T, H, R] (any floating dtype). Runs `delta_rule_drivers` on a = -beta k, b = k,
-    u = beta v (built in k's and v's dtypes); the keyword arguments and returns are the same.
+    dtype); beta [B, T, H, R] (any floating dtype). The delta rule on the drivers a = -beta k, b = k,
+    u = beta v (in k's and v's dtypes; on the Triton backend built inside its autograd function, which keeps
+    k, v and beta for the backward, not a); the keyword arguments and returns are `delta_rule_drivers`'.
     """
     sizes: dict[str, int] = {}
     _check_shapes(
@@ -327,5 +335,4 @@ def delta_rule(
         algorithm=algorithm,
         backend=backend,
     )
-    beta = beta[..., None]
-    return _run(q, (-beta * k).to(k.dtype), k, (beta * v).to(v.dtype), **options)
+    return _run(q, None, k, v, beta=beta, **options)

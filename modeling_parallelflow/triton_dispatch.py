@@ -8,7 +8,9 @@ Recompute vs save: under autograd the forward also writes the state entering eve
 ([G, H, K, V], bf16 for bf16 inputs, else fp32) and the corrected values X [B, T, H, R, V], and keeps
 W and the fp32 inverses T, so the backward runs no forward scan and no solve; u and U are not kept
 (du = T^T dX). When W comes from another solver (sigdelta) the backward recomputes T with one
-chunk-parallel launch.
+chunk-parallel launch. The public op's beta form (`run_drivers(..., beta=beta)`, from `ops.delta_rule`)
+keeps k, v and beta instead of a = -beta k: a is rebuilt in the backward (one elementwise product) and the
+gradients of a, b, u are mapped back to k, v and beta there.
 Without autograd nothing beyond o and the final state is written to HBM.
 """
 
@@ -55,15 +57,16 @@ class _Plan:
     cu_seqlens: None, a tensor [N + 1] (map built here, no host sync) or a PackedSequences (its cached
     map, shared by every layer of a forward)."""
 
-    def __init__(self, a, cu_seqlens, chunk_size, mode, scale):
-        batch, seq_len, self.n_heads, self.rank, self.k_dim = a.shape
+    def __init__(self, b, cu_seqlens, chunk_size, mode, scale):
+        """b [B, T, H, R, K]: the keys (their shape and dtype decide the chunk)."""
+        batch, seq_len, self.n_heads, self.rank, self.k_dim = b.shape
         self.batch, self.seq_len = batch, seq_len
-        self.chunk = pick_chunk(chunk_size, self.rank, a.dtype)
+        self.chunk = pick_chunk(chunk_size, self.rank, b.dtype)
         self.product = mode == "product"
         self.mode = mode
         self.scale = scale
         self.cu_seqlens = cu_seqlens
-        self.cu, self.cmap = varlen_layout(batch, seq_len, cu_seqlens, self.chunk, a.device)
+        self.cu, self.cmap = varlen_layout(batch, seq_len, cu_seqlens, self.chunk, b.device)
         self.n_seq = self.cu.numel() - 1
 
     def flat(self, x):
@@ -106,21 +109,46 @@ def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backwar
     return o, ht, (w, xs, tmat, states)
 
 
+def beta_drivers(k, v, beta):
+    """The drivers of the delta rule's beta form: a = -beta k [.., R, K] (k's dtype) and u = beta v
+    [.., R, V] (v's dtype; None when v is None), beta [.., R] in its own dtype."""
+    col = beta[..., None]
+    return (-col * k).to(k.dtype), None if v is None else (col * v).to(v.dtype)
+
+
+def beta_grads(k, v, beta, da, db, du):
+    """Gradients of k, v, beta from those of the drivers (a = -beta k, b = k, u = beta v), in fp32."""
+    col = beta.float()[..., None]
+    da, du = da.float(), du.float()
+    dk = (db.float() - col * da).to(k.dtype)
+    dbeta = ((v.float() * du).sum(-1) - (k.float() * da).sum(-1)).to(beta.dtype)
+    return dk, (col * du).to(v.dtype), dbeta
+
+
 class _ChunkDeltaRule(torch.autograd.Function):
+    """Drivers form: inputs q, a, b, u (beta None). Beta form: a None, b = k, u = v and beta [TT, H, R]; the
+    drivers are built here, and a is rebuilt in the backward instead of kept."""
+
     @staticmethod
-    def forward(ctx, q, a, b, u, h0, plan, solver, store_ht):
+    def forward(ctx, q, a, b, u, beta, h0, plan, solver, store_ht):
+        v = u
+        if beta is not None:
+            a, u = beta_drivers(b, v, beta)
         o, ht, (w, xs, tmat, states) = _forward(
             q, a, b, u, h0, plan, solver, store_ht=store_ht, for_backward=True
         )
-        ctx.save_for_backward(q, a, b, w, xs, tmat, states)
+        kept_a, kept_v = (a, None) if beta is None else (None, v)
+        ctx.save_for_backward(q, kept_a, b, w, xs, tmat, states, beta, kept_v)
         ctx.plan = plan
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, a, b, w, xs, tmat, states = ctx.saved_tensors
+        q, a, b, w, xs, tmat, states, beta, v = ctx.saved_tensors
         plan = ctx.plan
+        if beta is not None:
+            a, _ = beta_drivers(b, None, beta)
         if tmat is None:
             _, _, tmat = launch_wu(
                 a,
@@ -151,7 +179,10 @@ class _ChunkDeltaRule(torch.autograd.Function):
             need_dh0=ctx.h0_dtype is not None,
         )
         dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
-        return dq, da, db, du, dh0, None, None, None
+        if beta is None:
+            return dq, da, db, du, None, dh0, None, None, None
+        dk, dv, dbeta = beta_grads(b, v, beta, da, db, du)
+        return dq, None, dk, dv, dbeta, dh0, None, None, None
 
 
 def check_kernel_limits(rank: int, k_dim: int, v_dim: int) -> None:
@@ -222,15 +253,36 @@ def triton_delta_rule_drivers(
 
 
 def run_drivers(
-    q, a, b, u, *, mode, scale, initial_state, output_final_state, cu_seqlens, chunk_size, algorithm
+    q,
+    a,
+    b,
+    u,
+    *,
+    mode,
+    scale,
+    initial_state,
+    output_final_state,
+    cu_seqlens,
+    chunk_size,
+    algorithm,
+    beta=None,
 ):
     """`triton_delta_rule_drivers` without its option checks. Internal: called by ops.py after the op
     validated every argument (cu_seqlens then arrives as a PackedSequences); checks the kernels' limits only.
+
+    Beta form (ops.delta_rule): a None, b = k, u = v and beta [B, T, H, R]; under autograd the drivers are
+    built inside the autograd function (a is not kept for the backward), otherwise here.
     """
-    check_kernel_limits(a.shape[3], a.shape[4], u.shape[4])
+    check_kernel_limits(b.shape[3], b.shape[4], u.shape[4])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    needs_grad = torch.is_grad_enabled() and any(
+        x is not None and x.requires_grad for x in (q, a, b, u, beta, initial_state)
+    )
+    if beta is not None and (algorithm == "recurrent" or not needs_grad):
+        (a, u), beta = beta_drivers(b, u, beta), None
     dtype = u.dtype
-    q, a, b = (x.to(dtype) for x in (q, a, b))
+    q, b = q.to(dtype), b.to(dtype)
+    a = None if a is None else a.to(dtype)
     if algorithm == "recurrent":
         if torch.is_grad_enabled() and any(x.requires_grad for x in (q, a, b, u)):
             raise NotImplementedError(
@@ -247,15 +299,12 @@ def run_drivers(
         flat = [x.reshape(batch * seq_len, *x.shape[2:]).contiguous() for x in (q, a, b, u)]
         o = launch_recurrent_(*flat, state, cu, scale=scale, product=mode == "product", out_dtype=dtype)
         return o.view(batch, seq_len, n_heads, v_dim), state if output_final_state else None
-    if needs_fp32(a.shape[3], a.shape[4], dtype):  # bf16 / fp16, R >= 5, K > 128 (triton_utils)
-        q, a, b, u = (x.float() for x in (q, a, b, u))
-    plan = _Plan(a, cu_seqlens, chunk_size, mode, scale)
-    flat = [plan.flat(x) for x in (q, a, b, u)]
+    if needs_fp32(b.shape[3], b.shape[4], dtype):  # bf16 / fp16, R >= 5, K > 128 (triton_utils)
+        q, a, b, u, beta = (None if x is None else x.float() for x in (q, a, b, u, beta))
+    plan = _Plan(b, cu_seqlens, chunk_size, mode, scale)
+    flat = [None if x is None else plan.flat(x) for x in (q, a, b, u, beta)]
     h0 = None if initial_state is None else initial_state.contiguous()
     out_shape = q.shape[:3] + u.shape[-1:]
-    needs_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, a, b, u, initial_state)
-    )
     if algorithm == "auto":  # the faster W/U stage at this shape, from measured crossovers
         from .triton_sigdelta import choose_wu_solver
 
@@ -264,7 +313,7 @@ def run_drivers(
     if needs_grad:
         o, ht = _ChunkDeltaRule.apply(*flat, h0, plan, solver, output_final_state)
     else:
-        o, ht, _ = _forward(*flat, h0, plan, solver, store_ht=output_final_state, for_backward=False)
+        o, ht, _ = _forward(*flat[:4], h0, plan, solver, store_ht=output_final_state, for_backward=False)
     return o.view(out_shape).to(dtype), ht
 
 

@@ -147,9 +147,12 @@ def test_triton_backend_receives_drivers_and_options(monkeypatch):
     )
     x, options = changed(), dict(mode="product", chunk_size=32, algorithm="sigdelta")
     assert delta_rule(**x, **options, backend="triton") == "ok"
-    (q, a, b, u), kwargs = calls[0]
-    assert q is x["q"] and b is x["k"]
-    torch.testing.assert_close(a, -x["beta"][..., None] * x["k"])
-    torch.testing.assert_close(u, x["beta"][..., None] * x["v"])
+    (q, a, b, u), kwargs = calls[0]  # the beta form: the kernels build the drivers themselves
+    assert q is x["q"] and a is None and b is x["k"] and u is x["v"] and kwargs.pop("beta") is x["beta"]
     defaults = dict(scale=K**-0.5, initial_state=None, output_final_state=False, cu_seqlens=None)
     assert kwargs == options | defaults
+    calls.clear()
+    a, u = -x["beta"][..., None] * x["k"], x["beta"][..., None] * x["v"]
+    assert delta_rule_drivers(x["q"], a, x["k"], u, **options, backend="triton") == "ok"
+    (q, a2, b, u2), kwargs = calls[0]
+    assert a2 is a and u2 is u and kwargs.pop("beta") is None and kwargs == options | defaults

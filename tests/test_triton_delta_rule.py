@@ -158,6 +158,75 @@ def test_chunk_matches_loop_fp32(batch, seq_len, n_heads, rank, k_dim, v_dim, mo
     assert max(errs.values()) < 2e-4, errs
 
 
+def _public_op_case(batch, seq_len, rank, k_dim, v_dim, mode, algorithm, cu, device):
+    """q, k (unit), v, beta (fp32, sigmoid / R) and h0 for the public op; cu_seqlens or None."""
+    gen = torch.Generator().manual_seed(7)
+    n_states = batch if cu is None else len(cu) - 1
+    q = torch.randn(batch, seq_len, 2, k_dim, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(batch, seq_len, 2, rank, k_dim, generator=gen), dim=-1)
+    v = torch.randn(batch, seq_len, 2, rank, v_dim, generator=gen)
+    beta = torch.sigmoid(torch.randn(batch, seq_len, 2, rank, generator=gen)) / rank
+    h0 = torch.randn(n_states, 2, k_dim, v_dim, generator=gen)
+    cu = None if cu is None else torch.tensor(cu, device=device)
+    return [x.to(device) for x in (q, k, v, beta, h0)], cu
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize(
+    "batch,seq_len,rank,k_dim,v_dim,mode,algorithm,cu",
+    [
+        (2, 37, 1, 16, 32, "sum", "tensor_inv", None),
+        (1, 40, 3, 32, 16, "product", "tensor_inv", [0, 5, 21, 40]),
+        (2, 21, 2, 16, 16, "sum", "sigdelta", None),
+    ],
+    ids=["R1-sum", "R3-product-varlen", "R2-sigdelta"],
+)
+def test_public_op_beta_form_matches_loop_and_keeps_no_drivers(
+    batch, seq_len, rank, k_dim, v_dim, mode, algorithm, cu
+):
+    """delta_rule(q, k, v, beta) on the Triton backend builds a = -beta k and u = beta v inside its autograd
+    function: output, final state and the gradients of q, k, v, beta, h0 equal the float64 loop's, and the
+    tensors kept for the backward are those of the drivers form less a."""
+    from modeling_parallelflow.ops import delta_rule, delta_rule_drivers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    leaves, cu = _public_op_case(batch, seq_len, rank, k_dim, v_dim, mode, algorithm, cu, device)
+    options = dict(mode=mode, output_final_state=True, cu_seqlens=cu, chunk_size=16, algorithm=algorithm)
+
+    def run(op, inputs, **extra):
+        inputs = [x.clone().requires_grad_() for x in inputs]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            o, ht = op(*inputs, **options, **extra)
+        gen = torch.Generator().manual_seed(3)
+        do, dht = (torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device) for x in (o, ht))
+        ((o.double() * do).sum() + (ht.double() * dht).sum()).backward()
+        kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        return [o, ht] + [x.grad for x in inputs], sum(kept.values())
+
+    q, k, v, beta, h0 = leaves
+    ours, kept = run(
+        lambda q, k, v, beta, h0, **kw: delta_rule(q, k, v, beta, initial_state=h0, **kw),
+        leaves,
+        backend="triton",
+    )
+    ref, _ = run(
+        lambda q, k, v, beta, h0, **kw: delta_rule(q, k, v, beta, initial_state=h0, **kw),
+        [x.double() for x in leaves],
+        backend="torch",
+    )
+    for name, x, r in zip(["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"], ours, ref, strict=True):
+        assert rel_err(x.cpu(), r.cpu()) < 2e-4, (name, rel_err(x.cpu(), r.cpu()))
+
+    def drivers(q, k, v, beta, h0, **kw):  # the same maths with a = -beta k built outside the kernels
+        col = beta[..., None]
+        return delta_rule_drivers(q, -col * k, k, col * v, initial_state=h0, **kw)
+
+    _, kept_drivers = run(drivers, leaves, backend="triton")
+    a_bytes = k.numel() * k.element_size()
+    assert kept <= kept_drivers - a_bytes + beta.numel() * beta.element_size(), (kept, kept_drivers, a_bytes)
+
+
 @pytest.mark.triton_interpret
 def test_wide_keys_at_high_rank_run_in_fp32_and_keep_the_dtype():
     # bf16 at R >= 5 and K > 128 takes the fp32 kernels (triton_utils.needs_fp32); o stays bf16
