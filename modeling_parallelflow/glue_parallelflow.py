@@ -58,7 +58,11 @@ def _load_liger() -> SimpleNamespace | None:
 
 def liger_layers(kernel_backend: str, device: torch.device) -> SimpleNamespace | None:
     """Liger-Kernel's `rms_norm(x [..., D], weight [D], eps)` and `silu_mul(gate, up)` (silu(gate) * up) for
-    CUDA tensors when the delta rule resolves to the Triton backend and liger_kernel imports, else None."""
-    if device.type != "cuda" or _resolve_backend(kernel_backend, device) != "triton":
+    CUDA tensors under autograd when the delta rule resolves to the Triton backend and liger_kernel imports,
+    else None. Training only: what they save is what the backward keeps (no fp32 copy of the norm's input,
+    no silu(gate)); without autograd, as in decoding, torch's own kernels launch faster."""
+    if device.type != "cuda" or not torch.is_grad_enabled():
+        return None
+    if _resolve_backend(kernel_backend, device) != "triton":
         return None
     return _load_liger()

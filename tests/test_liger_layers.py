@@ -13,9 +13,15 @@ from modeling_parallelflow import modeling_parallelflow as modeling
 from tests.model_helpers import random_ids, tiny_model
 
 
-def test_not_taken_on_cpu_or_on_the_torch_backend():
+def test_not_taken_on_cpu_on_the_torch_backend_or_without_autograd(monkeypatch):
     assert glue_parallelflow.liger_layers("auto", torch.device("cpu")) is None
     assert glue_parallelflow.liger_layers("torch", torch.device("cuda")) is None
+    fake = SimpleNamespace(rms_norm=None, silu_mul=None)
+    monkeypatch.setattr(glue_parallelflow, "_load_liger", lambda: fake)
+    monkeypatch.setattr(glue_parallelflow, "_resolve_backend", lambda backend, device: "triton")
+    assert glue_parallelflow.liger_layers("auto", torch.device("cuda")) is fake
+    with torch.no_grad():  # decoding: torch's kernels
+        assert glue_parallelflow.liger_layers("auto", torch.device("cuda")) is None
 
 
 def test_not_taken_without_liger(monkeypatch):
@@ -32,8 +38,7 @@ def test_model_routes_block_norms_and_mlp_through_liger(monkeypatch):
     torch stand-in), and the model's output is unchanged."""
     model = tiny_model().eval()
     ids = random_ids(2, 9)
-    with torch.no_grad():
-        expected = model(ids).logits
+    expected = model(ids).logits  # under autograd, where Liger's kernels are taken
     calls = {"rms_norm": 0, "silu_mul": 0}
 
     def rms_norm(x, weight, eps):
@@ -46,8 +51,7 @@ def test_model_routes_block_norms_and_mlp_through_liger(monkeypatch):
 
     fake = SimpleNamespace(rms_norm=rms_norm, silu_mul=silu_mul)
     monkeypatch.setattr(modeling, "liger_layers", lambda backend, device: fake)
-    with torch.no_grad():
-        got = model(ids).logits
+    got = model(ids).logits
     layers = model.config.num_hidden_layers
     assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": layers}
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
