@@ -20,7 +20,15 @@ try:
     from .triton_chunk_bwd import launch_chunk_bwd
     from .triton_chunk_fwd import launch_fwd_scan, launch_wu, tensor_inv_wu
     from .triton_recurrent import launch_recurrent_
-    from .triton_utils import MAX_HEAD_DIM, MAX_RANK, needs_fp32, pick_chunk, seq_offsets, varlen_layout
+    from .triton_utils import (
+        MAX_HEAD_DIM,
+        MAX_RANK,
+        TUNE,
+        needs_fp32,
+        pick_chunk,
+        seq_offsets,
+        varlen_layout,
+    )
 
     HAS_TRITON = True
 except ImportError:  # the package imports without triton; the torch backend is then used
@@ -73,7 +81,11 @@ class _Plan:
         return x.reshape(self.batch * self.seq_len, *x.shape[2:]).contiguous()
 
 
-def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backward: bool):
+def _forward(
+    q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backward: bool, keep_states: bool = True
+):
+    """W/U stage, then the scan. for_backward keeps T (tensor_inv) and, with keep_states, writes the chunk
+    states and X; returns o, ht, (w, uu, xs, tmat, states)."""
     if solver is None:
         w, uu, tmat = launch_wu(
             a, b, u, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product, store_t=for_backward
@@ -89,8 +101,16 @@ def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backwar
             cu_seqlens=plan.cu_seqlens,
         )
         w, uu, tmat = plan.flat(w), plan.flat(uu), None
-    states_dtype = torch.bfloat16 if a.dtype == torch.bfloat16 else torch.float32
-    o, ht, states, xs = launch_fwd_scan(
+    o, ht, states, xs = _scan(
+        q, b, w, uu, h0, plan, store_ht=store_ht, store_states=for_backward and keep_states
+    )
+    return o, ht, (w, uu, xs, tmat, states)
+
+
+def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool):
+    """The sequential scan: o [TT, H, V] (uu's dtype), ht, and with store_states the chunk states [G, H, K, V]
+    (bf16 for bf16 inputs, else fp32) and X [TT, H, R, V]."""
+    return launch_fwd_scan(
         q,
         b,
         w,
@@ -100,13 +120,12 @@ def _forward(q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backwar
         h0,
         chunk=plan.chunk,
         scale=plan.scale,
-        out_dtype=u.dtype,
+        out_dtype=uu.dtype,
         store_ht=store_ht,
-        store_states=for_backward,
+        store_states=store_states,
         n_chunks=plan.cmap[0].numel(),
-        states_dtype=states_dtype,
+        states_dtype=torch.bfloat16 if b.dtype == torch.bfloat16 else torch.float32,
     )
-    return o, ht, (w, xs, tmat, states)
 
 
 def beta_drivers(k, v, beta):
@@ -127,28 +146,33 @@ def beta_grads(k, v, beta, da, db, du):
 
 class _ChunkDeltaRule(torch.autograd.Function):
     """Drivers form: inputs q, a, b, u (beta None). Beta form: a None, b = k, u = v and beta [TT, H, R]; the
-    drivers are built here, and a is rebuilt in the backward instead of kept."""
+    drivers are built here, and a is rebuilt in the backward instead of kept. With TUNE["recompute_states"]
+    the backward reruns the scan for the chunk states and X, and U [TT, H, R, V] and h0 are kept instead."""
 
     @staticmethod
     def forward(ctx, q, a, b, u, beta, h0, plan, solver, store_ht):
         v = u
         if beta is not None:
             a, u = beta_drivers(b, v, beta)
-        o, ht, (w, xs, tmat, states) = _forward(
-            q, a, b, u, h0, plan, solver, store_ht=store_ht, for_backward=True
+        recompute = bool(TUNE["recompute_states"])
+        o, ht, (w, uu, xs, tmat, states) = _forward(
+            q, a, b, u, h0, plan, solver, store_ht=store_ht, for_backward=True, keep_states=not recompute
         )
         kept_a, kept_v = (a, None) if beta is None else (None, v)
-        ctx.save_for_backward(q, kept_a, b, w, xs, tmat, states, beta, kept_v)
+        kept_uu, kept_h0 = (uu, h0) if recompute else (None, None)
+        ctx.save_for_backward(q, kept_a, b, w, xs, tmat, states, beta, kept_v, kept_uu, kept_h0)
         ctx.plan = plan
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, a, b, w, xs, tmat, states, beta, v = ctx.saved_tensors
+        q, a, b, w, xs, tmat, states, beta, v, uu, h0 = ctx.saved_tensors
         plan = ctx.plan
         if beta is not None:
             a, _ = beta_drivers(b, None, beta)
+        if states is None:  # recompute: the same scan on the same inputs writes the same states and X
+            _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True)
         if tmat is None:
             _, _, tmat = launch_wu(
                 a,

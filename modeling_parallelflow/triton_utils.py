@@ -29,6 +29,10 @@ TUNE = {
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
     "par_stages": 2,
+    # 1: the backward recomputes the chunk states and X with one more forward scan instead of keeping them
+    # and keeps U (activation memory -4 KiB per token per layer at R = 1, K = V = 128; -16 at R = 4:
+    # benchmarks/activation_census.py). Off until its time is measured on a GPU.
+    "recompute_states": int(os.environ.get("PFLOW_RECOMPUTE_STATES", "0")),
 }
 
 

@@ -342,3 +342,49 @@ def test_chunk_varlen_gpu(rank, mode):
         cu=[0, 1, 64, 65, 200, 300],
     )
     assert max(errs.values()) < 1.2e-2, errs  # measured 4.1e-3 (R=2 sum, same cu_seqlens, H100)
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize(
+    "rank,mode,algorithm,cu",
+    [
+        (1, "sum", "tensor_inv", None),
+        (3, "product", "tensor_inv", [0, 5, 21, 40]),
+        (2, "sum", "sigdelta", None),
+    ],
+    ids=["R1-sum", "R3-product-varlen", "R2-sigdelta"],
+)
+def test_recomputed_states_give_the_same_gradients_and_keep_less(monkeypatch, rank, mode, algorithm, cu):
+    """TUNE["recompute_states"]: the backward reruns the scan (same kernel, same inputs) instead of keeping
+    the chunk states and X: every output and gradient is identical, and less is kept for the backward."""
+    from modeling_parallelflow import triton_utils
+    from modeling_parallelflow.ops import delta_rule
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    leaves, cu = _public_op_case(1 if cu else 2, 40, rank, 32, 16, mode, algorithm, cu, device)
+
+    def run():
+        inputs = [x.clone().requires_grad_() for x in leaves]
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            o, ht = delta_rule(
+                *inputs[:4],
+                initial_state=inputs[4],
+                output_final_state=True,
+                mode=mode,
+                cu_seqlens=cu,
+                chunk_size=16,
+                algorithm=algorithm,
+                backend="triton",
+            )
+        ((o * torch.ones_like(o)).sum() + ht.sum()).backward()
+        kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
+        return [o, ht] + [x.grad for x in inputs], sum(kept.values())
+
+    monkeypatch.setitem(triton_utils.TUNE, "recompute_states", 0)
+    kept_all, kept_bytes = run()
+    monkeypatch.setitem(triton_utils.TUNE, "recompute_states", 1)
+    recomputed, recomputed_bytes = run()
+    for x, y in zip(kept_all, recomputed, strict=True):
+        assert torch.equal(x, y)
+    assert recomputed_bytes < kept_bytes, (recomputed_bytes, kept_bytes)
