@@ -33,7 +33,7 @@ from .compat_transformers import (
 from .configuration_parallelflow import PFlowConfig
 from .glue_parallelflow import liger_layers, triton_glue
 from .loss_parallelflow import linear_cross_entropy
-from .ops import delta_rule, delta_rule_drivers
+from .ops import beta_drivers, delta_rule, delta_rule_drivers
 from .ops_exact_flow import exact_flow_drivers
 from .packed import PackedSequences
 
@@ -248,8 +248,8 @@ class PFlowMixer(nn.Module):
             backend=self.config.kernel_backend,
         )
         if self.config.flow == "exact":
-            beta_col = beta[..., None]
-            a, u = exact_flow_drivers(-beta_col * keys, keys, beta_col * values, self.config.rank_mode)
+            a, u = beta_drivers(keys, values, beta)
+            a, u = exact_flow_drivers(a, keys, u, self.config.rank_mode)
             o, final_state = delta_rule_drivers(q, a, keys, u, **op_kwargs)
         else:
             o, final_state = delta_rule(q, keys, values, beta, **op_kwargs)

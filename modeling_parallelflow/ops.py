@@ -204,6 +204,13 @@ def _check_options(
     )
 
 
+def beta_drivers(k: Tensor, v: Tensor | None, beta: Tensor) -> tuple[Tensor, Tensor | None]:
+    """The drivers of `delta_rule`: a = -beta k [B, T, H, R, K] in k's dtype and u = beta v [B, T, H, R, V]
+    in v's dtype (None when v is None), from beta [B, T, H, R] in its own dtype."""
+    col = beta[..., None]
+    return (-col * k).to(k.dtype), None if v is None else (col * v).to(v.dtype)
+
+
 def _run(
     q: Tensor,
     a: Tensor | None,
@@ -234,8 +241,7 @@ def _run(
         kernel, _ = _load_triton()
         return kernel(q, a, b, u, beta=beta, chunk_size=chunk_size, algorithm=algorithm, **kwargs)
     if beta is not None:
-        col = beta[..., None]
-        a, u = (-col * b).to(b.dtype), (col * u).to(u.dtype)
+        a, u = beta_drivers(b, u, beta)
     if algorithm == "recurrent":
         dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
         o, final_state = delta_rule_reference(q, a, b, u, dtype=dtype, **kwargs)

@@ -16,6 +16,8 @@ Without autograd nothing beyond o and the final state is written to HBM.
 
 import torch
 
+from .ops import beta_drivers
+
 try:
     from .triton_chunk_bwd import launch_chunk_bwd
     from .triton_chunk_fwd import launch_fwd_scan, launch_wu, tensor_inv_wu
@@ -126,13 +128,6 @@ def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool):
         n_chunks=plan.cmap[0].numel(),
         states_dtype=torch.bfloat16 if b.dtype == torch.bfloat16 else torch.float32,
     )
-
-
-def beta_drivers(k, v, beta):
-    """The drivers of the delta rule's beta form: a = -beta k [.., R, K] (k's dtype) and u = beta v
-    [.., R, V] (v's dtype; None when v is None), beta [.., R] in its own dtype."""
-    col = beta[..., None]
-    return (-col * k).to(k.dtype), None if v is None else (col * v).to(v.dtype)
 
 
 def beta_grads(k, v, beta, da, db, du):
@@ -308,7 +303,7 @@ def run_drivers(
     q, b = q.to(dtype), b.to(dtype)
     a = None if a is None else a.to(dtype)
     if algorithm == "recurrent":
-        if torch.is_grad_enabled() and any(x.requires_grad for x in (q, a, b, u)):
+        if needs_grad:
             raise NotImplementedError(
                 "algorithm='recurrent' on the Triton backend is forward-only (decoding); "
                 "use algorithm='tensor_inv' for training"
