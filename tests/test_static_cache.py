@@ -36,15 +36,15 @@ def buffer_numel(cache, layer_type: str | None = None) -> int:
     )
 
 
-@pytest.mark.parametrize("name", ["sum", pytest.param("product", marks=pytest.mark.slow), "hybrid"])
-@pytest.mark.parametrize(
-    "mode",
-    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, num_return_sequences=2)],
-    ids=["greedy", "sample", "beam"],
-)
-def test_static_cache_generates_what_the_dynamic_cache_does(name, mode):
-    model = build(name)
-    ids, mask = left_padded()
+GENERATE_MODES = [
+    dict(do_sample=False),
+    dict(do_sample=True, top_k=20),
+    dict(num_beams=3, num_return_sequences=2),
+]
+
+
+def assert_static_generates_as_dynamic(model, ids, mask, mode: dict, new_tokens: int) -> None:
+    """generate() with the default (dynamic) cache and with cache_implementation="static": equal outputs."""
     results = []
     for implementation in (None, "static"):
         torch.manual_seed(7)
@@ -52,13 +52,20 @@ def test_static_cache_generates_what_the_dynamic_cache_does(name, mode):
             model.generate(
                 ids,
                 attention_mask=mask,
-                max_new_tokens=6,
+                max_new_tokens=new_tokens,
                 cache_implementation=implementation,
                 **mode,
                 **GENERATE,
             )
         )
     assert torch.equal(results[0], results[1])
+
+
+@pytest.mark.parametrize("name", ["sum", pytest.param("product", marks=pytest.mark.slow), "hybrid"])
+@pytest.mark.parametrize("mode", GENERATE_MODES, ids=["greedy", "sample", "beam"])
+def test_static_cache_generates_what_the_dynamic_cache_does(name, mode):
+    ids, mask = left_padded()
+    assert_static_generates_as_dynamic(build(name), ids, mask, mode, new_tokens=6)
 
 
 @pytest.mark.parametrize("name", ["sum", "hybrid"])
@@ -101,30 +108,12 @@ def test_static_cache_sliding_layers_are_a_window_sized_ring():
 
 
 @pytest.mark.parametrize("prompt", [5, 19], ids=["prompt-in-window", "prompt-past-window"])
-@pytest.mark.parametrize(
-    "mode",
-    [dict(do_sample=False), dict(do_sample=True, top_k=20), dict(num_beams=3, num_return_sequences=2)],
-    ids=["greedy", "sample", "beam"],
-)
+@pytest.mark.parametrize("mode", GENERATE_MODES, ids=["greedy", "sample", "beam"])
 def test_static_ring_generates_what_the_dynamic_cache_does(prompt, mode):
     """Sliding layers (window 8) on a ring: a left-padded batch (one row padded past the window when the
     prompt is long), prompts shorter and longer than the window, decoding far past it."""
-    model = build("hybrid")
     ids, mask = left_padded(length=prompt, pads=min(prompt - 2, 10))
-    results = []
-    for implementation in (None, "static"):
-        torch.manual_seed(7)
-        results.append(
-            model.generate(
-                ids,
-                attention_mask=mask,
-                max_new_tokens=24,
-                cache_implementation=implementation,
-                **mode,
-                **GENERATE,
-            )
-        )
-    assert torch.equal(results[0], results[1])
+    assert_static_generates_as_dynamic(build("hybrid"), ids, mask, mode, new_tokens=24)
 
 
 @pytest.mark.parametrize("window", [1, 3, 8, 32, 40])  # 32, 40: the ring is the whole capacity
