@@ -356,15 +356,16 @@ def test_chunk_varlen_gpu(rank, mode):
 )
 def test_recomputed_states_give_the_same_gradients_and_keep_less(monkeypatch, rank, mode, algorithm, cu):
     """TUNE["recompute_states"]: the backward reruns the scan (same kernel, same inputs) instead of keeping
-    the chunk states and X: every output and gradient is identical, and less is kept for the backward."""
+    the chunk states and X: every output and gradient equals the float64 loop's and is identical to the
+    kept path's, and less is kept for the backward."""
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     leaves, cu = _public_op_case(1 if cu else 2, 40, rank, 32, 16, mode, algorithm, cu, device)
 
-    def run():
-        inputs = [x.clone().requires_grad_() for x in leaves]
+    def run(inputs=leaves, **options):
+        inputs = [x.clone().requires_grad_() for x in inputs]
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
             o, ht = delta_rule(
@@ -374,10 +375,9 @@ def test_recomputed_states_give_the_same_gradients_and_keep_less(monkeypatch, ra
                 mode=mode,
                 cu_seqlens=cu,
                 chunk_size=16,
-                algorithm=algorithm,
-                backend="triton",
+                **(options or dict(algorithm=algorithm, backend="triton")),
             )
-        ((o * torch.ones_like(o)).sum() + ht.sum()).backward()
+        (o.sum() + ht.sum()).backward()
         kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
         return [o, ht] + [x.grad for x in inputs], sum(kept.values())
 
@@ -385,6 +385,8 @@ def test_recomputed_states_give_the_same_gradients_and_keep_less(monkeypatch, ra
     kept_all, kept_bytes = run()
     monkeypatch.setitem(triton_utils.TUNE, "recompute_states", 1)
     recomputed, recomputed_bytes = run()
-    for x, y in zip(kept_all, recomputed, strict=True):
+    reference, _ = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
+    for x, y, ref in zip(kept_all, recomputed, reference, strict=True):
         assert torch.equal(x, y)
+        assert rel_err(y.cpu(), ref.cpu()) < 2e-4
     assert recomputed_bytes < kept_bytes, (recomputed_bytes, kept_bytes)
