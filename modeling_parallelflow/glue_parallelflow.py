@@ -2,8 +2,8 @@
 
 - The pflow mixer's glue (short conv + SiLU + L2 norm, gated output RMSNorm): our Triton kernels
   (`triton_conv`, `triton_norm`), `triton_glue`.
-- The standard parts (the blocks' RMSNorm, the SwiGLU product): Liger-Kernel's fused kernels (optional extra
-  `liger`), `liger_layers`.
+- The standard parts (the blocks' RMSNorm, the SwiGLU product and its down projection): Liger-Kernel's fused
+  kernels (optional extra `liger`), `liger_layers`.
 
 Both run exactly when the delta rule itself runs on the Triton backend (config.kernel_backend, or
 $PFLOW_KERNEL_BACKEND for "auto": `ops._resolve_backend`), Liger's on CUDA tensors and when it imports;
@@ -18,6 +18,7 @@ from types import SimpleNamespace
 import torch
 
 from .ops import _resolve_backend
+from .swiglu_down import swiglu_down
 
 
 @functools.cache
@@ -44,23 +45,30 @@ def _load_liger() -> SimpleNamespace | None:
     # Guarded `from x import y` of an optional dependency: a checkpoint's remote code loads without it.
     try:
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
-        from liger_kernel.ops.swiglu import LigerSiLUMulFunction
+        from liger_kernel.ops.swiglu import LigerSiLUMulFunction, swiglu_backward, swiglu_forward
     except ImportError:
         return None
+    swiglu = SimpleNamespace(forward=lambda g, u: swiglu_forward(g, u)[2], backward=swiglu_backward)
 
     def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # "llama" casting: fp32 inside, the normalised x cast to x's dtype, then times weight (as the torch
         # path); not in place: the incoming gradient also feeds the residual branch.
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
 
-    return SimpleNamespace(rms_norm=rms_norm, silu_mul=LigerSiLUMulFunction.apply)
+    return SimpleNamespace(
+        rms_norm=rms_norm,
+        silu_mul=LigerSiLUMulFunction.apply,
+        swiglu_down=lambda gate, up, weight: swiglu_down(gate, up, weight, swiglu),
+    )
 
 
 def liger_layers(kernel_backend: str, device: torch.device) -> SimpleNamespace | None:
-    """Liger-Kernel's `rms_norm(x [..., D], weight [D], eps)` and `silu_mul(gate, up)` (silu(gate) * up) for
-    CUDA tensors under autograd when the delta rule resolves to the Triton backend and liger_kernel imports,
-    else None. Training only: what they save is what the backward keeps (no fp32 copy of the norm's input,
-    no silu(gate)); without autograd, as in decoding, torch's own kernels launch faster."""
+    """Liger-Kernel's `rms_norm(x [..., D], weight [D], eps)`, `silu_mul(gate, up)` (silu(gate) * up) and
+    `swiglu_down(gate, up, weight [D, I])` (down projection of that product, recomputed in the backward:
+    `swiglu_down.py`) for CUDA tensors under autograd when the delta rule resolves to the Triton backend and
+    liger_kernel imports, else None. Training only: what they save is what the backward keeps (no fp32 copy
+    of the norm's input, no silu(gate), no product); without autograd, as in decoding, torch's own kernels
+    launch faster."""
     if device.type != "cuda" or not torch.is_grad_enabled():
         return None
     if _resolve_backend(kernel_backend, device) != "triton":

@@ -69,8 +69,9 @@ class PFlowRMSNorm(nn.Module):
 
 
 class PFlowMLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); the product through Liger-Kernel's fused kernel where
-    `glue_parallelflow.liger_layers` allows (it keeps gate and up for the backward, not silu(gate))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); where `glue_parallelflow.liger_layers` allows, the product
+    through Liger-Kernel's fused kernel and, with a plain nn.Linear down projection (not a PEFT-wrapped
+    one), recomputed in the backward (`swiglu_down.py`): keeps gate and up, not silu(gate) or the product."""
 
     def __init__(self, config: PFlowConfig):
         super().__init__()
@@ -82,7 +83,11 @@ class PFlowMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
         liger = liger_layers(self.config.kernel_backend, x.device)
-        return self.down_proj(liger.silu_mul(gate, up) if liger is not None else F.silu(gate) * up)
+        if liger is None:
+            return self.down_proj(F.silu(gate) * up)
+        if type(self.down_proj) is nn.Linear:
+            return liger.swiglu_down(gate, up, self.down_proj.weight)
+        return self.down_proj(liger.silu_mul(gate, up))
 
 
 def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

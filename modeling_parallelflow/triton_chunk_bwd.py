@@ -19,7 +19,16 @@ import triton
 import triton.language as tl
 
 from .triton_chunk_fwd import scan_block_v, solve_mask
-from .triton_utils import TUNE, chunk_rows, dot_precision, new_like, new_tensor, next_pow2, scan_stages
+from .triton_utils import (
+    TUNE,
+    chunk_rows,
+    dot_precision,
+    new_like,
+    new_tensor,
+    next_pow2,
+    scale_rows,
+    scan_stages,
+)
 
 
 @triton.jit
@@ -100,6 +109,8 @@ def _bwd_chunk_kernel(
     q,
     a,
     b,
+    v,
+    beta,
     xs,
     do,
     dx,
@@ -110,6 +121,7 @@ def _bwd_chunk_kernel(
     da,
     db,
     du,
+    dbeta,
     chunk_seq,
     chunk_tok,
     cu,
@@ -125,8 +137,11 @@ def _bwd_chunk_kernel(
     BK: tl.constexpr,
     BV: tl.constexpr,
     PRODUCT: tl.constexpr,
+    BETA: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # BETA: beta form (b = k, v and beta [TT, H, R] given, a = -beta k rebuilt in registers): writes
+    # dk = db - beta da into db, dv = beta du into du and dbeta = sum_V v du - sum_K k da; a and da unused.
     # v_len = V, a run-time bound, keeps the V loops as loops: with a constexpr bound a one-trip loop
     # (V <= BV) is unrolled, and Triton 3.6 compiles that straight-line form for sm_90 so that a wgmma reads
     # past its shared memory (NaN dk / dbeta or an illegal address at K = V <= 32, R >= 2; issue #18).
@@ -144,6 +159,10 @@ def _bwd_chunk_kernel(
     st_base = (g.to(tl.int64) * H + h) * K * V
     dox = tl.zeros((CQ, CRP), tl.float32)
     dn = tl.zeros((CRP, CRP), tl.float32)
+    beta_r = tl.zeros((CRP,), tl.float32)
+    dbeta_r = tl.zeros((CRP,), tl.float32)
+    if BETA:
+        beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     for v0 in range(0, v_len, BV):  # K-free part: du, dO X^T, dU X^T
         vv = v0 + tl.arange(0, BV)
         rvmask = valid[:, None] & (vv[None, :] < V)
@@ -151,7 +170,13 @@ def _bwd_chunk_kernel(
         dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
         do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & (vv[None, :] < V), other=0.0)
         du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC)  # [CRP, BV]
-        tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask)
+        if BETA:
+            v_t = tl.load(v + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
+            dbeta_r += tl.sum(v_t * du_t, axis=1)
+            dv_t = (beta_r[:, None] * du_t).to(du.dtype.element_ty)
+            tl.store(du + row[:, None] * V + vv[None, :], dv_t, mask=rvmask)
+        else:
+            tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask)
         dox += tl.dot(do_t, tl.trans(x_t), input_precision=PREC)
         dn += tl.dot(du_t.to(x_t.dtype), tl.trans(x_t), input_precision=PREC)
     dp = tl.where(cidx[:, None] >= t[None, :], dox * scale, 0.0).to(q.dtype.element_ty)
@@ -160,8 +185,11 @@ def _bwd_chunk_kernel(
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
         rkmask = valid[:, None] & kmask[None, :]
-        a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
+        if BETA:
+            a_t = scale_rows(b_t, -beta_r)
+        else:
+            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
         q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         dq_t = tl.zeros((CQ, BK), tl.float32)
         da_t = tl.dot(dn, b_t, input_precision=PREC)
@@ -186,8 +214,14 @@ def _bwd_chunk_kernel(
         tl.store(
             dq + qrow[:, None] * K + kk[None, :], dq_t.to(dq.dtype.element_ty), mask=qmask & kmask[None, :]
         )
-        tl.store(da + row[:, None] * K + kk[None, :], da_t.to(da.dtype.element_ty), mask=rkmask)
+        if BETA:
+            dbeta_r -= tl.sum(b_t.to(tl.float32) * da_t, axis=1)
+            db_t -= beta_r[:, None] * da_t
+        else:
+            tl.store(da + row[:, None] * K + kk[None, :], da_t.to(da.dtype.element_ty), mask=rkmask)
         tl.store(db + row[:, None] * K + kk[None, :], db_t.to(db.dtype.element_ty), mask=rkmask)
+    if BETA:
+        tl.store(dbeta + row, dbeta_r, mask=valid)
 
 
 def launch_chunk_bwd(
@@ -207,19 +241,22 @@ def launch_chunk_bwd(
     scale: float,
     product: bool,
     need_dh0: bool,
+    beta=None,
+    v=None,
 ):
     """Gradients of the chunked forward. Shapes as in the forward ([TT, H, ...] flattened tokens);
     xs = X [TT, H, R, V] and states [G, H, K, V] as saved by the forward scan.
 
-    Returns dq, da, db, du (input dtype) and dh0 [N, H, K, V] fp32 or None.
+    Returns (dq, da, db, du, dh0): input dtype, dh0 [N, H, K, V] fp32 or None. Beta form (a None, b = k,
+    v [TT, H, R, V] and beta [TT, H, R] given): (dq, dk, dv, dbeta, dh0), dbeta fp32.
     """
-    total, n_heads, rank, k_dim = a.shape
+    total, n_heads, rank, k_dim = b.shape
     v_dim = xs.shape[-1]
     n_seq = cu.numel() - 1
     seq, tok, off = cmap
     crp = max(16, next_pow2(chunk * rank))
     bk = max(16, next_pow2(k_dim))
-    prec = dot_precision(a.dtype)
+    prec = dot_precision(b.dtype)
     dstates = new_like(states)
     dx = new_like(xs)
     dh0 = (
@@ -251,13 +288,18 @@ def launch_chunk_bwd(
         HAS_DHT=dht is not None,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, a.dtype),
+        num_stages=scan_stages(crp, chunk, bk, b.dtype),
     )
-    dq, da, db, du = (new_like(x) for x in (q, a, b, xs))
+    with_beta = beta is not None
+    dq, db, du = (new_like(x) for x in (q, b, xs))
+    da = new_like(b) if not with_beta else None
+    dbeta = new_tensor(beta.shape, dtype=torch.float32, device=b.device) if with_beta else None
     _bwd_chunk_kernel[(seq.numel(), n_heads)](
         q,
-        a,
+        b if a is None else a,
         b,
+        v if with_beta else b,
+        beta if with_beta else b,
         xs,
         do,
         dx,
@@ -265,9 +307,10 @@ def launch_chunk_bwd(
         dstates,
         tmat,
         dq,
-        da,
+        db if da is None else da,
         db,
         du,
+        dbeta if with_beta else db,
         seq,
         tok,
         cu,
@@ -283,8 +326,11 @@ def launch_chunk_bwd(
         BK=max(32, min(64, bk)),  # tiles of at least 32: K, V = 16 compile as the measured 32-wide case
         BV=max(32, min(TUNE["par_bv"], next_pow2(v_dim))),
         PRODUCT=product,
+        BETA=with_beta,
         PREC=prec,
         num_warps=TUNE["par_warps"],
         num_stages=TUNE["par_stages"],
     )
+    if with_beta:
+        return dq, db, du, dbeta, dh0
     return dq, da, db, du, dh0

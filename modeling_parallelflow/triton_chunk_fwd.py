@@ -22,6 +22,7 @@ from .triton_utils import (
     new_like,
     new_tensor,
     next_pow2,
+    scale_rows,
     scan_stages,
     varlen_layout,
 )
@@ -78,6 +79,7 @@ def _wu_kernel(
     a,
     b,
     u,
+    beta,
     w,
     uu,
     tmat,
@@ -96,22 +98,32 @@ def _wu_kernel(
     LOG_NB: tl.constexpr,
     PRODUCT: tl.constexpr,
     COMPUTE_WU: tl.constexpr,
+    BETA: tl.constexpr,
     PREC: tl.constexpr,
     INV_PREC: tl.constexpr,
 ):
-    """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1 (kept in tmat) -> W = T A, U = T U~."""
+    """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1 (kept in tmat) -> W = T A, U = T U~.
+
+    BETA: the drivers come as b = k, u = v and beta [TT, H, R]; a = -beta k and U~ = beta v are built
+    in registers (`scale_rows`), never in HBM."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + n + 1)
     t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    beta_r = tl.zeros((CRP,), tl.float32)
+    if BETA:
+        beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     gram = tl.zeros((CRP, CRP), tl.float32)
     for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
         kk = k0 + tl.arange(0, BKS)
         kmask = valid[:, None] & (kk[None, :] < K)
-        a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        if BETA:
+            a_t = scale_rows(b_t, -beta_r)
+        else:
+            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
         gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
     j = tl.arange(0, CRP)
     scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
@@ -124,13 +136,18 @@ def _wu_kernel(
         for k0 in tl.static_range(0, BK, BKS):
             kk = k0 + tl.arange(0, BKS)
             kmask = valid[:, None] & (kk[None, :] < K)
-            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+            if BETA:
+                a_t = scale_rows(tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0), -beta_r)
+            else:
+                a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
             w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BKS]
             tl.store(w + row[:, None] * K + kk[None, :], w_t.to(w.dtype.element_ty), mask=kmask)
         for v0 in tl.static_range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
             vmask = valid[:, None] & (vv[None, :] < V)
             u_t = tl.load(u + row[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+            if BETA:
+                u_t = scale_rows(u_t, beta_r)
             uu_t = tl.dot(t_inv, u_t.to(tl.float32), input_precision=PREC)
             tl.store(uu + row[:, None] * V + vv[None, :], uu_t.to(uu.dtype.element_ty), mask=vmask)
 
@@ -220,23 +237,26 @@ def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
     return min(bv, next_pow2(v_dim))
 
 
-def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False):
-    """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t) with t [G, H, CRP, CRP] fp32 or None."""
-    total, n_heads, rank, k_dim = a.shape
+def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False, beta=None):
+    """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t) with t [G, H, CRP, CRP] fp32 or None.
+
+    Beta form: a None, b = k, u = v and beta [TT, H, R] (a = -beta k and U~ = beta v built in the kernel)."""
+    total, n_heads, rank, k_dim = b.shape
     v_dim = u.shape[-1] if u is not None else k_dim
     crp = max(16, next_pow2(chunk * rank))
     seq, tok, _ = cmap
-    w = new_like(a) if compute_wu else None
+    w = new_like(b) if compute_wu else None
     uu = new_like(u) if compute_wu else None
     tmat = new_tensor(
-        (seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=a.device
+        (seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=b.device
     )  # T, and scratch
     _wu_kernel[(seq.numel(), n_heads)](
-        a,
+        b if a is None else a,
         b,
-        u if compute_wu else a,
-        w if compute_wu else a,
-        uu if compute_wu else a,
+        u if compute_wu else b,
+        b if beta is None else beta,
+        w if compute_wu else b,
+        uu if compute_wu else b,
         tmat,
         seq,
         tok,
@@ -253,8 +273,9 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
         LOG_NB=(crp // 16).bit_length() - 1,
         PRODUCT=product,
         COMPUTE_WU=compute_wu,
-        PREC=dot_precision(a.dtype),
-        INV_PREC=dot_precision(a.dtype),
+        BETA=beta is not None,
+        PREC=dot_precision(b.dtype),
+        INV_PREC=dot_precision(b.dtype),
         num_warps=TUNE["wu_warps"] if crp <= 64 else 8,
     )
     return w, uu, tmat if store_t else None

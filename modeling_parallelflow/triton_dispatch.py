@@ -9,8 +9,9 @@ Recompute vs save: under autograd the forward also writes the state entering eve
 W and the fp32 inverses T, so the backward runs no forward scan and no solve; u and U are not kept
 (du = T^T dX). When W comes from another solver (sigdelta) the backward recomputes T with one
 chunk-parallel launch. The public op's beta form (`run_drivers(..., beta=beta)`, from `ops.delta_rule`)
-keeps k, v and beta instead of a = -beta k: a is rebuilt in the backward (one elementwise product) and the
-gradients of a, b, u are mapped back to k, v and beta there.
+goes to the kernels as k, v and beta: the W/U and backward kernels build a = -beta k and u = beta v in
+registers and the backward kernel returns dk, dv and dbeta, so the drivers and their gradients never
+reach HBM.
 Without autograd nothing beyond o and the final state is written to HBM.
 """
 
@@ -84,15 +85,38 @@ class _Plan:
 
 
 def _forward(
-    q, a, b, u, h0, plan: _Plan, solver, *, store_ht: bool, for_backward: bool, keep_states: bool = True
+    q,
+    a,
+    b,
+    u,
+    h0,
+    plan: _Plan,
+    solver,
+    *,
+    beta=None,
+    store_ht: bool,
+    for_backward: bool,
+    keep_states: bool = True,
 ):
-    """W/U stage, then the scan. for_backward keeps T (tensor_inv) and, with keep_states, writes the chunk
-    states and X; returns o, ht, (w, uu, xs, tmat, states)."""
+    """W/U stage, then the scan. Drivers (a, b, u) or the beta form (a None, b = k, u = v, beta [TT, H, R]:
+    the W/U kernel builds the drivers in registers; another solver gets them built here). for_backward keeps
+    T (tensor_inv) and, with keep_states, writes the chunk states and X; returns o, ht, (w, uu, xs, tmat,
+    states)."""
     if solver is None:
         w, uu, tmat = launch_wu(
-            a, b, u, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product, store_t=for_backward
+            a,
+            b,
+            u,
+            plan.cu,
+            plan.cmap,
+            chunk=plan.chunk,
+            product=plan.product,
+            store_t=for_backward,
+            beta=beta,
         )
     else:
+        if beta is not None:
+            a, u = beta_drivers(b, u, beta)
         shape5 = (plan.batch, plan.seq_len) + a.shape[1:]
         w, uu = solver(
             a.view(shape5),
@@ -130,32 +154,31 @@ def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool):
     )
 
 
-def beta_grads(k, v, beta, da, db, du):
-    """Gradients of k, v, beta from those of the drivers (a = -beta k, b = k, u = beta v), in fp32."""
-    col = beta.float()[..., None]
-    da, du = da.float(), du.float()
-    dk = (db.float() - col * da).to(k.dtype)
-    dbeta = ((v.float() * du).sum(-1) - (k.float() * da).sum(-1)).to(beta.dtype)
-    return dk, (col * du).to(v.dtype), dbeta
-
-
 class _ChunkDeltaRule(torch.autograd.Function):
-    """Drivers form: inputs q, a, b, u (beta None). Beta form: a None, b = k, u = v and beta [TT, H, R]; the
-    drivers are built here, and a is rebuilt in the backward instead of kept. With TUNE["recompute_states"]
-    the backward reruns the scan for the chunk states and X, and U [TT, H, R, V] and h0 are kept instead."""
+    """Drivers form: inputs q, a, b, u (beta None). Beta form: a None, b = k, u = v and beta [TT, H, R]: the
+    kernels build a = -beta k and u = beta v in registers and return the gradients of k, v and beta, so
+    neither the drivers nor their gradients reach HBM. With TUNE["recompute_states"] the backward reruns the
+    scan for the chunk states and X, and U [TT, H, R, V] and h0 are kept instead."""
 
     @staticmethod
     def forward(ctx, q, a, b, u, beta, h0, plan, solver, store_ht):
-        v = u
-        if beta is not None:
-            a, u = beta_drivers(b, v, beta)
         recompute = bool(TUNE["recompute_states"])
         o, ht, (w, uu, xs, tmat, states) = _forward(
-            q, a, b, u, h0, plan, solver, store_ht=store_ht, for_backward=True, keep_states=not recompute
+            q,
+            a,
+            b,
+            u,
+            h0,
+            plan,
+            solver,
+            beta=beta,
+            store_ht=store_ht,
+            for_backward=True,
+            keep_states=not recompute,
         )
-        kept_a, kept_v = (a, None) if beta is None else (None, v)
+        kept_v = None if beta is None else u
         kept_uu, kept_h0 = (uu, h0) if recompute else (None, None)
-        ctx.save_for_backward(q, kept_a, b, w, xs, tmat, states, beta, kept_v, kept_uu, kept_h0)
+        ctx.save_for_backward(q, a, b, w, xs, tmat, states, beta, kept_v, kept_uu, kept_h0)
         ctx.plan = plan
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
@@ -164,8 +187,6 @@ class _ChunkDeltaRule(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, a, b, w, xs, tmat, states, beta, v, uu, h0 = ctx.saved_tensors
         plan = ctx.plan
-        if beta is not None:
-            a, _ = beta_drivers(b, None, beta)
         if states is None:  # recompute: the same scan on the same inputs writes the same states and X
             _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True)
         if tmat is None:
@@ -179,8 +200,9 @@ class _ChunkDeltaRule(torch.autograd.Function):
                 product=plan.product,
                 compute_wu=False,
                 store_t=True,
+                beta=beta,
             )
-        dq, da, db, du, dh0 = launch_chunk_bwd(
+        dq, d1, d2, d3, dh0 = launch_chunk_bwd(
             q,
             a,
             b,
@@ -196,12 +218,14 @@ class _ChunkDeltaRule(torch.autograd.Function):
             scale=plan.scale,
             product=plan.product,
             need_dh0=ctx.h0_dtype is not None,
+            beta=beta,
+            v=v,
         )
         dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
-        if beta is None:
-            return dq, da, db, du, None, dh0, None, None, None
-        dk, dv, dbeta = beta_grads(b, v, beta, da, db, du)
-        return dq, None, dk, dv, dbeta, dh0, None, None, None
+        if beta is None:  # d1, d2, d3 = da, db, du
+            return dq, d1, d2, d3, None, dh0, None, None, None
+        # d1, d2, d3 = dk, dv, dbeta (fp32)
+        return dq, None, d1, d2, d3.to(beta.dtype), dh0, None, None, None
 
 
 def check_kernel_limits(rank: int, k_dim: int, v_dim: int) -> None:
@@ -289,15 +313,15 @@ def run_drivers(
     """`triton_delta_rule_drivers` without its option checks. Internal: called by ops.py after the op
     validated every argument (cu_seqlens then arrives as a PackedSequences); checks the kernels' limits only.
 
-    Beta form (ops.delta_rule): a None, b = k, u = v and beta [B, T, H, R]; under autograd the drivers are
-    built inside the autograd function (a is not kept for the backward), otherwise here.
+    Beta form (ops.delta_rule): a None, b = k, u = v and beta [B, T, H, R], taken by the chunked kernels as
+    is; the recurrent kernel gets the drivers built here.
     """
     check_kernel_limits(b.shape[3], b.shape[4], u.shape[4])
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     needs_grad = torch.is_grad_enabled() and any(
         x is not None and x.requires_grad for x in (q, a, b, u, beta, initial_state)
     )
-    if beta is not None and (algorithm == "recurrent" or not needs_grad):
+    if beta is not None and algorithm == "recurrent":
         (a, u), beta = beta_drivers(b, u, beta), None
     dtype = u.dtype
     q, b = q.to(dtype), b.to(dtype)
@@ -332,7 +356,9 @@ def run_drivers(
     if needs_grad:
         o, ht = _ChunkDeltaRule.apply(*flat, h0, plan, solver, output_final_state)
     else:
-        o, ht, _ = _forward(*flat[:4], h0, plan, solver, store_ht=output_final_state, for_backward=False)
+        o, ht, _ = _forward(
+            *flat[:4], h0, plan, solver, beta=flat[4], store_ht=output_final_state, for_backward=False
+        )
     return o.view(out_shape).to(dtype), ht
 
 

@@ -31,8 +31,9 @@ TUNE = {
     "par_stages": 2,
     # 1: the backward recomputes the chunk states and X with one more forward scan instead of keeping them
     # and keeps U (activation memory -4 KiB per token per layer at R = 1, K = V = 128; -16 at R = 4:
-    # benchmarks/activation_census.py). Off until its time is measured on a GPU.
-    "recompute_states": int(os.environ.get("PFLOW_RECOMPUTE_STATES", "0")),
+    # benchmarks/activation_census.py). Measured on an H200 at de8b259, 340M training step at 2048 x 16:
+    # R = 1 125.6K -> 135.7K tokens/s, 40.5 -> 37.7 GiB; R = 4 65.3K -> 64.1K, 84.6 -> 73.4 GiB.
+    "recompute_states": int(os.environ.get("PFLOW_RECOMPUTE_STATES", "1")),
 }
 
 
@@ -144,3 +145,10 @@ def chunk_rows(t0, eos, h, H: tl.constexpr, R: tl.constexpr, C: tl.constexpr, CR
     valid = (j < C * R) & (tok < eos)
     row = (tok.to(tl.int64) * H + h) * R + j % R
     return t, row, valid
+
+
+@triton.jit
+def scale_rows(x, col):
+    """x [ROWS, N] times col [ROWS] (fp32) per row, in x's dtype: the drivers a = -beta k and u = beta v of
+    the beta form, built in registers (rounded as `ops.beta_drivers` rounds them)."""
+    return (col[:, None] * x.to(tl.float32)).to(x.dtype)

@@ -1,6 +1,7 @@
 """Liger-Kernel's fused RMSNorm and SwiGLU product for the standard parts of a block
-(`glue_parallelflow.liger_layers`): where they are taken, that the model routes through them, and (GPU) that
-they equal the torch path, values and gradients."""
+(`glue_parallelflow.liger_layers`), and the down projection that recomputes the product (`swiglu_down.py`):
+where they are taken, that the model routes through them, and (GPU) that they equal the torch path, values
+and gradients."""
 
 from types import SimpleNamespace
 
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 from modeling_parallelflow import glue_parallelflow
 from modeling_parallelflow import modeling_parallelflow as modeling
+from modeling_parallelflow.swiglu_down import TORCH_KERNELS, swiglu_down
 from tests.model_helpers import random_ids, tiny_model
 
 
@@ -39,7 +41,7 @@ def test_model_routes_block_norms_and_mlp_through_liger(monkeypatch):
     model = tiny_model().eval()
     ids = random_ids(2, 9)
     expected = model(ids).logits  # under autograd, where Liger's kernels are taken
-    calls = {"rms_norm": 0, "silu_mul": 0}
+    calls = {"rms_norm": 0, "silu_mul": 0, "swiglu_down": 0}
 
     def rms_norm(x, weight, eps):
         calls["rms_norm"] += 1
@@ -49,12 +51,36 @@ def test_model_routes_block_norms_and_mlp_through_liger(monkeypatch):
         calls["silu_mul"] += 1
         return F.silu(gate) * up
 
-    fake = SimpleNamespace(rms_norm=rms_norm, silu_mul=silu_mul)
+    def fake_swiglu_down(gate, up, weight):
+        calls["swiglu_down"] += 1
+        return swiglu_down(gate, up, weight)
+
+    fake = SimpleNamespace(rms_norm=rms_norm, silu_mul=silu_mul, swiglu_down=fake_swiglu_down)
     monkeypatch.setattr(modeling, "liger_layers", lambda backend, device: fake)
     got = model(ids).logits
     layers = model.config.num_hidden_layers
-    assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": layers}
+    assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": 0, "swiglu_down": layers}
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # A wrapped down projection (as PEFT's LoRA wraps it) keeps its own forward: the product alone is fused.
+    for layer in model.model.layers:
+        layer.mlp.down_proj = torch.nn.Sequential(layer.mlp.down_proj)
+    calls.update(silu_mul=0, swiglu_down=0)
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert (calls["silu_mul"], calls["swiglu_down"]) == (layers, 0)
+
+
+def test_swiglu_down_gradients_float64_and_nothing_but_gate_and_up_kept():
+    """The recomputing down projection against autograd through the plain formula (float64 gradcheck), and
+    what it keeps for the backward: gate, up and the weight, not the product."""
+    torch.manual_seed(0)
+    gate, up = (torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    weight = torch.randn(7, 12, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(swiglu_down, (gate, up, weight))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = swiglu_down(gate, up, weight, TORCH_KERNELS)
+    torch.testing.assert_close(out, F.linear(F.silu(gate) * up, weight))
+    assert sorted(tuple(t.shape) for t in saved) == [(2, 5, 12), (2, 5, 12), (7, 12)]
 
 
 @pytest.mark.gpu
@@ -75,6 +101,11 @@ def test_liger_layers_match_torch_path_bf16():
             (x, w),
         ),
         "silu_mul": (liger.silu_mul, lambda g, u: F.silu(g) * u, (g, u)),
+        "swiglu_down": (
+            liger.swiglu_down,
+            lambda g, u, w: F.linear(F.silu(g) * u, w),
+            (g, u, (torch.randn(1024, 2816, device="cuda") / 2816**0.5).to(torch.bfloat16)),
+        ),
     }
     for name, (fused, reference, inputs) in cases.items():
         a = [t.clone().requires_grad_() for t in inputs]
