@@ -420,6 +420,8 @@ class PFlowStaticCache(PFlowCache):
         ]
 
     def reset(self) -> None:
+        """Empty again, in place: every tensor is zeroed where it is, so the decode graphs captured on them
+        stay valid (generate() reuses a model's static cache this way)."""
         for tensor in self._state_tensors():
             tensor.zero_()
         self.seen_tokens = 0

@@ -4,6 +4,8 @@ A decode step on a static cache touches only preallocated tensors and keeps its 
 device, so the whole model step (hundreds of small kernels) can be captured once and replayed with one
 launch. One graph is captured per input signature (which optional inputs are given, their shapes);
 capture runs the step twice on a side stream to warm up (Triton compiles there), then restores the cache.
+The graphs live as long as the cache: a model reuses its static cache across generate() calls
+(`PFlowForCausalLM._prepare_cache_for_generation`), so later calls replay what the first one captured.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +39,10 @@ from .ops_exact_flow import exact_flow_drivers
 from .packed import PackedSequences
 
 DECODE_MAX_TOKENS = 8  # cached continuations this short run the recurrent algorithm (same maths, less work)
+# model -> (decode context, PFlowStaticCache): the static cache a model's last generate() made, for the next
+# one to reuse (PFlowForCausalLM._prepare_cache_for_generation). Kept beside the model, not on it, so it is
+# never in a state_dict, saved, deep-copied or pickled with it (CUDA graphs cannot be); dies with the model.
+_KEPT_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def gated_rms_norm_torch(
@@ -676,7 +681,14 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
     ):
         """As GenerationMixin's, and `cache_implementation="static"` makes a PFlowStaticCache (CUDA graphs
-        on a GPU unless PFLOW_CUDA_GRAPHS=0), which transformers would otherwise ignore for this model."""
+        on a GPU unless PFLOW_CUDA_GRAPHS=0), which transformers would otherwise ignore for this model.
+
+        The model keeps the static cache it made and the next such generate() reuses it, reset in place, if
+        it holds as many rows (batch x beams) and at least as many positions and nothing its decode graphs
+        depend on changed (`_decode_context`): the graphs captured on its tensors then replay again instead
+        of being captured anew. Otherwise a new cache replaces it. A cache passed in is used as it is and
+        never kept. A cache returned by generate() (return_dict_in_generate) is the kept one: the next
+        static generate() resets it."""
         wants_static = generation_config.cache_implementation == "static"
         if (
             not wants_static
@@ -689,9 +701,32 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         if generation_config.max_cache_len is not None:
             max_cache_length = max(max_cache_length, generation_config.max_cache_len)
         rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size
-        model_kwargs[CACHE_FIELD] = PFlowStaticCache(
-            self.config, rows, max_cache_length, dtype=self.dtype, device=self.device
-        )
+        context = self._decode_context(rows)
+        cache = self._kept_static_cache(context, max_cache_length)
+        if cache is None:
+            cache = PFlowStaticCache(
+                self.config, rows, max_cache_length, dtype=self.dtype, device=self.device
+            )
+        _KEPT_STATIC_CACHES[self] = context, cache
+        model_kwargs[CACHE_FIELD] = cache
+
+    def _decode_context(self, rows: int) -> tuple:
+        """What a static cache of `rows` rows and its captured decode graphs depend on besides the cache's
+        own tensors: dtype, device, the config, autocast, and the weights by address (a graph reads them
+        there). (A change that keeps all of these, as peft's disable_adapter / set_adapter, is not seen.)"""
+        device = self.device
+        autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
+        weights = tuple(p.data_ptr() for p in self.parameters())
+        return rows, self.dtype, device, autocast, self.config.to_dict(), weights
+
+    def _kept_static_cache(self, context: tuple, max_cache_length: int) -> PFlowStaticCache | None:
+        """The static cache kept from this model's last generate(), reset in place, if it was made in
+        `context` and holds max_cache_length positions; else None (and the kept cache is let go)."""
+        kept_context, cache = _KEPT_STATIC_CACHES.pop(self, (None, None))
+        if kept_context != context or cache.capacity < max_cache_length:
+            return None
+        cache.reset()
+        return cache
 
     def prepare_inputs_for_generation(self, input_ids, *args, **kwargs):
         """As GenerationMixin's, and never re-feeds prompt tokens that a passed cache has already seen."""

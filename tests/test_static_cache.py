@@ -3,11 +3,22 @@
 ring). On CPU it runs eagerly and must equal the dynamic cache; on a GPU its steps replay as CUDA graphs and
 must equal the eager static path."""
 
+import collections
+import gc
+import os
+import sys
+import weakref
+from types import SimpleNamespace
+
 import pytest
 import torch
 
+import modeling_parallelflow
 from modeling_parallelflow import PFlowStaticCache
+from modeling_parallelflow import cache_parallelflow as cache_module
 from modeling_parallelflow.compat_transformers import CACHE_FIELD
+from modeling_parallelflow.decode_graph import DecodeGraphs
+from modeling_parallelflow.modeling_parallelflow import _KEPT_STATIC_CACHES
 from tests.model_helpers import random_ids, tiny_model
 
 GENERATE = dict(pad_token_id=0, eos_token_id=None)
@@ -59,6 +70,58 @@ def assert_static_generates_as_dynamic(model, ids, mask, mode: dict, new_tokens:
             )
         )
     assert torch.equal(results[0], results[1])
+
+
+def kept_static_cache(model) -> PFlowStaticCache | None:
+    """The static cache `model` keeps for its next generate(cache_implementation="static")."""
+    return _KEPT_STATIC_CACHES.get(model, (None, None))[1]
+
+
+def static_generate(model, ids, mask, new_tokens: int = 6, mode: dict | None = None, **extra):
+    torch.manual_seed(7)
+    return model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        cache_implementation="static",
+        **(mode or dict(do_sample=False)),
+        **GENERATE,
+        **extra,
+    )
+
+
+@pytest.fixture
+def cpu_graphs(monkeypatch) -> list:
+    """Decode graphs on CPU: every static cache gets a DecodeGraphs whose capture runs the step once on copies
+    of the inputs (undone, as the real warm-up) and whose "graph" replays the step eagerly on those input
+    buffers into the same output buffer, without the Python bookkeeping a real replay skips. So the graph
+    path (keys, static inputs, reuse across generate() calls) runs without CUDA. Yields the list of
+    captured input signatures."""
+    captures = []
+
+    class EagerGraphs(DecodeGraphs):
+        def _capture(self, step, inputs):
+            static = {name: None if t is None else t.clone() for name, t in inputs.items()}
+            saved, seen = self.cache.snapshot(), self.cache.seen_tokens
+            output = step(**static)
+            self.cache.restore(saved)
+            self.cache.seen_tokens = seen
+            captures.append(self._signature(inputs))
+
+            def replay():
+                before = self.cache.seen_tokens
+                output.copy_(step(**static))
+                self.cache.seen_tokens = before
+
+            return SimpleNamespace(replay=replay), static, output
+
+    init = PFlowStaticCache.__init__
+    monkeypatch.setattr(cache_module, "DecodeGraphs", EagerGraphs)
+    monkeypatch.setattr(
+        PFlowStaticCache, "__init__", lambda self, *a, **kw: init(self, *a, **{**kw, "cuda_graphs": True})
+    )
+    yield captures
+    _KEPT_STATIC_CACHES.clear()  # these graphs hold their step, so the kept caches would keep their models
 
 
 @pytest.mark.parametrize("name", ["sum", pytest.param("product", marks=pytest.mark.slow), "hybrid"])
@@ -213,3 +276,147 @@ def test_cuda_graph_decode_equals_eager_static_decode(name, dtype):
                 assert cache.graphs.graphs, "no CUDA graph was captured"
     for mode in ("greedy", "beam"):
         assert torch.equal(outputs[True, mode], outputs[False, mode])
+
+
+@pytest.mark.parametrize("mode", GENERATE_MODES, ids=["greedy", "sample", "beam"])
+def test_generate_reuses_its_static_cache_and_graphs(cpu_graphs, mode):
+    """A second generate() reuses the model's static cache (reset in place) and replays the decode graph the
+    first one captured; so does one with another prompt and fewer new tokens (the cache is large enough).
+    Every call generates what the dynamic cache does."""
+    model = build("hybrid")
+    ids, mask = left_padded(length=12, pads=4)
+    first = static_generate(model, ids, mask, 9, mode)
+    cache = kept_static_cache(model)
+    graphs = cache.graphs.graphs
+    assert len(cpu_graphs) == len(graphs) == 1
+    second = static_generate(model, ids, mask, 9, mode)
+    assert kept_static_cache(model) is cache and cache.graphs.graphs is graphs
+    assert len(cpu_graphs) == 1, "the second generate() captured again"
+    assert torch.equal(first, second)
+    assert_static_generates_as_dynamic(model, ids, mask, mode, new_tokens=9)
+
+    other_ids, other_mask = random_ids(2, 10, seed=5), torch.ones(2, 10, dtype=torch.long)
+    other_mask[0, :6] = 0
+    assert_static_generates_as_dynamic(model, other_ids, other_mask, mode, new_tokens=5)
+    assert kept_static_cache(model) is cache and len(cpu_graphs) == 1
+
+
+def test_generate_makes_a_new_static_cache_when_the_kept_one_does_not_fit():
+    """More rows (batch, beams), more positions, other weights or dtype: a new cache; the model does not keep
+    its cache alive."""
+    model = build("hybrid")
+    ids, mask = left_padded(length=7, pads=2)
+    caches = []
+    for args, extra in [
+        ((ids, mask), {}),
+        ((ids, mask, 20), {}),  # more positions
+        ((random_ids(3, 7), None, 20), {}),  # more rows
+        ((random_ids(3, 7), None, 20), dict(num_beams=2)),
+    ]:
+        static_generate(model, *args, **extra)
+        caches.append(kept_static_cache(model))
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone())  # untied, new address
+    static_generate(model, random_ids(3, 7), None, 20, num_beams=2)
+    caches.append(kept_static_cache(model))
+    model.double()
+    assert_static_generates_as_dynamic(model, ids, mask, dict(do_sample=False), new_tokens=6)
+    caches.append(kept_static_cache(model))
+    assert len({id(c) for c in caches}) == len(caches)
+    assert [c.batch_size for c in caches] == [2, 2, 3, 6, 6, 2]
+    assert caches[-1].layers[0].recurrent.dtype == torch.float32  # the fp32 state, whatever the model dtype
+    assert caches[-1].layers[0].conv["q"].dtype == torch.float64
+    model_ref = weakref.ref(model)
+    del model, caches
+    gc.collect()
+    assert model_ref() is None
+
+
+def test_generate_leaves_a_passed_cache_alone():
+    """A cache passed to generate() is used as it is; the kept cache is neither replaced nor touched."""
+    model = build("hybrid")
+    ids, mask = left_padded(length=7, pads=2)
+    static_generate(model, ids, mask)
+    kept = kept_static_cache(model)
+    kept_state = kept.snapshot()
+    passed = PFlowStaticCache(model.config, batch_size=2, max_cache_len=30)
+    model.generate(
+        ids, attention_mask=mask, max_new_tokens=6, do_sample=False, **{CACHE_FIELD: passed}, **GENERATE
+    )
+    assert passed.get_seq_length() == 12 and kept_static_cache(model) is kept
+    assert all(torch.equal(x, y) for x, y in zip(kept_state, kept.snapshot(), strict=True))
+
+
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__index__", "__float__", "cpu", "numpy", "nonzero")
+
+
+def count_host_reads(monkeypatch, model) -> list[collections.Counter]:
+    """From now on, count every call of a Tensor method in HOST_READS (each makes the host wait for the
+    device) whose nearest caller outside torch is in this package, by "method file:line". One Counter per
+    forward of `model`: reads up to the end of forward i go to Counter i (a generate(): the prefill with its
+    input preparation, then one decode step each). Python-level reads only: a data-dependent shape inside
+    one op (boolean-mask indexing) is not seen here; on a GPU the graph capture refuses it."""
+    package, torch_dir = os.path.dirname(modeling_parallelflow.__file__), os.path.dirname(torch.__file__)
+    counts = [collections.Counter()]
+
+    def counting(name, method):
+        def wrapper(tensor, *args, **kwargs):
+            frame = sys._getframe(1)
+            while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
+                frame = frame.f_back
+            if frame is not None and frame.f_code.co_filename.startswith(package):
+                counts[-1][f"{name} {os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}"] += 1
+            return method(tensor, *args, **kwargs)
+
+        return wrapper
+
+    for name in HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    model.register_forward_hook(lambda *_: counts.append(collections.Counter()))
+    return counts
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graph-path"])
+@pytest.mark.parametrize("name", ["sum", "hybrid"])
+@pytest.mark.parametrize("mode", [GENERATE_MODES[0], GENERATE_MODES[2]], ids=["greedy", "beam"])
+def test_static_decode_steps_make_no_host_reads_in_this_package(request, monkeypatch, name, mode, graphs):
+    """The per-token path of a static-cache generate() (prepare_inputs_for_generation, cached_prefix_length,
+    prepare_step, the layers or the graph path up to DecodeGraphs.run) reads nothing back from the device.
+    transformers' own loop does, once a step (its stopping check); those are not counted."""
+    if graphs:
+        request.getfixturevalue("cpu_graphs")
+    model = build(name)
+    ids, mask = left_padded(length=9, pads=3)
+    counts = count_host_reads(monkeypatch, model)
+    with torch.no_grad():  # a forward with a cu_seqlens tensor reads it once: the count sees it
+        model(random_ids(1, 6), cu_seqlens=torch.tensor([0, 2, 6]), use_cache=False)
+    assert [n.split(":")[0] for n in counts.pop(0).elements()] == ["tolist packed.py"]
+    static_generate(model, ids, mask, 6, mode)
+    monkeypatch.undo()
+    assert len(counts) == 7  # the prefill, 5 decode steps, after the last forward
+    assert counts[1:6] == [collections.Counter()] * 5, counts
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sum", "hybrid"])
+def test_cuda_graphs_are_captured_once_across_generate_calls(monkeypatch, name):
+    """Two static generate() calls capture the decode graph once; after the reset the replayed graph
+    generates what the eager static path does, for the same and for another prompt."""
+    captures = []
+    capture = DecodeGraphs._capture
+    monkeypatch.setattr(DecodeGraphs, "_capture", lambda self, *a: captures.append(1) or capture(self, *a))
+    model = build(name, kernel_backend="auto").to("cuda", torch.bfloat16)
+    ids, mask = (t.cuda() for t in left_padded(batch=3, length=40))
+    first = static_generate(model, ids, mask, 12)
+    second = static_generate(model, ids, mask, 12)
+    assert len(captures) == 1 and torch.equal(first, second)
+    other_ids, other_mask = random_ids(3, 40, seed=9).cuda(), torch.ones_like(mask)
+    other_mask[0, :10] = 0
+    replayed = static_generate(model, other_ids, other_mask, 12)
+    assert len(captures) == 1
+    eager = PFlowStaticCache(model.config, 3, 40 + 12, torch.bfloat16, "cuda", cuda_graphs=False)
+    expected = model.generate(
+        other_ids, attention_mask=other_mask, max_new_tokens=12, do_sample=False,
+        **{CACHE_FIELD: eager}, **GENERATE,
+    )  # fmt: skip
+    assert torch.equal(replayed, expected)
