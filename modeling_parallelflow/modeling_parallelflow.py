@@ -43,6 +43,8 @@ DECODE_MAX_TOKENS = 8  # cached continuations this short run the recurrent algor
 # one to reuse (PFlowForCausalLM._prepare_cache_for_generation). Kept beside the model, not on it, so it is
 # never in a state_dict, saved, deep-copied or pickled with it (CUDA graphs cannot be); dies with the model.
 _KEPT_STATIC_CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# A peft tuner layer's state that decides its forward but moves no weight (PFlowForCausalLM._decode_context).
+ADAPTER_STATE = ("disable_adapters", "active_adapters", "merged_adapters", "scaling")
 
 
 def gated_rms_norm_torch(
@@ -712,12 +714,18 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
 
     def _decode_context(self, rows: int) -> tuple:
         """What a static cache of `rows` rows and its captured decode graphs depend on besides the cache's
-        own tensors: dtype, device, the config, autocast, and the weights by address (a graph reads them
-        there). (A change that keeps all of these, as peft's disable_adapter / set_adapter, is not seen.)"""
+        own tensors: dtype, device, the config, autocast, train / eval mode, the weights by address (a graph
+        reads them there) and the Python-side state of adapter layers (peft's disable_adapter, set_adapter,
+        merge / unmerge and scaling change what a layer computes, not where its weights are)."""
         device = self.device
         autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
         weights = tuple(p.data_ptr() for p in self.parameters())
-        return rows, self.dtype, device, autocast, self.config.to_dict(), weights
+        adapters = tuple(
+            (name, *(repr(getattr(module, field, None)) for field in ADAPTER_STATE))
+            for name, module in self.named_modules()
+            if hasattr(module, "active_adapters")
+        )
+        return rows, self.dtype, device, autocast, self.training, self.config.to_dict(), weights, adapters
 
     def _kept_static_cache(self, context: tuple, max_cache_length: int) -> PFlowStaticCache | None:
         """The static cache kept from this model's last generate(), reset in place, if it was made in

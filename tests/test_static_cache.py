@@ -332,6 +332,29 @@ def test_generate_makes_a_new_static_cache_when_the_kept_one_does_not_fit():
     assert model_ref() is None
 
 
+def test_generate_makes_a_new_static_cache_when_adapters_change():
+    """peft's disable_adapter, merge and unmerge change what the LoRA layers compute, not where the weights
+    are: the kept cache (whose graphs were captured with the old behaviour) is not reused, and every call
+    generates what the dynamic cache does."""
+    peft = pytest.importorskip("peft")
+    model = peft.get_peft_model(build("sum"), peft.LoraConfig(r=4, init_lora_weights=False))
+    base = model.get_base_model()
+    ids, mask = left_padded(length=7, pads=2)
+    with_lora = static_generate(model, ids, mask)
+    caches = [kept_static_cache(base)]
+    with model.disable_adapter():
+        without_lora = static_generate(model, ids, mask)
+        caches.append(kept_static_cache(base))
+        assert_static_generates_as_dynamic(model, ids, mask, dict(do_sample=False), new_tokens=6)
+    assert not torch.equal(with_lora, without_lora), "the adapter changes nothing: the test proves nothing"
+    assert torch.equal(static_generate(model, ids, mask), with_lora)
+    caches.append(kept_static_cache(base))
+    assert len({id(c) for c in caches}) == 3
+    model.merge_adapter()
+    assert torch.equal(static_generate(model, ids, mask), with_lora)
+    assert kept_static_cache(base) is not caches[-1]
+
+
 def test_generate_leaves_a_passed_cache_alone():
     """A cache passed to generate() is used as it is; the kept cache is neither replaced nor touched."""
     model = build("hybrid")
