@@ -178,15 +178,17 @@ def _public_op_case(batch, seq_len, rank, k_dim, v_dim, mode, algorithm, cu, dev
         (2, 37, 1, 16, 32, "sum", "tensor_inv", None),
         (1, 40, 3, 32, 16, "product", "tensor_inv", [0, 5, 21, 40]),
         (2, 21, 2, 16, 16, "sum", "sigdelta", None),
+        (2, 30, 2, 48, 24, "product", "tensor_inv", None),
     ],
-    ids=["R1-sum", "R3-product-varlen", "R2-sigdelta"],
+    ids=["R1-sum", "R3-product-varlen", "R2-sigdelta", "R2-product-K48-V24"],
 )
 def test_public_op_beta_form_matches_loop_and_keeps_no_drivers(
     batch, seq_len, rank, k_dim, v_dim, mode, algorithm, cu
 ):
-    """delta_rule(q, k, v, beta) on the Triton backend builds a = -beta k and u = beta v inside its autograd
-    function: output, final state and the gradients of q, k, v, beta, h0 equal the float64 loop's, and the
-    tensors kept for the backward are those of the drivers form less a."""
+    """delta_rule(q, k, v, beta) on the Triton backend: the kernels build a = -beta k and u = beta v in
+    registers and return dk, dv, dbeta; output, final state and the gradients of q, k, v, beta, h0 equal the
+    float64 loop's (with and without autograd), and the tensors kept for the backward are those of the
+    drivers form less a."""
     from modeling_parallelflow.ops import delta_rule, delta_rule_drivers
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -217,6 +219,9 @@ def test_public_op_beta_form_matches_loop_and_keeps_no_drivers(
     )
     for name, x, r in zip(["o", "ht", "dq", "dk", "dv", "dbeta", "dh0"], ours, ref, strict=True):
         assert rel_err(x.cpu(), r.cpu()) < 2e-4, (name, rel_err(x.cpu(), r.cpu()))
+    with torch.no_grad():  # inference: the same kernels without the autograd function
+        o, ht = delta_rule(q, k, v, beta, initial_state=h0, **options, backend="triton")
+    assert rel_err(o.cpu(), ref[0].cpu()) < 2e-4 and rel_err(ht.cpu(), ref[1].cpu()) < 2e-4
 
     def drivers(q, k, v, beta, h0, **kw):  # the same maths with a = -beta k built outside the kernels
         col = beta[..., None]
