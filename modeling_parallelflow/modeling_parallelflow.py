@@ -720,10 +720,10 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
         device = self.device
         autocast = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type)
         weights = tuple(p.data_ptr() for p in self.parameters())
-        adapters = tuple(
+        adapters = tuple(  # peft's tuner layers (a PreTrainedModel's active_adapters is a method)
             (name, *(repr(getattr(module, field, None)) for field in ADAPTER_STATE))
             for name, module in self.named_modules()
-            if hasattr(module, "active_adapters")
+            if hasattr(module, "active_adapters") and not isinstance(module, PreTrainedModel)
         )
         return rows, self.dtype, device, autocast, self.training, self.config.to_dict(), weights, adapters
 
