@@ -3,6 +3,7 @@ steps replay as CUDA graphs) against fla's DeltaNet and transformers' Llama (dyn
 with torch.compile), one process, random weights, greedy decoding, bf16.
 
     python benchmarks/bench_generate.py --out benchmarks/results/generate.json [--quick]
+    python benchmarks/bench_generate.py --out g32k.json --prompts 32768 --batches 1,8  # a slice of the grid
 
 For each model, batch B and prompt length P: `generate` with max_new_tokens = 1 (the prefill) and 1 + N;
 decode tokens/s = B * N / (t[1 + N] - t[1]); end-to-end new tokens/s = B * (1 + N) / t[1 + N]; peak memory
@@ -116,10 +117,16 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="results JSON (after every row); chart beside it")
     parser.add_argument("--quick", action="store_true", help="B in (1, 8), 512-token prompts, 32 new tokens")
     parser.add_argument("--providers", default=",".join(PROVIDERS))
+    parser.add_argument("--batches", help="comma-separated batch sizes (default 1,8,64; --quick 1,8)")
+    parser.add_argument("--prompts", help="comma-separated prompt lengths (default 512,8192,32768)")
     args = parser.parse_args()
     batches, prompts, new_tokens = (
         ((1, 8), (512,), 32) if args.quick else ((1, 8, 64), (512, 8192, 32768), 64)
     )
+    if args.batches:  # split the grid over several calls
+        batches = tuple(int(b) for b in args.batches.split(","))
+    if args.prompts:
+        prompts = tuple(int(p) for p in args.prompts.split(","))
     results = {"env": environment(), "new_tokens": new_tokens, "rows": []}
     for name in args.providers.split(","):
         builder, kwargs = PROVIDERS[name]
