@@ -21,10 +21,10 @@ def _silu_mul_torch(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _silu_mul_grads_torch(gate: torch.Tensor, up: torch.Tensor, dproduct: torch.Tensor):
     """(dgate, dup) of silu(gate) * up, in gate's / up's dtypes."""
-    sig = torch.sigmoid(gate.float())
-    silu = gate.float() * sig
-    dgate = dproduct.float() * up.float() * sig * (1 + gate.float() * (1 - sig))
-    return dgate.to(gate.dtype), (dproduct.float() * silu).to(up.dtype)
+    g, dp = gate.float(), dproduct.float()
+    sig = torch.sigmoid(g)
+    dgate = dp * up.float() * sig * (1 + g * (1 - sig))
+    return dgate.to(gate.dtype), (dp * g * sig).to(up.dtype)
 
 
 TORCH_KERNELS = SimpleNamespace(forward=_silu_mul_torch, backward=_silu_mul_grads_torch)

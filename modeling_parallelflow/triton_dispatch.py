@@ -4,14 +4,14 @@ Layers: @triton.jit kernels (triton_chunk_fwd / triton_chunk_bwd / triton_recurr
 (tensors in, tensors out) -> `_ChunkDeltaRule` (autograd.Function) -> `run_drivers` (what ops.py calls,
 after validating) and `triton_delta_rule_drivers` (direct entry: cheap option checks, then `run_drivers`).
 
-Recompute vs save: under autograd the forward also writes the state entering every chunk
-([G, H, K, V], bf16 for bf16 inputs, else fp32) and the corrected values X [B, T, H, R, V], and keeps
-W and the fp32 inverses T, so the backward runs no forward scan and no solve; u and U are not kept
-(du = T^T dX). When W comes from another solver (sigdelta) the backward recomputes T with one
-chunk-parallel launch. The public op's beta form (`run_drivers(..., beta=beta)`, from `ops.delta_rule`)
-goes to the kernels as k, v and beta: the W/U and backward kernels build a = -beta k and u = beta v in
-registers and the backward kernel returns dk, dv and dbeta, so the drivers and their gradients never
-reach HBM.
+Recompute vs save: under autograd the forward keeps W and the fp32 inverses T (no solve in the backward)
+and, by default (TUNE["recompute_states"]), U and h0, from which the backward reruns the scan for the
+state entering every chunk ([G, H, K, V], bf16 for bf16 inputs, else fp32) and the corrected values
+X [B, T, H, R, V]; with it off the forward writes those instead. u is not kept (du = T^T dX). When W
+comes from another solver (sigdelta) the backward recomputes T with one chunk-parallel launch.
+The public op's beta form (`run_drivers(..., beta=beta)`, from `ops.delta_rule`) goes to the kernels as
+k, v and beta: the W/U and backward kernels build a = -beta k and u = beta v in registers and the
+backward kernel returns dk, dv and dbeta, so the drivers and their gradients never reach HBM.
 Without autograd nothing beyond o and the final state is written to HBM.
 """
 
@@ -84,6 +84,11 @@ class _Plan:
         return x.reshape(self.batch * self.seq_len, *x.shape[2:]).contiguous()
 
 
+def _wu(a, b, u, beta, plan: _Plan, **flags):
+    """`launch_wu` on this call's chunk layout (drivers, or the beta form with a None)."""
+    return launch_wu(a, b, u, plan.cu, plan.cmap, chunk=plan.chunk, product=plan.product, beta=beta, **flags)
+
+
 def _forward(
     q,
     a,
@@ -103,17 +108,7 @@ def _forward(
     T (tensor_inv) and, with keep_states, writes the chunk states and X; returns o, ht, (w, uu, xs, tmat,
     states)."""
     if solver is None:
-        w, uu, tmat = launch_wu(
-            a,
-            b,
-            u,
-            plan.cu,
-            plan.cmap,
-            chunk=plan.chunk,
-            product=plan.product,
-            store_t=for_backward,
-            beta=beta,
-        )
+        w, uu, tmat = _wu(a, b, u, beta, plan, store_t=for_backward)
     else:
         if beta is not None:
             a, u = beta_drivers(b, u, beta)
@@ -190,18 +185,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
         if states is None:  # recompute: the same scan on the same inputs writes the same states and X
             _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True)
         if tmat is None:
-            _, _, tmat = launch_wu(
-                a,
-                b,
-                None,
-                plan.cu,
-                plan.cmap,
-                chunk=plan.chunk,
-                product=plan.product,
-                compute_wu=False,
-                store_t=True,
-                beta=beta,
-            )
+            _, _, tmat = _wu(a, b, None, beta, plan, compute_wu=False, store_t=True)
         dq, d1, d2, d3, dh0 = launch_chunk_bwd(
             q,
             a,
