@@ -1,9 +1,10 @@
 """Per-kernel time of our delta-rule kernels (torch.profiler) and launch-setting variants (triton_utils.TUNE).
 
-    python benchmarks/profile_kernels.py --out profile.json [--variants base,stages1,...]
+    python benchmarks/profile_kernels.py --out profile.json [--variants base,stages1,...] [--shape 2048x16]
 
-Each variant: fwd and fwd+bwd medians (do_bench) at 4096 x 8, H = 16, K = V = 128, bf16, and the
-CUDA time of every kernel in one fwd+bwd step.
+Each variant: fwd and fwd+bwd medians (do_bench) at --shape (default 4096 x 8), H = 16, K = V = 128, bf16,
+and the CUDA time of every kernel in one fwd+bwd step for the variants of --kernels-for. fla providers
+run once, under the base variant.
 """
 
 import argparse
@@ -29,6 +30,11 @@ VARIANTS = {
     "cr128": {"cr_target": 128},
     "par_bv64": {"par_bv": 64},
     "par_stages1": {"par_stages": 1},
+    "fused_out": {"split_output": 0},
+    "out_bv128": {"out_bv": 128},
+    "out_bv32": {"out_bv": 32},
+    "out_warps8": {"out_warps": 8},
+    "recompute_t": {"recompute_inverses": 1},
 }
 
 
@@ -57,19 +63,22 @@ def main():
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--providers", default="ours_R1_sum,ours_R4_sum")
     parser.add_argument("--shape", default="4096x8")
+    parser.add_argument("--kernels-for", default="base", help="variants whose per-kernel times are profiled")
     args = parser.parse_args()
     batch, seq_len = bench.SHAPES[args.shape]
     defaults = dict(TUNE)
     result = {"env": bench.environment(), "shape": args.shape}
     for variant in args.variants.split(","):
         for name in args.providers.split(","):
+            if name.startswith("fla") and variant != "base":
+                continue
             TUNE.clear()
             TUNE.update(defaults, **VARIANTS.get(variant, {}))
             key = f"{variant}/{name}"
             row = {}
             for mode in ("fwd", "fwdbwd"):
                 row[mode] = bench.guarded(bench.time_provider, name, args.shape, mode)
-            if variant == "base" or name.startswith("fla"):
+            if variant in args.kernels_for.split(",") or name.startswith("fla"):
                 run, leaves = bench.PROVIDERS[name](batch, seq_len, torch.bfloat16, True)
                 row["kernels_ms"] = bench.guarded(kernel_times, run, leaves)
                 del run, leaves

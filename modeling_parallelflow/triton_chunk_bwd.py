@@ -184,6 +184,7 @@ def _bwd_chunk_kernel(
     for k0 in range(0, K, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
+        live = (t0 + 0 * kk) < eos  # surplus chunks of the map (no state written) read zeros
         rkmask = valid[:, None] & kmask[None, :]
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
         if BETA:
@@ -200,7 +201,7 @@ def _bwd_chunk_kernel(
             vv = v0 + tl.arange(0, BV)
             vmask = vv < V
             rvmask = valid[:, None] & vmask[None, :]
-            hv = kmask[:, None] & vmask[None, :]
+            hv = (live & kmask)[:, None] & vmask[None, :]
             s0 = tl.load(states + st_base + kk[:, None] * V + vv[None, :], mask=hv, other=0.0).to(a_t.dtype)
             ds1 = tl.load(dstates + st_base + kk[:, None] * V + vv[None, :], mask=hv, other=0.0).to(a_t.dtype)
             x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)

@@ -1,12 +1,15 @@
-"""Forward of the chunked tensorInv delta rule in Triton (algorithm.md section 3), two launches.
+"""Forward of the chunked tensorInv delta rule in Triton (algorithm.md section 3), three launches.
 
 1. `_wu_kernel`, one program per (chunk, head), all chunks in parallel: Gram N = M * (A B^T), the
    inverse T = (I - N)^-1 (16 x 16 diagonal blocks by forward substitution, then block doubling with
    tensor-core dots), W = T A and U = T U~. T is kept (fp32) only when the backward needs it.
 2. `_fwd_scan_kernel`, one program per (sequence, head, V block), sequential over chunks: the fp32
-   state h [K, BV] stays in registers; each chunk computes X = W h + U, o = scale (Q h + P X) with
-   P = (Q B^T) * M_out, then h += B^T X. Outputs are written in the same pass, so per-chunk states
-   and X go to HBM only when the backward asks for them (STORE_STATES).
+   state h [K, BV] stays in registers; each chunk computes X = W h + U and h += B^T X, and writes the
+   state entering the chunk and X. Two dots per chunk on the sequential path.
+3. `_fwd_out_kernel`, one program per (V block, chunk, head), all chunks in parallel:
+   o = scale (Q h + P X) with P = (Q B^T) * M_out, from the state and X the scan wrote.
+With TUNE["split_output"] = 0 the scan computes o itself (WRITE_O: five dots per chunk on the sequential
+path, no per-chunk states in HBM) and stage 3 is skipped.
 
 The W/U stage is swappable: `tensor_inv_wu` here, `sigdelta_wu` in triton_sigdelta.py, same signature.
 """
@@ -178,8 +181,11 @@ def _fwd_scan_kernel(
     HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr,
     STORE_STATES: tl.constexpr,
+    WRITE_O: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    """One (V block, sequence, head), sequential over its chunks: X = W h + U, h += B^T X; writes the
+    entering state of every chunk and X with STORE_STATES, o = scale (Q h + P X) with WRITE_O."""
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -207,26 +213,80 @@ def _fwd_scan_kernel(
         w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         u_t = tl.load(uu + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
-        qtok = t0 + cidx
-        qrow = qtok.to(tl.int64) * H + h
-        qmask = ((qtok < eos) & (cidx < C))[:, None]
-        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         s_in = state.to(w_t.dtype)
         x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)  # corrected values [CRP, BV]
         x_in = x.to(w_t.dtype)
         if STORE_STATES:
             tl.store(xs + row[:, None] * V + vv[None, :], x_in, mask=valid[:, None] & vmask[None, :])
-        p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-        p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
-        o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
-        tl.store(
-            o + qrow[:, None] * V + vv[None, :],
-            (o_t * scale).to(o.dtype.element_ty),
-            mask=qmask & vmask[None, :],
-        )
+        if WRITE_O:
+            qtok = t0 + cidx
+            qrow = qtok.to(tl.int64) * H + h
+            qmask = ((qtok < eos) & (cidx < C))[:, None]
+            q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+            p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+            p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
+            o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
+            tl.store(
+                o + qrow[:, None] * V + vv[None, :],
+                (o_t * scale).to(o.dtype.element_ty),
+                mask=qmask & vmask[None, :],
+            )
         state += tl.dot(tl.trans(b_t), x_in, input_precision=PREC)
     if STORE_HT:
         tl.store(ht + nh.to(tl.int64) * K * V + hv_off, state, mask=hv_mask)
+
+
+@triton.jit
+def _fwd_out_kernel(
+    q,
+    b,
+    xs,
+    states,
+    o,
+    chunk_seq,
+    chunk_tok,
+    cu,
+    scale,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CQ: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """One (V block, chunk, head): o = scale (Q h + ((Q B^T) * M_out) X), h the state entering the chunk
+    [K, BV] and X its corrected values [CRP, BV], both written by the scan. q [TT, H, K], b [TT, H, R, K]."""
+    vb = tl.program_id(0)
+    g = tl.program_id(1)
+    h = tl.program_id(2)
+    n = tl.load(chunk_seq + g)
+    t0 = tl.load(chunk_tok + g)
+    eos = tl.load(cu + n + 1)
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    kk = tl.arange(0, BK)
+    vv = vb * BV + tl.arange(0, BV)
+    kmask = kk < K
+    vmask = vv < V
+    cidx = tl.arange(0, CQ)
+    qtok = t0 + cidx
+    qrow = qtok.to(tl.int64) * H + h
+    qmask = ((qtok < eos) & (cidx < C))[:, None]
+    q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+    b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+    x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
+    st_ptr = states + (g.to(tl.int64) * H + h) * K * V + kk[:, None] * V + vv[None, :]
+    live = (t0 + 0 * kk) < eos  # surplus chunks of the map (no state written) read zeros
+    s_t = tl.load(st_ptr, mask=(live & kmask)[:, None] & vmask[None, :], other=0.0).to(q_t.dtype)
+    p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+    p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(x_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
+    o_t = tl.dot(q_t, s_t, input_precision=PREC) + tl.dot(p, x_t, input_precision=PREC)
+    tl.store(
+        o + qrow[:, None] * V + vv[None, :], (o_t * scale).to(o.dtype.element_ty), mask=qmask & vmask[None, :]
+    )
 
 
 def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
@@ -295,15 +355,17 @@ def launch_fwd_scan(
     out_dtype,
     store_ht: bool,
     store_states: bool,
+    write_o: bool,
     n_chunks: int,
     states_dtype=None,
 ):
-    """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V] -> o [TT, H, V], ht [N, H, K, V] fp32 or None,
-    and with store_states the entering state of every chunk [G, H, K, V] and X [TT, H, R, V] (else None)."""
+    """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V] -> o [TT, H, V] (None unless write_o),
+    ht [N, H, K, V] fp32 or None, and with store_states the entering state of every chunk [G, H, K, V]
+    and X [TT, H, R, V]."""
     total, n_heads, rank, k_dim = w.shape
     v_dim = uu.shape[-1]
     n_seq = cu.numel() - 1
-    o = new_tensor((total, n_heads, v_dim), dtype=out_dtype, device=q.device)
+    o = new_tensor((total, n_heads, v_dim), dtype=out_dtype, device=q.device) if write_o else None
     ht = (
         new_tensor((n_seq, n_heads, k_dim, v_dim), dtype=torch.float32, device=q.device) if store_ht else None
     )
@@ -318,11 +380,11 @@ def launch_fwd_scan(
         b,
         w,
         uu,
-        o,
-        h0 if h0 is not None else o,
-        ht if store_ht else o,
-        states if store_states else o,
-        xs if store_states else o,
+        o if write_o else w,
+        h0 if h0 is not None else w,
+        ht if store_ht else w,
+        states if store_states else w,
+        xs if store_states else w,
         cu,
         chunk_off,
         scale,
@@ -338,11 +400,45 @@ def launch_fwd_scan(
         HAS_H0=h0 is not None,
         STORE_HT=store_ht,
         STORE_STATES=store_states,
+        WRITE_O=write_o,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
         num_stages=scan_stages(crp, chunk, bk, w.dtype),
     )
     return o, ht, states, xs
+
+
+def launch_fwd_out(q, b, xs, states, cu, cmap, *, chunk: int, scale: float, out_dtype):
+    """q [TT, H, K]; b [TT, H, R, K]; xs [TT, H, R, V], states [G, H, K, V] from the scan -> o [TT, H, V]."""
+    total, n_heads, rank, k_dim = b.shape
+    v_dim = xs.shape[-1]
+    seq, tok, _ = cmap
+    o = new_tensor((total, n_heads, v_dim), dtype=out_dtype, device=q.device)
+    bk = max(16, next_pow2(k_dim))
+    bv = min(TUNE["out_bv"] if bk <= 128 else 32, max(16, next_pow2(v_dim)))
+    _fwd_out_kernel[(triton.cdiv(v_dim, bv), seq.numel(), n_heads)](
+        q,
+        b,
+        xs,
+        states,
+        o,
+        seq,
+        tok,
+        cu,
+        scale,
+        H=n_heads,
+        K=k_dim,
+        V=v_dim,
+        R=rank,
+        C=chunk,
+        CQ=max(16, chunk),
+        CRP=max(16, next_pow2(chunk * rank)),
+        BK=bk,
+        BV=bv,
+        PREC=dot_precision(b.dtype),
+        num_warps=TUNE["out_warps"],
+    )
+    return o
 
 
 def tensor_inv_wu(a, b, u, *, mode: str, chunk_size: int, cu_seqlens=None):

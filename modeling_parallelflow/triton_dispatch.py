@@ -21,7 +21,7 @@ from .ops import beta_drivers
 
 try:
     from .triton_chunk_bwd import launch_chunk_bwd
-    from .triton_chunk_fwd import launch_fwd_scan, launch_wu, tensor_inv_wu
+    from .triton_chunk_fwd import launch_fwd_out, launch_fwd_scan, launch_wu, tensor_inv_wu
     from .triton_recurrent import launch_recurrent_
     from .triton_utils import (
         MAX_HEAD_DIM,
@@ -108,7 +108,7 @@ def _forward(
     T (tensor_inv) and, with keep_states, writes the chunk states and X; returns o, ht, (w, uu, xs, tmat,
     states)."""
     if solver is None:
-        w, uu, tmat = _wu(a, b, u, beta, plan, store_t=for_backward)
+        w, uu, tmat = _wu(a, b, u, beta, plan, store_t=for_backward and not TUNE["recompute_inverses"])
     else:
         if beta is not None:
             a, u = beta_drivers(b, u, beta)
@@ -128,10 +128,14 @@ def _forward(
     return o, ht, (w, uu, xs, tmat, states)
 
 
-def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool):
-    """The sequential scan: o [TT, H, V] (uu's dtype), ht, and with store_states the chunk states [G, H, K, V]
-    (bf16 for bf16 inputs, else fp32) and X [TT, H, R, V]."""
-    return launch_fwd_scan(
+def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool, need_o: bool = True):
+    """The sequential scan, and o [TT, H, V] (uu's dtype; None unless need_o), ht, and with store_states the
+    chunk states [G, H, K, V] (bf16 for bf16 inputs, else fp32) and X [TT, H, R, V].
+
+    With TUNE["split_output"] the scan writes the states and X and the chunk-parallel output kernel reads
+    them; otherwise the scan computes o in its own loop."""
+    split = need_o and bool(TUNE["split_output"])
+    o, ht, states, xs = launch_fwd_scan(
         q,
         b,
         w,
@@ -143,10 +147,18 @@ def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool):
         scale=plan.scale,
         out_dtype=uu.dtype,
         store_ht=store_ht,
-        store_states=store_states,
+        store_states=store_states or split,
+        write_o=need_o and not split,
         n_chunks=plan.cmap[0].numel(),
         states_dtype=torch.bfloat16 if b.dtype == torch.bfloat16 else torch.float32,
     )
+    if split:
+        o = launch_fwd_out(
+            q, b, xs, states, plan.cu, plan.cmap, chunk=plan.chunk, scale=plan.scale, out_dtype=uu.dtype
+        )
+        if not store_states:
+            states = xs = None
+    return o, ht, states, xs
 
 
 class _ChunkDeltaRule(torch.autograd.Function):
@@ -183,7 +195,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
         q, a, b, w, xs, tmat, states, beta, v, uu, h0 = ctx.saved_tensors
         plan = ctx.plan
         if states is None:  # recompute: the same scan on the same inputs writes the same states and X
-            _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True)
+            _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True, need_o=False)
         if tmat is None:
             _, _, tmat = _wu(a, b, None, beta, plan, compute_wu=False, store_t=True)
         dq, d1, d2, d3, dh0 = launch_chunk_bwd(

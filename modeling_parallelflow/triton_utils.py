@@ -29,11 +29,20 @@ TUNE = {
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
     "par_stages": 2,
+    # 1: the forward scan only carries the state (X = W h + U, h += B^T X) and writes the per-chunk states
+    # and X; the output o = scale (Q h + P X) comes from a chunk-parallel kernel (triton_chunk_fwd.py).
+    # 0: the scan computes o itself and no per-chunk states reach HBM outside training.
+    "split_output": int(os.environ.get("PFLOW_SPLIT_OUTPUT", "1")),
+    "out_bv": 64,
+    "out_warps": 4,
     # 1: the backward recomputes the chunk states and X with one more forward scan instead of keeping them
     # and keeps U (activation memory -4 KiB per token per layer at R = 1, K = V = 128; -16 at R = 4:
     # benchmarks/activation_census.py). Measured on an H200 at de8b259, 340M training step at 2048 x 16:
     # R = 1 125.6K -> 135.7K tokens/s, 40.5 -> 37.7 GiB; R = 4 65.3K -> 64.1K, 84.6 -> 73.4 GiB.
     "recompute_states": int(os.environ.get("PFLOW_RECOMPUTE_STATES", "1")),
+    # 1: the forward does not keep the fp32 inverses T [G, H, CRP, CRP] (C * R * 4 bytes per token and head);
+    # the backward recomputes them with one chunk-parallel launch, as it does for the sigdelta solver.
+    "recompute_inverses": int(os.environ.get("PFLOW_RECOMPUTE_INVERSES", "0")),
 }
 
 
