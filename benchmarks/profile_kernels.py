@@ -30,10 +30,9 @@ VARIANTS = {
     "cr128": {"cr_target": 128},
     "par_bv64": {"par_bv": 64},
     "par_stages1": {"par_stages": 1},
-    "fused_out": {"split_output": 0},
-    "out_bv128": {"out_bv": 128},
-    "out_bv32": {"out_bv": 32},
-    "out_warps8": {"out_warps": 8},
+    "inv_rows": {"inv_row_loads": 1},
+    "wu_low": {"wu_low_dots": 1},
+    "inv_rows_wu_low": {"inv_row_loads": 1, "wu_low_dots": 1},
     "recompute_t": {"recompute_inverses": 1},
 }
 

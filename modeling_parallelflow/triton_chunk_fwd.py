@@ -1,15 +1,16 @@
-"""Forward of the chunked tensorInv delta rule in Triton (algorithm.md section 3), three launches.
+"""Forward of the chunked tensorInv delta rule in Triton (algorithm.md section 3), two launches.
 
 1. `_wu_kernel`, one program per (chunk, head), all chunks in parallel: Gram N = M * (A B^T), the
    inverse T = (I - N)^-1 (16 x 16 diagonal blocks by forward substitution, then block doubling with
    tensor-core dots), W = T A and U = T U~. T is kept (fp32) only when the backward needs it.
 2. `_fwd_scan_kernel`, one program per (sequence, head, V block), sequential over chunks: the fp32
-   state h [K, BV] stays in registers; each chunk computes X = W h + U and h += B^T X, and writes the
-   state entering the chunk and X. Two dots per chunk on the sequential path.
-3. `_fwd_out_kernel`, one program per (V block, chunk, head), all chunks in parallel:
-   o = scale (Q h + P X) with P = (Q B^T) * M_out, from the state and X the scan wrote.
-With TUNE["split_output"] = 0 the scan computes o itself (WRITE_O: five dots per chunk on the sequential
-path, no per-chunk states in HBM) and stage 3 is skipped.
+   state h [K, BV] stays in registers; each chunk computes X = W h + U, o = scale (Q h + P X) with
+   P = (Q B^T) * M_out, then h += B^T X. Outputs are written in the same pass, so per-chunk states
+   and X go to HBM only when the backward asks for them (STORE_STATES). The backward's rerun of the
+   scan (recomputed states) skips o (WRITE_O off): two dots per chunk instead of five.
+   Measured against a split (a states-only scan, then a chunk-parallel output kernel, as fla does): on an
+   H200 at 2048 x 16, H = 16, R = 1 the split scan took 0.53 ms and its output kernel 0.26, the fused
+   scan 0.70; forward 1.63 ms split against 1.54 fused (benchmarks/results/h200_e109a40).
 
 The W/U stage is swappable: `tensor_inv_wu` here, `sigdelta_wu` in triton_sigdelta.py, same signature.
 """
@@ -32,13 +33,16 @@ from .triton_utils import (
 
 
 @triton.jit
-def unit_lower_inverse(scr, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.constexpr):
+def unit_lower_inverse(
+    scr, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.constexpr, ROW_LOADS: tl.constexpr = False
+):
     """(I - N)^-1 for a strictly lower-triangular N [CRP, CRP] (fp32) that this program stored at scr.
 
     The 16 x 16 diagonal blocks are inverted by forward substitution on a [NB, 16, 16] tile read from
     scr, written back over the diagonal, then the blocks are merged pairwise (m -> 2m) with
     tensor-core products: D <- D + D E D, E the sub-diagonal m-blocks of N. scr holds N again except
-    on its diagonal blocks on return. Going through scr (L1/L2) keeps no large tile alive.
+    on its diagonal blocks on return. Going through scr (L1/L2) keeps no large tile alive. ROW_LOADS: row i
+    of each diagonal block is read from scr instead of extracted from the tile with a reduction.
     """
     NB: tl.constexpr = CRP // 16
     bi = tl.arange(0, NB)
@@ -50,7 +54,10 @@ def unit_lower_inverse(scr, CRP: tl.constexpr, LOG_NB: tl.constexpr, PREC: tl.co
     td = tl.where(ii[:, None] == ii[None, :], 1.0, 0.0)[None, :, :] + tl.zeros((NB, 16, 16), tl.float32)
     for i in tl.static_range(1, 16):  # row i of each block: e_i + sum_{j<i} N[i, j] T[j, :]
         sel = ii[None, :, None] == i
-        n_i = tl.sum(tl.where(sel, nd, 0.0), axis=1)  # [NB, 16]
+        if ROW_LOADS:
+            n_i = tl.load(scr + (bi[:, None] * 16 + i) * CRP + bi[:, None] * 16 + ii[None, :])  # [NB, 16]
+        else:
+            n_i = tl.sum(tl.where(sel, nd, 0.0), axis=1)  # [NB, 16]
         new = tl.sum(n_i[:, :, None] * td, axis=1)  # [NB, 16]
         td = tl.where(sel, td + new[:, None, :], td)
     tl.debug_barrier()
@@ -104,11 +111,13 @@ def _wu_kernel(
     BETA: tl.constexpr,
     PREC: tl.constexpr,
     INV_PREC: tl.constexpr,
+    ROW_LOADS: tl.constexpr,
+    LOW_DOTS: tl.constexpr,
 ):
     """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1 (kept in tmat) -> W = T A, U = T U~.
 
     BETA: the drivers come as b = k, u = v and beta [TT, H, R]; a = -beta k and U~ = beta v are built
-    in registers (`scale_rows`), never in HBM."""
+    in registers (`scale_rows`), never in HBM. LOW_DOTS: W and U dots in the input dtype (bf16 / fp16)."""
     g = tl.program_id(0)
     h = tl.program_id(1)
     n = tl.load(chunk_seq + g)
@@ -132,7 +141,7 @@ def _wu_kernel(
     scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
     tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
     tl.debug_barrier()
-    t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
+    t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC, ROW_LOADS)
     tl.debug_barrier()
     tl.store(scr + j[:, None] * CRP + j[None, :], t_inv)
     if COMPUTE_WU:
@@ -143,7 +152,10 @@ def _wu_kernel(
                 a_t = scale_rows(tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0), -beta_r)
             else:
                 a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-            w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BKS]
+            if LOW_DOTS:
+                w_t = tl.dot(t_inv.to(a_t.dtype), a_t)  # [CRP, BKS]
+            else:
+                w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BKS]
             tl.store(w + row[:, None] * K + kk[None, :], w_t.to(w.dtype.element_ty), mask=kmask)
         for v0 in tl.static_range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
@@ -151,7 +163,10 @@ def _wu_kernel(
             u_t = tl.load(u + row[:, None] * V + vv[None, :], mask=vmask, other=0.0)
             if BETA:
                 u_t = scale_rows(u_t, beta_r)
-            uu_t = tl.dot(t_inv, u_t.to(tl.float32), input_precision=PREC)
+            if LOW_DOTS:
+                uu_t = tl.dot(t_inv.to(u_t.dtype), u_t)
+            else:
+                uu_t = tl.dot(t_inv, u_t.to(tl.float32), input_precision=PREC)
             tl.store(uu + row[:, None] * V + vv[None, :], uu_t.to(uu.dtype.element_ty), mask=vmask)
 
 
@@ -236,59 +251,6 @@ def _fwd_scan_kernel(
         tl.store(ht + nh.to(tl.int64) * K * V + hv_off, state, mask=hv_mask)
 
 
-@triton.jit
-def _fwd_out_kernel(
-    q,
-    b,
-    xs,
-    states,
-    o,
-    chunk_seq,
-    chunk_tok,
-    cu,
-    scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    R: tl.constexpr,
-    C: tl.constexpr,
-    CQ: tl.constexpr,
-    CRP: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """One (V block, chunk, head): o = scale (Q h + ((Q B^T) * M_out) X), h the state entering the chunk
-    [K, BV] and X its corrected values [CRP, BV], both written by the scan. q [TT, H, K], b [TT, H, R, K]."""
-    vb = tl.program_id(0)
-    g = tl.program_id(1)
-    h = tl.program_id(2)
-    n = tl.load(chunk_seq + g)
-    t0 = tl.load(chunk_tok + g)
-    eos = tl.load(cu + n + 1)
-    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    kk = tl.arange(0, BK)
-    vv = vb * BV + tl.arange(0, BV)
-    kmask = kk < K
-    vmask = vv < V
-    cidx = tl.arange(0, CQ)
-    qtok = t0 + cidx
-    qrow = qtok.to(tl.int64) * H + h
-    qmask = ((qtok < eos) & (cidx < C))[:, None]
-    q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
-    b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-    x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
-    st_ptr = states + (g.to(tl.int64) * H + h) * K * V + kk[:, None] * V + vv[None, :]
-    live = (t0 + 0 * kk) < eos  # surplus chunks of the map (no state written) read zeros
-    s_t = tl.load(st_ptr, mask=(live & kmask)[:, None] & vmask[None, :], other=0.0).to(q_t.dtype)
-    p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-    p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(x_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
-    o_t = tl.dot(q_t, s_t, input_precision=PREC) + tl.dot(p, x_t, input_precision=PREC)
-    tl.store(
-        o + qrow[:, None] * V + vv[None, :], (o_t * scale).to(o.dtype.element_ty), mask=qmask & vmask[None, :]
-    )
-
-
 def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
     """V block of the sequential kernels: split V further when few (sequence, head) pairs fill the GPU."""
     bv = 64 if next_pow2(k_dim) <= 128 else 32
@@ -336,6 +298,8 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
         BETA=beta is not None,
         PREC=dot_precision(b.dtype),
         INV_PREC=dot_precision(b.dtype),
+        ROW_LOADS=bool(TUNE["inv_row_loads"]),
+        LOW_DOTS=bool(TUNE["wu_low_dots"]) and b.dtype != torch.float32,
         num_warps=TUNE["wu_warps"] if crp <= 64 else 8,
     )
     return w, uu, tmat if store_t else None
@@ -406,39 +370,6 @@ def launch_fwd_scan(
         num_stages=scan_stages(crp, chunk, bk, w.dtype),
     )
     return o, ht, states, xs
-
-
-def launch_fwd_out(q, b, xs, states, cu, cmap, *, chunk: int, scale: float, out_dtype):
-    """q [TT, H, K]; b [TT, H, R, K]; xs [TT, H, R, V], states [G, H, K, V] from the scan -> o [TT, H, V]."""
-    total, n_heads, rank, k_dim = b.shape
-    v_dim = xs.shape[-1]
-    seq, tok, _ = cmap
-    o = new_tensor((total, n_heads, v_dim), dtype=out_dtype, device=q.device)
-    bk = max(16, next_pow2(k_dim))
-    bv = min(TUNE["out_bv"] if bk <= 128 else 32, max(16, next_pow2(v_dim)))
-    _fwd_out_kernel[(triton.cdiv(v_dim, bv), seq.numel(), n_heads)](
-        q,
-        b,
-        xs,
-        states,
-        o,
-        seq,
-        tok,
-        cu,
-        scale,
-        H=n_heads,
-        K=k_dim,
-        V=v_dim,
-        R=rank,
-        C=chunk,
-        CQ=max(16, chunk),
-        CRP=max(16, next_pow2(chunk * rank)),
-        BK=bk,
-        BV=bv,
-        PREC=dot_precision(b.dtype),
-        num_warps=TUNE["out_warps"],
-    )
-    return o
 
 
 def tensor_inv_wu(a, b, u, *, mode: str, chunk_size: int, cu_seqlens=None):

@@ -21,7 +21,7 @@ from .ops import beta_drivers
 
 try:
     from .triton_chunk_bwd import launch_chunk_bwd
-    from .triton_chunk_fwd import launch_fwd_out, launch_fwd_scan, launch_wu, tensor_inv_wu
+    from .triton_chunk_fwd import launch_fwd_scan, launch_wu, tensor_inv_wu
     from .triton_recurrent import launch_recurrent_
     from .triton_utils import (
         MAX_HEAD_DIM,
@@ -129,13 +129,9 @@ def _forward(
 
 
 def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool, need_o: bool = True):
-    """The sequential scan, and o [TT, H, V] (uu's dtype; None unless need_o), ht, and with store_states the
-    chunk states [G, H, K, V] (bf16 for bf16 inputs, else fp32) and X [TT, H, R, V].
-
-    With TUNE["split_output"] the scan writes the states and X and the chunk-parallel output kernel reads
-    them; otherwise the scan computes o in its own loop."""
-    split = need_o and bool(TUNE["split_output"])
-    o, ht, states, xs = launch_fwd_scan(
+    """The sequential scan: o [TT, H, V] (uu's dtype; None unless need_o), ht, and with store_states the chunk
+    states [G, H, K, V] (bf16 for bf16 inputs, else fp32) and X [TT, H, R, V]."""
+    return launch_fwd_scan(
         q,
         b,
         w,
@@ -147,18 +143,11 @@ def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool, n
         scale=plan.scale,
         out_dtype=uu.dtype,
         store_ht=store_ht,
-        store_states=store_states or split,
-        write_o=need_o and not split,
+        store_states=store_states,
+        write_o=need_o,
         n_chunks=plan.cmap[0].numel(),
         states_dtype=torch.bfloat16 if b.dtype == torch.bfloat16 else torch.float32,
     )
-    if split:
-        o = launch_fwd_out(
-            q, b, xs, states, plan.cu, plan.cmap, chunk=plan.chunk, scale=plan.scale, out_dtype=uu.dtype
-        )
-        if not store_states:
-            states = xs = None
-    return o, ht, states, xs
 
 
 class _ChunkDeltaRule(torch.autograd.Function):

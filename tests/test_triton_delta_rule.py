@@ -360,7 +360,9 @@ def test_chunk_varlen_gpu(rank, mode):
     ids=["R1-sum", "R3-product-varlen", "R2-sigdelta"],
 )
 @pytest.mark.parametrize("flag", ["recompute_states", "recompute_inverses"])
-def test_recomputed_states_give_the_same_gradients_and_keep_less(monkeypatch, flag, rank, mode, algorithm, cu):
+def test_recomputed_states_give_the_same_gradients_and_keep_less(
+    monkeypatch, flag, rank, mode, algorithm, cu
+):
     """TUNE["recompute_states"]: the backward reruns the scan (same kernel, same inputs) instead of keeping
     the chunk states and X; TUNE["recompute_inverses"]: it reruns the solve for the inverses T instead of
     keeping them (sigdelta never keeps them). Every output and gradient equals the float64 loop's and is
@@ -399,45 +401,3 @@ def test_recomputed_states_give_the_same_gradients_and_keep_less(monkeypatch, fl
         assert torch.equal(x, y)
         assert rel_err(y.cpu(), ref.cpu()) < 2e-4
     assert recomputed_bytes < kept_bytes, (recomputed_bytes, kept_bytes)
-
-
-@pytest.mark.triton_interpret
-@pytest.mark.parametrize(
-    "rank,mode,k_dim,v_dim,cu",
-    [(1, "sum", 32, 16, None), (3, "product", 16, 48, [0, 5, 21, 40]), (5, "sum", 24, 20, [0, 19, 40])],
-    ids=["R1-sum", "R3-product-varlen-V48", "R5-sum-varlen-C8-oddK"],
-)
-def test_split_output_kernel_equals_the_fused_scan(monkeypatch, rank, mode, k_dim, v_dim, cu):
-    """TUNE["split_output"]: the scan writes the chunk states and X and the chunk-parallel output kernel
-    computes o from them. Output, final state and gradients (with and without autograd) equal the float64
-    loop's and the fused scan's (which computes o inside its own loop)."""
-    from modeling_parallelflow import triton_utils
-    from modeling_parallelflow.ops import delta_rule
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    leaves, cu = _public_op_case(1 if cu else 2, 40, rank, k_dim, v_dim, mode, "tensor_inv", cu, device)
-
-    def run(inputs=leaves, grad=True, **options):
-        inputs = [x.clone().requires_grad_(grad) for x in inputs]
-        o, ht = delta_rule(
-            *inputs[:4],
-            initial_state=inputs[4],
-            output_final_state=True,
-            mode=mode,
-            cu_seqlens=cu,
-            chunk_size=16,
-            **(options or dict(algorithm="tensor_inv", backend="triton")),
-        )
-        if not grad:
-            return [o, ht]
-        (o.sum() + ht.sum()).backward()
-        return [o, ht] + [x.grad for x in inputs]
-
-    reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
-    monkeypatch.setitem(triton_utils.TUNE, "split_output", 0)
-    fused, fused_nograd = run(), run(grad=False)
-    monkeypatch.setitem(triton_utils.TUNE, "split_output", 1)
-    split, split_nograd = run(), run(grad=False)
-    for x, y, ref in zip(fused + fused_nograd, split + split_nograd, reference + reference[:2], strict=True):
-        assert torch.allclose(x, y, rtol=1e-5, atol=1e-6), rel_err(x.cpu(), y.cpu())
-        assert rel_err(y.cpu(), ref.cpu()) < 2e-4, rel_err(y.cpu(), ref.cpu())
