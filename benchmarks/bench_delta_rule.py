@@ -49,14 +49,17 @@ def rand_delta(batch, seq_len, rank, dtype, requires_grad):
     return [x.requires_grad_(requires_grad) for x in out]
 
 
-def ours(rank, mode):
+def ours(rank, mode, algorithm="auto"):
     """The public op `delta_rule(q, k, v, beta)` as users call it (validation, dispatch, drivers and all)."""
 
     def setup(batch, seq_len, dtype, grad):
         q, k, v, beta = rand_delta(batch, seq_len, rank, dtype, False)
         beta = beta / rank if mode == "sum" else beta
         leaves = [x.detach().requires_grad_(grad) for x in (q, k, v, beta)]
-        return lambda: delta_rule(*leaves, mode=mode, scale=DIM**-0.5, backend="triton")[0], leaves
+        return (
+            lambda: delta_rule(*leaves, mode=mode, scale=DIM**-0.5, backend="triton", algorithm=algorithm)[0],
+            leaves,
+        )
 
     return setup
 
@@ -97,6 +100,8 @@ PROVIDERS = {
     "ours_R2_product": ours(2, "product"),
     "ours_R4_sum": ours(4, "sum"),
     "ours_R4_product": ours(4, "product"),
+    "ours_R1_sum_tensor_inv": ours(1, "sum", "tensor_inv"),  # auto picks sigdelta for inference at R = 1
+    "ours_R4_sum_tensor_inv": ours(4, "sum", "tensor_inv"),
     "fla_delta_rule_R1": fla_delta(1),
     "fla_delta_product_R2": fla_delta(2),
     "fla_delta_product_R4": fla_delta(4),

@@ -30,9 +30,7 @@ VARIANTS = {
     "cr128": {"cr_target": 128},
     "par_bv64": {"par_bv": 64},
     "par_stages1": {"par_stages": 1},
-    "inv_rows": {"inv_row_loads": 1},
-    "wu_low": {"wu_low_dots": 1},
-    "inv_rows_wu_low": {"inv_row_loads": 1, "wu_low_dots": 1},
+    "wu_tf32": {"wu_low_dots": 0},
     "recompute_t": {"recompute_inverses": 1},
 }
 

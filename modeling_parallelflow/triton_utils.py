@@ -29,10 +29,10 @@ TUNE = {
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
     "par_stages": 2,
-    # Inverse's forward substitution reads row i of N from scratch (1) instead of extracting it with a
-    # reduction (0); W = T A and U = T U~ as dots in the input dtype (1, as fla does) instead of tf32 (0).
-    "inv_row_loads": int(os.environ.get("PFLOW_INV_ROW_LOADS", "0")),
-    "wu_low_dots": int(os.environ.get("PFLOW_WU_LOW_DOTS", "0")),
+    # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
+    # V <= 16: triton_chunk_fwd.low_dots_ok) instead of tf32 on the fp32 T. H200, 2048 x 16, H = 16:
+    # R = 1 forward + backward 2.91 -> 2.84 ms, R = 4 9.37 -> 9.09 (benchmarks/results/h200_a3c6c3c).
+    "wu_low_dots": int(os.environ.get("PFLOW_WU_LOW_DOTS", "1")),
     # 1: the backward recomputes the chunk states and X with one more forward scan instead of keeping them
     # and keeps U (activation memory -4 KiB per token per layer at R = 1, K = V = 128; -16 at R = 4:
     # benchmarks/activation_census.py). Measured on an H200 at de8b259, 340M training step at 2048 x 16:
