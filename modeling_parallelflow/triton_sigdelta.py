@@ -51,10 +51,14 @@ except ImportError:  # the torch backend works without triton
 
 MODES = ("sum", "product")
 SOLVES = ("direct", "blockinv", "parallel")
-# Measured on an H100 (benchmarks/SIGDELTA.md, benchmarks/results/sigdelta_h100.json; bf16, K = V = 128,
-# 32K tokens, H = 16). Forward: the smallest C * R from which sigDelta's W/U stage (and the op's forward)
-# beats tensorInv's, per padded rank; tensorInv does not run at all from C * R = 256 (shared memory).
-SIGDELTA_FROM_CR: dict[int, int] = {1: 32, 2: 32, 4: 64, 8: 128}
+# Forward: the smallest C * R from which sigDelta's W/U stage (and the op's forward) beats tensorInv's, per
+# padded rank; tensorInv does not run at all from C * R = 256 (shared memory). First measured on an H100
+# (benchmarks/SIGDELTA.md: 32 / 32 / 64 / 128). Since tensorInv's W/U kernel reads the rows of N from
+# scratch and forms W, U with bf16 dots (e5d05c2), on an H200 at 2048 x 16, H = 16, K = V = 128, bf16
+# (benchmarks/results/h200_e5d05c2): R = 1 forward 1.03 ms with tensorInv against 1.54 with sigDelta;
+# at R = 4 tensorInv's W/U + scan kernels take 2.22 + 1.96 ms against sigDelta's whole forward of 4.56
+# (h200_a3c6c3c, h200_e109a40). R = 2 runs the same 64-row tiles; not timed. R = 8 (128 rows) not re-timed.
+SIGDELTA_FROM_CR: dict[int, int] = {1: 128, 2: 128, 4: 128, 8: 128}
 # Forward+backward: the backward needs T = (I - N)^-1, which tensorInv keeps from its forward and sigDelta
 # recomputes, so tensorInv won at every shape measured (by 6 to 12 %): training keeps tensorInv.
 # Fastest (block_rows, solve) per (mode, padded rank RP, C * R), same run; else 16 / 32 rows, blockinv.

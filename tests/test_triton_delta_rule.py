@@ -401,3 +401,38 @@ def test_recomputed_states_give_the_same_gradients_and_keep_less(
         assert torch.equal(x, y)
         assert rel_err(y.cpu(), ref.cpu()) < 2e-4
     assert recomputed_bytes < kept_bytes, (recomputed_bytes, kept_bytes)
+
+
+@pytest.mark.triton_interpret
+def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
+    """TUNE["wu_low_dots"]: for fp16 inputs with K, V >= 32 the W/U kernel forms W = T A and U = T U~ with
+    fp16 dots; output, final state and gradients stay within fp16 rounding of the float64 loop and of the
+    tf32-dot path."""
+    from modeling_parallelflow import triton_utils
+    from modeling_parallelflow.ops import delta_rule
+    from modeling_parallelflow.triton_chunk_fwd import low_dots_ok
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert low_dots_ok(torch.float16, 32, 48) and not low_dots_ok(torch.float16, 16, 48)
+    assert not low_dots_ok(torch.float32, 128, 128)
+    leaves, _ = _public_op_case(2, 40, 2, 32, 48, "sum", "tensor_inv", None, device)
+
+    def run(inputs, **options):
+        inputs = [x.clone().requires_grad_() for x in inputs]
+        o, ht = delta_rule(
+            *inputs[:4], initial_state=inputs[4], output_final_state=True, chunk_size=16, **options
+        )
+        gen = torch.Generator().manual_seed(5)
+        do = torch.randn(o.shape, generator=gen).to(device)
+        ((o.double() * do.double()).sum() + ht.double().sum()).backward()
+        return [o, ht] + [x.grad for x in inputs]
+
+    half = [x.half() for x in leaves[:4]] + [leaves[4]]
+    reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
+    monkeypatch.setitem(triton_utils.TUNE, "wu_low_dots", 1)
+    low = run(half, algorithm="tensor_inv", backend="triton")
+    monkeypatch.setitem(triton_utils.TUNE, "wu_low_dots", 0)
+    tf32 = run(half, algorithm="tensor_inv", backend="triton")
+    for x, y, ref in zip(low, tf32, reference, strict=True):
+        assert rel_err(x.cpu(), ref.cpu()) < 4e-3, rel_err(x.cpu(), ref.cpu())
+        assert rel_err(x.cpu(), y.cpu()) < 4e-3, rel_err(x.cpu(), y.cpu())
