@@ -103,12 +103,14 @@ def _wu_kernel(
     LOG_NB: tl.constexpr,
     PRODUCT: tl.constexpr,
     COMPUTE_WU: tl.constexpr,
+    LOAD_T: tl.constexpr,
     BETA: tl.constexpr,
     PREC: tl.constexpr,
     INV_PREC: tl.constexpr,
     LOW_DOTS: tl.constexpr,
 ):
     """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1 (kept in tmat) -> W = T A, U = T U~.
+    LOAD_T: T is read from tmat (written by an earlier launch) and only W and U are formed.
 
     BETA: the drivers come as b = k, u = v and beta [TT, H, R]; a = -beta k and U~ = beta v are built
     in registers (`scale_rows`), never in HBM. LOW_DOTS: W and U dots in the input dtype (bf16 / fp16)."""
@@ -121,23 +123,26 @@ def _wu_kernel(
     beta_r = tl.zeros((CRP,), tl.float32)
     if BETA:
         beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
-    gram = tl.zeros((CRP, CRP), tl.float32)
-    for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
-        kk = k0 + tl.arange(0, BKS)
-        kmask = valid[:, None] & (kk[None, :] < K)
-        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-        if BETA:
-            a_t = scale_rows(b_t, -beta_r)
-        else:
-            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-        gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
     j = tl.arange(0, CRP)
     scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
-    tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
-    tl.debug_barrier()
-    t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
-    tl.debug_barrier()
-    tl.store(scr + j[:, None] * CRP + j[None, :], t_inv)
+    if LOAD_T:  # T kept by an earlier launch: only W and U are formed
+        t_inv = tl.load(scr + j[:, None] * CRP + j[None, :])
+    else:
+        gram = tl.zeros((CRP, CRP), tl.float32)
+        for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
+            kk = k0 + tl.arange(0, BKS)
+            kmask = valid[:, None] & (kk[None, :] < K)
+            b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+            if BETA:
+                a_t = scale_rows(b_t, -beta_r)
+            else:
+                a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+            gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
+        tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
+        tl.debug_barrier()
+        t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
+        tl.debug_barrier()
+        tl.store(scr + j[:, None] * CRP + j[None, :], t_inv)
     if COMPUTE_WU:
         for k0 in tl.static_range(0, BK, BKS):
             kk = k0 + tl.arange(0, BKS)
@@ -259,19 +264,22 @@ def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
     return min(bv, next_pow2(v_dim))
 
 
-def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False, beta=None):
+def launch_wu(
+    a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False, beta=None, t_in=None
+):
     """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t) with t [G, H, CRP, CRP] fp32 or None.
 
-    Beta form: a None, b = k, u = v and beta [TT, H, R] (a = -beta k and U~ = beta v built in the kernel)."""
+    Beta form: a None, b = k, u = v and beta [TT, H, R] (a = -beta k and U~ = beta v built in the kernel).
+    t_in: the T an earlier launch kept; then only W and U are formed (the same values as that launch's)."""
     total, n_heads, rank, k_dim = b.shape
     v_dim = u.shape[-1] if u is not None else k_dim
     crp = max(16, next_pow2(chunk * rank))
     seq, tok, _ = cmap
     w = new_like(b) if compute_wu else None
     uu = new_like(u) if compute_wu else None
-    tmat = new_tensor(
-        (seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=b.device
-    )  # T, and scratch
+    tmat = t_in
+    if tmat is None:  # T, and scratch
+        tmat = new_tensor((seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=b.device)
     _wu_kernel[(seq.numel(), n_heads)](
         b if a is None else a,
         b,
@@ -295,6 +303,7 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
         LOG_NB=(crp // 16).bit_length() - 1,
         PRODUCT=product,
         COMPUTE_WU=compute_wu,
+        LOAD_T=t_in is not None,
         BETA=beta is not None,
         PREC=dot_precision(b.dtype),
         INV_PREC=dot_precision(b.dtype),

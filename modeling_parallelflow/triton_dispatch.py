@@ -154,7 +154,8 @@ class _ChunkDeltaRule(torch.autograd.Function):
     """Drivers form: inputs q, a, b, u (beta None). Beta form: a None, b = k, u = v and beta [TT, H, R]: the
     kernels build a = -beta k and u = beta v in registers and return the gradients of k, v and beta, so
     neither the drivers nor their gradients reach HBM. With TUNE["recompute_states"] the backward reruns the
-    scan for the chunk states and X, and U [TT, H, R, V] and h0 are kept instead."""
+    scan for the chunk states and X, and U [TT, H, R, V] and h0 are kept instead; with TUNE["recompute_wu"]
+    too (tensorInv only), W and U are formed again from the kept T, and neither is kept."""
 
     @staticmethod
     def forward(ctx, q, a, b, u, beta, h0, plan, solver, store_ht):
@@ -172,9 +173,12 @@ class _ChunkDeltaRule(torch.autograd.Function):
             for_backward=True,
             keep_states=not recompute,
         )
-        kept_v = None if beta is None else u
-        kept_uu, kept_h0 = (uu, h0) if recompute else (None, None)
-        ctx.save_for_backward(q, a, b, w, xs, tmat, states, beta, kept_v, kept_uu, kept_h0)
+        recompute_wu = recompute and bool(TUNE["recompute_wu"]) and solver is None
+        kept_w = None if recompute_wu else w
+        kept_v = u if beta is not None or recompute_wu else None  # v (beta form) or the drivers' u
+        kept_uu = uu if recompute and not recompute_wu else None
+        kept_h0 = h0 if recompute else None
+        ctx.save_for_backward(q, a, b, kept_w, xs, tmat, states, beta, kept_v, kept_uu, kept_h0)
         ctx.plan = plan
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
@@ -183,6 +187,8 @@ class _ChunkDeltaRule(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, a, b, w, xs, tmat, states, beta, v, uu, h0 = ctx.saved_tensors
         plan = ctx.plan
+        if w is None:  # recompute_wu: W and U from the kept T (same kernel: the forward's values)
+            w, uu, _ = _wu(a, b, v, beta, plan, t_in=tmat)
         if states is None:  # recompute: the same scan on the same inputs writes the same states and X
             _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True, need_o=False)
         if tmat is None:
@@ -204,7 +210,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
             product=plan.product,
             need_dh0=ctx.h0_dtype is not None,
             beta=beta,
-            v=v,
+            v=None if beta is None else v,
         )
         dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
         if beta is None:  # d1, d2, d3 = da, db, du

@@ -359,16 +359,17 @@ def test_chunk_varlen_gpu(rank, mode):
     ],
     ids=["R1-sum", "R3-product-varlen", "R2-sigdelta"],
 )
-@pytest.mark.parametrize("flag", ["recompute_states", "recompute_inverses"])
+@pytest.mark.parametrize("flag", ["recompute_states", "recompute_inverses", "recompute_wu"])
 def test_recomputed_states_give_the_same_gradients_and_keep_less(
     monkeypatch, flag, rank, mode, algorithm, cu
 ):
     """TUNE["recompute_states"]: the backward reruns the scan (same kernel, same inputs) instead of keeping
     the chunk states and X; TUNE["recompute_inverses"]: it reruns the solve for the inverses T instead of
-    keeping them (sigdelta never keeps them). Every output and gradient equals the float64 loop's and is
-    identical to the kept path's, and less is kept for the backward."""
-    if flag == "recompute_inverses" and algorithm == "sigdelta":
-        pytest.skip("the sigdelta solver never keeps T")
+    keeping them (sigdelta never keeps them); TUNE["recompute_wu"]: it forms W and U again from the kept T.
+    Every output and gradient equals the float64 loop's and is identical to the kept path's, and less is
+    kept for the backward."""
+    if flag != "recompute_states" and algorithm == "sigdelta":
+        pytest.skip("the sigdelta solver keeps no T")
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
 
