@@ -100,8 +100,8 @@ PROVIDERS = {
     "ours_R2_product": ours(2, "product"),
     "ours_R4_sum": ours(4, "sum"),
     "ours_R4_product": ours(4, "product"),
-    "ours_R1_sum_tensor_inv": ours(1, "sum", "tensor_inv"),  # auto picks sigdelta for inference at R = 1
-    "ours_R4_sum_tensor_inv": ours(4, "sum", "tensor_inv"),
+    "ours_R1_sum_sigdelta": ours(1, "sum", "sigdelta"),  # the other W/U solver (auto: triton_sigdelta table)
+    "ours_R4_sum_sigdelta": ours(4, "sum", "sigdelta"),
     "fla_delta_rule_R1": fla_delta(1),
     "fla_delta_product_R2": fla_delta(2),
     "fla_delta_product_R4": fla_delta(4),
