@@ -27,11 +27,8 @@ import contextlib
 import dataclasses
 import json
 import math
-import os
-import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import torch
@@ -39,6 +36,18 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+from benchmarks.quality.harness import (  # noqa: E402
+    MODELS,
+    Shape,
+    adamw,
+    build_model,
+    git_commit,
+    lr_lambda,
+    non_embedding_params,
+    write_atomic,
+)
+from benchmarks.quality.harness import matched_intermediate as _matched_intermediate  # noqa: E402
 
 IGNORE = -100
 POWER_A = 0.01
@@ -91,18 +100,6 @@ GRIDS = {
         vocab_size=64,
     ),
 }
-
-# name -> PFlowConfig fields (None: the Llama baseline)
-MODELS: dict[str, dict | None] = {
-    "pflow-r1": {"rank": 1},
-    "pflow-r2-sum": {"rank": 2, "rank_mode": "sum"},
-    "pflow-r4-sum": {"rank": 4, "rank_mode": "sum"},
-    "pflow-r2-product": {"rank": 2, "rank_mode": "product"},
-    "pflow-r2-exact": {"rank": 2, "rank_mode": "sum", "flow": "exact"},
-    "pflow-r1-negeig": {"rank": 1, "allow_neg_eigval": True},
-    "llama": None,
-}
-REFERENCE_MODEL = "pflow-r1"
 
 
 # ---------------------------------------------------------------- data
@@ -160,71 +157,19 @@ def heldout_set(grid: Grid, task: Task) -> tuple[torch.Tensor, torch.Tensor]:
 # ---------------------------------------------------------------- models
 
 
+def shape_at(width: int, grid: Grid) -> Shape:
+    return Shape(grid.vocab_size, width, LAYERS, max(t.seq_len for t in grid.tasks), HEAD_DIM)
+
+
 def _build(name: str, width: int, intermediate: int | None, grid: Grid) -> torch.nn.Module:
-    heads = max(1, width // HEAD_DIM)
-    max_len = max(t.seq_len for t in grid.tasks)
-    variant = MODELS[name]
-    if variant is None:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            vocab_size=grid.vocab_size,
-            hidden_size=width,
-            intermediate_size=intermediate,
-            num_hidden_layers=LAYERS,
-            num_attention_heads=heads,
-            num_key_value_heads=heads,
-            max_position_embeddings=max_len,
-            tie_word_embeddings=False,
-            attn_implementation="sdpa",
-        )
-        return LlamaForCausalLM(config)
-    from modeling_parallelflow import PFlowConfig, PFlowForCausalLM
-
-    config = PFlowConfig(
-        vocab_size=grid.vocab_size,
-        hidden_size=width,
-        num_hidden_layers=LAYERS,
-        num_heads=heads,
-        intermediate_size=intermediate,
-        max_position_embeddings=max_len,
-        fused_loss=False,
-        tie_word_embeddings=False,
-        **variant,
-    )
-    return PFlowForCausalLM(config)
-
-
-def non_embedding_params(model: torch.nn.Module) -> int:
-    return sum(
-        p.numel()
-        for n, p in model.named_parameters()
-        if "embed_tokens" not in n and not n.startswith("lm_head")
-    )
+    return build_model(name, shape_at(width, grid), intermediate)
 
 
 def matched_intermediate(name: str, width: int, grid: Grid) -> int:
-    """The MLP width (a multiple of 8) that brings `name`'s non-embedding parameters closest to PFlow R = 1's
-    with its default MLP at this width. The count is linear in the MLP width; measured on the meta device."""
-    with torch.device("meta"):
-        target = non_embedding_params(_build(REFERENCE_MODEL, width, None, grid))
-        at8, at16 = (non_embedding_params(_build(name, width, i, grid)) for i in (8, 16))
-    size = 8 * round((8 + (target - at8) / ((at16 - at8) / 8)) / 8)
-    if size < 8:
-        raise ValueError(f"{name} at width {width} has more non-MLP parameters than {REFERENCE_MODEL} in all")
-    return size
+    return _matched_intermediate(name, shape_at(width, grid))
 
 
 # ---------------------------------------------------------------- one run
-
-
-def lr_lambda(steps: int, warmup: int):
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
 
 
 def answer_loss_and_hits(model, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,14 +211,7 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
     torch.manual_seed(grid.seed)
     model = _build(name, width, intermediate, grid).to(device)
     params = sum(p.numel() for p in model.parameters())
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        betas=(0.9, 0.98),
-        fused=cuda,
-    )
+    optimizer = adamw(model, lr, cuda)
     warmup = max(1, grid.steps // 10)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(grid.steps, warmup))
 
@@ -354,34 +292,12 @@ def run_key(name: str, width: int, lr: float) -> str:
     return f"{name}/w{width}/lr{lr:g}"
 
 
-def git_commit() -> dict:
-    """This checkout's HEAD and whether tracked files differ; $PFLOW_COMMIT when set (on the device machine
-    the tree is a copy whose git metadata may be older than the code)."""
-    if os.environ.get("PFLOW_COMMIT"):
-        return {"commit": os.environ["PFLOW_COMMIT"], "dirty": False}
-
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
-
-    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno"))}
-
-
 def grid_dict(grid: Grid) -> dict:
     """The grid as it reads back from JSON (lists, not tuples), so a resumed file compares equal."""
     out = {k: v for k, v in dataclasses.asdict(grid).items() if v is not None}  # files from before the
     # optional fields (eval_every, stop_at) existed still resume
     out["tasks"] = [dataclasses.asdict(t) | {"name": t.name} for t in grid.tasks]
     return json.loads(json.dumps(out))
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def load_results(path: Path, header: dict) -> dict:

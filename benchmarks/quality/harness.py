@@ -1,0 +1,154 @@
+"""What the quality benchmarks (mqar.py, text_lm.py) share: the models compared, built at a shape with their
+non-embedding parameters matched to PFlow R = 1's, the optimiser and schedule, and the results file.
+
+A model is named as in `MODELS` (`pflow-r1`, ..., `llama`); `build_model(name, shape, intermediate)` makes it,
+and `matched_intermediate(name, shape)` is the MLP width that brings its non-embedding parameter count
+closest to `pflow-r1`'s with its default MLP at that shape (R = 4 has wider key/value projections, so a
+narrower MLP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import uuid
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+# name -> PFlowConfig fields (None: the Llama baseline)
+MODELS: dict[str, dict | None] = {
+    "pflow-r1": {"rank": 1},
+    "pflow-r2-sum": {"rank": 2, "rank_mode": "sum"},
+    "pflow-r4-sum": {"rank": 4, "rank_mode": "sum"},
+    "pflow-r2-product": {"rank": 2, "rank_mode": "product"},
+    "pflow-r2-exact": {"rank": 2, "rank_mode": "sum", "flow": "exact"},
+    "pflow-r1-negeig": {"rank": 1, "allow_neg_eigval": True},
+    "llama": None,
+}
+REFERENCE_MODEL = "pflow-r1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    """One model shape: heads = width // head_dim (at least one) for PFlow and Llama alike."""
+
+    vocab_size: int
+    width: int
+    layers: int
+    max_len: int  # position embeddings (Llama's RoPE table, PFlow's attention layers if any)
+    head_dim: int = 64
+
+    @property
+    def heads(self) -> int:
+        return max(1, self.width // self.head_dim)
+
+
+def build_model(
+    name: str, shape: Shape, intermediate: int | None = None, fused_loss: bool = False
+) -> torch.nn.Module:
+    """The model `name` at `shape`, embeddings and LM head untied; intermediate=None: the config's default.
+    fused_loss: PFlow's chunked linear cross-entropy (no full logits in training)."""
+    variant = MODELS[name]
+    if variant is None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=shape.vocab_size,
+            hidden_size=shape.width,
+            intermediate_size=intermediate,
+            num_hidden_layers=shape.layers,
+            num_attention_heads=shape.heads,
+            num_key_value_heads=shape.heads,
+            max_position_embeddings=shape.max_len,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+        return LlamaForCausalLM(config)
+    from modeling_parallelflow import PFlowConfig, PFlowForCausalLM
+
+    config = PFlowConfig(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.width,
+        num_hidden_layers=shape.layers,
+        num_heads=shape.heads,
+        intermediate_size=intermediate,
+        max_position_embeddings=shape.max_len,
+        fused_loss=fused_loss,
+        tie_word_embeddings=False,
+        **variant,
+    )
+    return PFlowForCausalLM(config)
+
+
+def non_embedding_params(model: torch.nn.Module) -> int:
+    return sum(
+        p.numel()
+        for n, p in model.named_parameters()
+        if "embed_tokens" not in n and not n.startswith("lm_head")
+    )
+
+
+def matched_intermediate(name: str, shape: Shape) -> int:
+    """The MLP width (a multiple of 8) that brings `name`'s non-embedding parameters closest to PFlow R = 1's
+    with its default MLP at `shape`. The count is linear in the MLP width; measured on the meta device."""
+    with torch.device("meta"):
+        target = non_embedding_params(build_model(REFERENCE_MODEL, shape))
+        at8, at16 = (non_embedding_params(build_model(name, shape, i)) for i in (8, 16))
+    size = 8 * round((8 + (target - at8) / ((at16 - at8) / 8)) / 8)
+    if size < 8:
+        raise ValueError(
+            f"{name} at width {shape.width} has more non-MLP parameters than {REFERENCE_MODEL} in all"
+        )
+    return size
+
+
+def adamw(model: torch.nn.Module, lr: float, cuda: bool, betas=(0.9, 0.98)) -> torch.optim.AdamW:
+    """AdamW with weight decay 0.1 on matrices and none on vectors (norms, biases)."""
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=betas,
+        fused=cuda,
+    )
+
+
+def lr_lambda(steps: int, warmup: int):
+    """Linear warm-up over `warmup` steps, then cosine to zero at `steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+def git_commit() -> dict:
+    """This checkout's HEAD and whether tracked files differ; $PFLOW_COMMIT when set (on the device machine
+    the tree is a copy whose git metadata may be older than the code)."""
+    if os.environ.get("PFLOW_COMMIT"):
+        return {"commit": os.environ["PFLOW_COMMIT"], "dirty": False}
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno"))}
+
+
+def write_atomic(path: Path, data: dict) -> None:
+    """JSON to `path` through a temporary file and a rename: never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
