@@ -40,6 +40,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-doc-len", type=int, help="cut longer documents (default: max_position_embeddings)"
     )
+    parser.add_argument(
+        "--val-data", help="held-out token file (same format as DATA): held-out loss in metrics and plot"
+    )
+    parser.add_argument(
+        "--eval-every",
+        type=int,
+        default=0,
+        help="with --val-data: held-out loss every N steps (0: at the end)",
+    )
+    parser.add_argument(
+        "--val-tokens", type=int, default=2**20, help="held-out tokens per evaluation, at most (default 2^20)"
+    )
     parser.add_argument("--micro-tokens", type=int, default=8192, help="tokens per micro-batch per process")
     parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per process per step")
     parser.add_argument("--max-steps", type=int, help="optimizer steps (required to train)")
@@ -170,7 +182,9 @@ class PretrainRun:
 
         if args.data is None or args.max_steps is None or not (args.config or args.init_from):
             raise ValueError("training needs DATA, --max-steps and a model (--config or --init-from)")
-        _check_positive(args, "micro_tokens", "grad_accum", "max_steps", "log_every")
+        _check_positive(args, "micro_tokens", "grad_accum", "max_steps", "log_every", "val_tokens")
+        if args.eval_every < 0:
+            raise ValueError(f"--eval-every must be >= 0, got {args.eval_every}")
         self.args, self.env = args, env
         self.out = Path(args.output_dir)
         self.strategy = pd.resolve_strategy(args.strategy, env)
@@ -186,15 +200,30 @@ class PretrainRun:
             eos = eos[0]
         if eos is None:
             raise ValueError("the config has no eos_token_id to separate documents: pass --eos-token-id")
-        self.data = PackedBatches(
-            read_token_file(args.data, args.token_dtype),
-            args.micro_tokens,
-            eos_token_id=eos,
-            max_doc_len=args.max_doc_len or self.config.max_position_embeddings,
-            vocab_size=self.config.vocab_size,
-            seed=args.seed,
-            shuffle=not args.no_shuffle,
-        )
+
+        def packed(path: str, shuffle: bool) -> PackedBatches:
+            return PackedBatches(
+                read_token_file(path, args.token_dtype),
+                args.micro_tokens,
+                eos_token_id=eos,
+                max_doc_len=args.max_doc_len or self.config.max_position_embeddings,
+                vocab_size=self.config.vocab_size,
+                seed=args.seed,
+                shuffle=shuffle,
+            )
+
+        self.data = packed(args.data, not args.no_shuffle)
+        self.val_batches = []  # this rank's held-out micro-batch indices
+        if args.val_data:
+            self.val = packed(args.val_data, False)
+            count = min(self.val.num_chunks, max(1, args.val_tokens // args.micro_tokens))
+            count -= count % env.world_size
+            if count == 0:
+                raise ValueError(
+                    f"--val-data {args.val_data} holds {self.val.num_chunks} micro-batch(es) of "
+                    f"{args.micro_tokens} tokens, fewer than the {env.world_size} processes"
+                )
+            self.val_batches = list(range(env.rank, count, env.world_size))
         self.model = pd.wrap_model(
             model,
             env,
@@ -318,6 +347,38 @@ class PretrainRun:
             total /= self.env.world_size
         return total
 
+    def heldout_loss(self) -> tuple[float, int]:
+        """(mean next-token loss, tokens) over the held-out micro-batches of every rank. The model stays in
+        training mode (it has no dropout), so PFlow keeps its chunked loss and no full logits are built."""
+        import torch
+        import torch.distributed as dist
+
+        from .pretrain_dist import compute_context
+
+        sums = torch.zeros(2, dtype=torch.float64, device=self.env.device)  # loss x tokens, tokens
+        with torch.no_grad():
+            for index in self.val_batches:
+                batch = {k: v.to(self.env.device, non_blocking=True) for k, v in self.val[index].items()}
+                tokens = (batch["labels"][:, 1:] != -100).sum()
+                with compute_context(self.strategy, self.precision, self.env.device):
+                    loss = self.model(**batch).loss
+                sums += torch.stack([loss.double() * tokens, tokens.double()])
+        if self.env.world_size > 1:
+            dist.all_reduce(sums)
+        return float(sums[0] / sums[1].clamp_min(1)), int(sums[1])
+
+    def _log_heldout(self, bar) -> dict:
+        loss, tokens = self.heldout_loss()
+        record = {"step": self.step, "val_loss": loss, "val_perplexity": math.exp(min(loss, 700.0))}
+        record["val_tokens"] = tokens
+        if self.env.is_main:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            bar.write(
+                f"step {self.step}: held-out loss {loss:.4f}, perplexity {record['val_perplexity']:.2f}"
+            )
+        return record
+
     def optimizer_step(self) -> float:
         from .pretrain_dist import clip_grad_norm
 
@@ -348,7 +409,7 @@ class PretrainRun:
             total=args.max_steps, initial=self.step, unit="step", dynamic_ncols=True, disable=not env.is_main
         )
         clock = _Clock(self.step, cuda)
-        losses, last_loss = [], float("nan")
+        losses, last_loss, heldout = [], float("nan"), None
         while self.step < args.max_steps:
             losses.append(self.forward_backward(self.step))
             grad_norm = self.optimizer_step()
@@ -358,10 +419,16 @@ class PretrainRun:
                 losses = []
                 self._log(last_loss, grad_norm, clock.interval_rate() * self.tokens_per_step, bar)
             bar.update(1)
+            if self.val_batches and args.eval_every and self.step % args.eval_every == 0:
+                if self.step < args.max_steps:
+                    with clock.paused():  # evaluation time is not training throughput
+                        self._log_heldout(bar)
             if args.save_every and self.step % args.save_every == 0 and self.step < args.max_steps:
                 with clock.paused():  # checkpoint time is not training throughput
                     self.save()
         steady_rate = clock.steady_rate()
+        if self.val_batches:
+            heldout = self._log_heldout(bar)
         bar.close()
         if self.step > clock.first_step:
             self.save()
@@ -371,7 +438,7 @@ class PretrainRun:
             )
         if env.is_main:
             self._write_summary(
-                last_loss, steady_rate and steady_rate * self.tokens_per_step / env.world_size
+                last_loss, steady_rate and steady_rate * self.tokens_per_step / env.world_size, heldout
             )
             self._plot()
         return 0
@@ -414,7 +481,7 @@ class PretrainRun:
         if self.env.is_main:
             self._plot()
 
-    def _write_summary(self, loss: float, throughput: float | None) -> None:
+    def _write_summary(self, loss: float, throughput: float | None, heldout: dict | None) -> None:
         import torch
 
         summary = {
@@ -439,6 +506,8 @@ class PretrainRun:
             else "cpu",
             "torch": torch.__version__,
         }
+        if heldout:
+            summary.update({k: heldout[k] for k in ("val_loss", "val_perplexity", "val_tokens")})
         if self.env.device.type == "cuda":
             summary["peak_memory_gb"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         tmp = self.out / f".summary.json.{uuid.uuid4().hex}.tmp"
@@ -452,9 +521,11 @@ class PretrainRun:
             self.out / "loss.png", title=f"parallelflow train ({self.env.world_size} x {self.strategy})"
         )
         if self.metrics_path.exists():
-            plot.train = [
-                (r["step"], r["loss"]) for r in map(json.loads, self.metrics_path.read_text().splitlines())
-            ]
+            records = [json.loads(line) for line in self.metrics_path.read_text().splitlines()]
+            plot.train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+            heldout = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+            if heldout:
+                plot.evals["held-out loss"] = heldout
         plot.save()
 
 

@@ -63,6 +63,15 @@ def token_file(tmp_path_factory) -> Path:
     return write_token_file(tmp_path_factory.mktemp("tokens") / "tokens.npy", ids, 512)
 
 
+@pytest.fixture(scope="module")
+def val_file(tmp_path_factory) -> Path:
+    """Held-out ids drawn as token_file's, from another seed."""
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 512, 3_000)
+    ids[rng.random(ids.size) < 0.03] = EOS
+    return write_token_file(tmp_path_factory.mktemp("tokens") / "val.npy", ids, 512)
+
+
 def train_argv(
     data: Path, out: Path, *extra: str, model: tuple[str, str] = ("--config", str(TINY))
 ) -> list[str]:
@@ -137,8 +146,18 @@ def _train_rank(rank: int, args: argparse.Namespace) -> None:
     assert pretrain.run(args) == 0
 
 
-def metrics(out: Path) -> list[dict]:
+def _records(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def metrics(out: Path) -> list[dict]:
+    """The training lines of a run's metrics.jsonl."""
+    return [r for r in _records(out) if "loss" in r]
+
+
+def heldout_metrics(out: Path) -> list[dict]:
+    """The held-out lines (--val-data) of a run's metrics.jsonl."""
+    return [r for r in _records(out) if "val_loss" in r]
 
 
 # Measured on the CPU, fp32: DDP and FSDP2 against one process differ by at most 1.2e-7 in the loss and
@@ -189,12 +208,18 @@ def test_fsdp2_bf16_mixed_keeps_fp32_master_weights_near_fp32(token_file, tmp_pa
 
 
 @pytest.fixture(scope="module")
-def fsdp2_run(token_file, tmp_path_factory) -> Path:
-    """`parallelflow train` on 2 ranks with FSDP2: 3 steps, a checkpoint after each, the export at the end."""
+def fsdp2_run(token_file, val_file, tmp_path_factory) -> Path:
+    """`parallelflow train` on 2 ranks with FSDP2: 3 steps, a checkpoint after each, held-out loss at step 2
+    and at the end (10 micro-batches of 64 tokens, 5 per rank), the export at the end."""
     out = tmp_path_factory.mktemp("fsdp2") / "run"
     run_ranks(
         _train_rank,
-        train_args(token_file, out, "--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "0"),
+        train_args(
+            token_file,
+            out,
+            *("--max-steps", "3", "--save-every", "1", "--keep-checkpoints", "0"),
+            *("--val-data", str(val_file), "--eval-every", "2", "--val-tokens", "640"),
+        ),
     )
     return out
 
@@ -210,6 +235,29 @@ def test_run_writes_metrics_plot_summary_checkpoints_and_export(fsdp2_run):
         fsdp2_run / "model" / "model.safetensors"
     ).is_file()
     assert not list(fsdp2_run.glob("**/.*.tmp"))
+
+
+def test_heldout_loss_is_the_token_weighted_mean_over_every_rank(fsdp2_run, token_file, val_file, tmp_path):
+    records = heldout_metrics(fsdp2_run)
+    assert [r["step"] for r in records] == [2, 3] and records[0]["val_loss"] != records[1]["val_loss"]
+    summary = json.loads((fsdp2_run / "summary.json").read_text())
+    assert summary["val_loss"] == records[-1]["val_loss"]
+    assert summary["val_perplexity"] == pytest.approx(np.exp(summary["val_loss"]))
+    # the exported model in one process: the same 10 micro-batches, the loss of each weighted by its tokens
+    argv = ("--val-data", str(val_file), "--val-tokens", "640")
+    model = ("--init-from", str(fsdp2_run / "model"))
+    run = pretrain.PretrainRun(train_args(token_file, tmp_path / "one", *argv, model=model), SINGLE)
+    assert run.val_batches == list(range(10))
+    with torch.no_grad():
+        pairs = [
+            (run.model(**run.val[i]).loss.item(), (run.val[i]["labels"][:, 1:] != -100).sum().item())
+            for i in range(10)
+        ]
+    tokens = sum(n for _, n in pairs)
+    expected = sum(loss * n for loss, n in pairs) / tokens
+    assert run.heldout_loss() == pytest.approx((expected, tokens), rel=1e-6)
+    assert records[-1]["val_tokens"] == tokens
+    assert records[-1]["val_loss"] == pytest.approx(expected, rel=1e-5)  # 2 ranks (FSDP2) vs 1 process
 
 
 def test_sharded_checkpoint_resumes_to_identical_losses(fsdp2_run, token_file, tmp_path):
@@ -341,6 +389,8 @@ def test_clear_errors(monkeypatch, token_file, tmp_path):
         pretrain.PretrainRun(
             train_args(token_file, tmp_path / "a", "--max-steps", "1", "--micro-tokens", "99999"), SINGLE
         )
+    with pytest.raises(ValueError, match="--eval-every must be >= 0"):
+        pretrain.PretrainRun(train_args(token_file, tmp_path / "a", "--eval-every", "-1"), SINGLE)
     (tmp_path / "b").mkdir()
     (tmp_path / "b" / "metrics.jsonl").write_text("")
     with pytest.raises(FileExistsError, match="--resume"):
