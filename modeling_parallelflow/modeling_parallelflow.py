@@ -205,6 +205,7 @@ class PFlowMixer(nn.Module):
                 tail=tail,
                 pos=positions,
                 pad_mask=pad_mask,
+                keep_tail=state is not None,
             )
         else:
             weight = getattr(self, f"{name}_conv1d").weight if self.config.use_short_conv else None

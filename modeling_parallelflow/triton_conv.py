@@ -374,12 +374,14 @@ def short_conv_silu(
     tail: torch.Tensor | None = None,
     pos: torch.Tensor | None = None,
     pad_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    keep_tail: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """silu(causal depthwise conv(x)), optionally L2-normalised per group of `group` channels.
 
     x [B, T, C] (C a multiple of `group` <= 256); weight [C, 1, W] (nn.Conv1d's); tail [B, C, W-1] or None
     (zeros); pos [T] int32 positions within packed sequences (B = 1) or None; pad_mask [B, T] bool or None.
-    Returns (y [B, T, C] in x's dtype, new tail [B, C, W-1]: the last W-1 inputs, pads zeroed).
+    Returns (y [B, T, C] in x's dtype, new tail [B, C, W-1], contiguous: the last W-1 inputs, pads zeroed;
+    None unless keep_tail, so training builds no tail).
     """
     batch, length, channels = x.shape
     width = weight.shape[-1]
@@ -390,9 +392,13 @@ def short_conv_silu(
     if tail is not None:
         tail = tail.to(x.dtype).contiguous()
     y = ShortConvSiLU.apply(x, weight.view(channels, width), tail, pos, mask, group, normalize)
-    recent = x[:, max(0, length - (width - 1)) :]
+    if not keep_tail:
+        return y, None
+    taken = min(length, width - 1)
+    recent = x[:, length - taken :]
     if pad_mask is not None:
-        recent = recent * pad_mask[:, length - recent.shape[1] :, None]
+        recent = recent * pad_mask[:, length - taken :, None]
+    if taken == width - 1:
+        return y, recent.transpose(1, 2).contiguous()
     previous = tail if tail is not None else x.new_zeros(batch, channels, width - 1)
-    new_tail = torch.cat([previous, recent.transpose(1, 2)], dim=-1)[..., recent.shape[1] :]
-    return y, new_tail
+    return y, torch.cat([previous[..., taken:], recent.transpose(1, 2)], dim=-1)

@@ -38,6 +38,7 @@ CASES = {
     "tail_prefill": (2, 19, 2, 16, 4, True, None, False),
     "tail_decode_1": (3, 1, 2, 16, 4, True, None, False),
     "tail_decode_2": (1, 2, 2, 16, 3, True, None, False),
+    "short_no_tail": (2, 2, 2, 16, 4, False, None, False),
     "packed": (1, 50, 2, 16, 4, False, [0, 1, 3, 20, 50], False),
     "pads": (2, 23, 2, 16, 4, False, None, True),
     "width_1": (2, 9, 2, 16, 1, False, None, False),
@@ -74,8 +75,22 @@ def check_conv(name, normalize, device, dtype, tol):
     (y_ref * dy).sum().backward()
     torch.testing.assert_close(y.float(), y_ref, **tol)
     torch.testing.assert_close(new_tail.float(), tail_ref, **tol)
+    assert new_tail.is_contiguous()  # the next decode step reads it without a copy
     torch.testing.assert_close(x1.grad.float(), x2.grad, **tol)
     torch.testing.assert_close(w1.grad.float(), w2.grad, **tol)
+    with torch.no_grad():  # training keeps no tail: the same output, no tail built
+        y_only, none = triton_conv.short_conv_silu(
+            x,
+            weight,
+            group=group,
+            normalize=normalize,
+            tail=tail,
+            pos=pos,
+            pad_mask=pad_mask,
+            keep_tail=False,
+        )
+    assert none is None
+    torch.testing.assert_close(y_only, y.detach(), rtol=0, atol=0)
 
 
 @pytest.mark.triton_interpret
