@@ -126,6 +126,11 @@ def test_task_subset_accuracy_curve_and_early_stop(tmp_path):
     assert mqar.main(base + ["--steps", "12", "--eval-every", "4", "--stop-at", "0", "--out", str(stop)]) == 0
     run = json.loads(stop.read_text())["runs"]["pflow-r1/w32/lr0.003"]
     assert run["steps_done"] == 4 and [step for step, _ in run["eval_curve"]] == [4]
+    vocab = tmp_path / "vocab.json"  # --vocab-size: the embeddings and the token ranges follow it
+    assert mqar.main(base + ["--steps", "2", "--vocab-size", "128", "--out", str(vocab)]) == 0
+    data = json.loads(vocab.read_text())
+    assert data["config"]["vocab_size"] == 128
+    assert data["runs"]["pflow-r1/w32/lr0.003"]["params"] - run["params"] == 2 * 64 * 32  # embed + head rows
     with pytest.raises(SystemExit):
         mqar.main(base + ["--stop-at", "0.9", "--out", str(tmp_path / "x.json")])  # needs --eval-every
     with pytest.raises(SystemExit):

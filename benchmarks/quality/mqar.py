@@ -412,6 +412,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lrs", type=lambda s: _list(s, float), help="override the grid's learning rates")
     p.add_argument("--steps", type=int, help="override the grid's training steps")
     p.add_argument("--tokens-per-step", type=int, help="override the grid's tokens per step")
+    p.add_argument("--vocab-size", type=int, help="override the grid's vocabulary (keys and values halves)")
     p.add_argument("--tasks", type=_list, help="subset of the grid's tasks, by name (e.g. kv64_t512)")
     p.add_argument("--eval-every", type=int, help="held-out accuracy every N steps (an accuracy curve)")
     p.add_argument(
@@ -469,6 +470,7 @@ def main(argv=None) -> int:
         "lrs": tuple(args.lrs) if args.lrs else None,
         "steps": args.steps,
         "tokens_per_step": args.tokens_per_step,
+        "vocab_size": args.vocab_size,
         "tasks": tuple(t for t in grid.tasks if t.name in args.tasks) if args.tasks else None,
         "eval_every": args.eval_every,
         "stop_at": args.stop_at,
