@@ -89,6 +89,19 @@ def test_saved_model_reloads_with_remote_code(tmp_path):
     assert np.isfinite(loss) and model.config.rank == 2
 
 
+def test_gradient_accumulation_gives_the_same_run(tmp_path):
+    """--micro-batch splits each step's 16 windows into forwards of 4: the same losses, to fp32 rounding."""
+    corpus = _corpus(tmp_path / "corpus")
+    args = [*ARGS, "--tokens", "2048", "--models", "llama", "--eval-every", "2"]
+    whole, split = tmp_path / "whole.json", tmp_path / "split.json"
+    assert text_lm.main([str(corpus), *args, "--out", str(whole)]) == 0
+    assert text_lm.main([str(corpus), *args, "--micro-batch", "4", "--out", str(split)]) == 0
+    a, b = (json.loads(p.read_text())["runs"]["llama"] for p in (whole, split))
+    assert a["steps_done"] == b["steps_done"] == 4
+    np.testing.assert_allclose(np.array(a["heldout_curve"]), np.array(b["heldout_curve"]), rtol=1e-4)
+    np.testing.assert_allclose(np.array(a["loss_curve"]), np.array(b["loss_curve"]), rtol=1e-4)
+
+
 def test_bad_inputs_are_named(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="missing manifest.json, train.npy, val.npy"):
