@@ -140,7 +140,7 @@ def train_one(name: str, args, shape: Shape, train: np.ndarray, val: np.ndarray,
     starts = window_offsets(len(train), args.seq_len, steps * rows_per_step, args.seed)
     evaluate = lambda: heldout_loss(model, val, args.seq_len, micro, device, autocast, args.val_windows)  # noqa: E731
     eval_curve = [[0, round(evaluate(), 5)]]
-    curve, window, steady_tokens, steady_start, done = [], [], 0, None, 0
+    curve, window, steady_tokens, steady_start, done, eval_s = [], [], 0, None, 0, 0.0
     log_every = max(1, steps // 100)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -176,10 +176,12 @@ def train_one(name: str, args, shape: Shape, train: np.ndarray, val: np.ndarray,
             if not math.isfinite(mean):
                 break
         if args.eval_every and (step + 1) % args.eval_every == 0 and step + 1 < steps:
+            paused = time.perf_counter()
             eval_curve.append([tokens, round(evaluate(), 5)])
+            eval_s += time.perf_counter() - paused  # evaluation is not training throughput
     if cuda:
         torch.cuda.synchronize()
-    steady_s = time.perf_counter() - steady_start
+    steady_s = time.perf_counter() - steady_start - eval_s
     train_s = time.perf_counter() - start
     bar.close()
     final = evaluate()
@@ -194,7 +196,7 @@ def train_one(name: str, args, shape: Shape, train: np.ndarray, val: np.ndarray,
         "steps_done": done,
         "tokens": done * rows_per_step * args.seq_len,
         "heldout_loss": round(final, 5),
-        "heldout_perplexity": round(math.exp(final), 3) if math.isfinite(final) else None,
+        "heldout_perplexity": round(math.exp(final), 3) if final < 700 else None,  # NaN < 700 is False
         "final_train_loss": curve[-1][1] if curve else None,
         "loss_curve": curve,
         "heldout_curve": eval_curve,
