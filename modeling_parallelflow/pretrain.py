@@ -362,7 +362,8 @@ class PretrainRun:
                 tokens = (batch["labels"][:, 1:] != -100).sum()
                 with compute_context(self.strategy, self.precision, self.env.device):
                     loss = self.model(**batch).loss
-                sums += torch.stack([loss.double() * tokens, tokens.double()])
+                weighted = torch.where(tokens > 0, loss.double() * tokens, 0.0)  # no NaN from an empty batch
+                sums += torch.stack([weighted, tokens.double()])
         if self.env.world_size > 1:
             dist.all_reduce(sums)
         return float(sums[0] / sums[1].clamp_min(1)), int(sums[1])
