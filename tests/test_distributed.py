@@ -54,22 +54,23 @@ def _no_launcher_env(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
+def _documents_file(path: Path, seed: int, tokens: int) -> Path:
+    """Random ids with an eos every ~30 tokens: packed batches of many short documents."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(3, 512, tokens)
+    ids[rng.random(ids.size) < 0.03] = EOS
+    return write_token_file(path, ids, 512)
+
+
 @pytest.fixture(scope="module")
 def token_file(tmp_path_factory) -> Path:
-    """Random ids with an eos every ~30 tokens: packed batches of many short documents."""
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, 512, 12_000)
-    ids[rng.random(ids.size) < 0.03] = EOS
-    return write_token_file(tmp_path_factory.mktemp("tokens") / "tokens.npy", ids, 512)
+    return _documents_file(tmp_path_factory.mktemp("tokens") / "tokens.npy", 0, 12_000)
 
 
 @pytest.fixture(scope="module")
 def val_file(tmp_path_factory) -> Path:
     """Held-out ids drawn as token_file's, from another seed."""
-    rng = np.random.default_rng(1)
-    ids = rng.integers(3, 512, 3_000)
-    ids[rng.random(ids.size) < 0.03] = EOS
-    return write_token_file(tmp_path_factory.mktemp("tokens") / "val.npy", ids, 512)
+    return _documents_file(tmp_path_factory.mktemp("tokens") / "val.npy", 1, 3_000)
 
 
 def train_argv(
