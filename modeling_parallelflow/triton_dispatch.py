@@ -187,8 +187,10 @@ class _ChunkDeltaRule(torch.autograd.Function):
     def backward(ctx, do, dht):
         q, a, b, w, xs, tmat, states, beta, v, uu, h0 = ctx.saved_tensors
         plan = ctx.plan
-        if w is None:  # recompute_wu: W and U from the kept T (same kernel: the forward's values)
-            w, uu, _ = _wu(a, b, v, beta, plan, t_in=tmat)
+        if w is None:  # recompute_wu: W and U from the kept T (same kernel: the forward's values); with
+            # recompute_inverses too, T comes out of this same launch
+            w, uu, t = _wu(a, b, v, beta, plan, t_in=tmat, store_t=tmat is None)
+            tmat = tmat if tmat is not None else t
         if states is None:  # recompute: the same scan on the same inputs writes the same states and X
             _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True, need_o=False)
         if tmat is None:

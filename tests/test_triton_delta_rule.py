@@ -359,7 +359,9 @@ def test_chunk_varlen_gpu(rank, mode):
     ],
     ids=["R1-sum", "R3-product-varlen", "R2-sigdelta"],
 )
-@pytest.mark.parametrize("flag", ["recompute_states", "recompute_inverses", "recompute_wu"])
+@pytest.mark.parametrize(
+    "flag", ["recompute_states", "recompute_inverses", "recompute_wu", "recompute_wu+recompute_inverses"]
+)
 def test_recomputed_states_give_the_same_gradients_and_keep_less(
     monkeypatch, flag, rank, mode, algorithm, cu
 ):
@@ -367,7 +369,7 @@ def test_recomputed_states_give_the_same_gradients_and_keep_less(
     the chunk states and X; TUNE["recompute_inverses"]: it reruns the solve for the inverses T instead of
     keeping them (sigdelta never keeps them); TUNE["recompute_wu"]: it forms W and U again from the kept T.
     Every output and gradient equals the float64 loop's and is identical to the kept path's, and less is
-    kept for the backward."""
+    kept for the backward. "a+b": both options at once."""
     if flag != "recompute_states" and algorithm == "sigdelta":
         pytest.skip("the sigdelta solver keeps no T")
     from modeling_parallelflow import triton_utils
@@ -393,9 +395,11 @@ def test_recomputed_states_give_the_same_gradients_and_keep_less(
         kept = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in saved}
         return [o, ht] + [x.grad for x in inputs], sum(kept.values())
 
-    monkeypatch.setitem(triton_utils.TUNE, flag, 0)
+    for name in flag.split("+"):
+        monkeypatch.setitem(triton_utils.TUNE, name, 0)
     kept_all, kept_bytes = run()
-    monkeypatch.setitem(triton_utils.TUNE, flag, 1)
+    for name in flag.split("+"):
+        monkeypatch.setitem(triton_utils.TUNE, name, 1)
     recomputed, recomputed_bytes = run()
     reference, _ = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
     for x, y, ref in zip(kept_all, recomputed, reference, strict=True):
