@@ -1,5 +1,6 @@
 """What the quality benchmarks (mqar.py, text_lm.py) share: the models compared, built at a shape with their
-non-embedding parameters matched to PFlow R = 1's, the optimiser and schedule, and the results file.
+non-embedding parameters matched to PFlow R = 1's, the optimiser and schedule, and the commit a results file
+records.
 
 A model is named as in `MODELS` (`pflow-r1`, ..., `llama`); `build_model(name, shape, intermediate)` makes it,
 and `matched_intermediate(name, shape)` is the MLP width that brings its non-embedding parameter count
@@ -10,11 +11,9 @@ narrower MLP).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import subprocess
-import uuid
 from pathlib import Path
 
 import torch
@@ -141,14 +140,3 @@ def git_commit() -> dict:
         return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True).stdout.strip()
 
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "-uno"))}
-
-
-def write_atomic(path: Path, data: dict) -> None:
-    """JSON to `path` through a temporary file and a rename: never half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(data, indent=1) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_env import write_json  # noqa: E402
 from benchmarks.quality.harness import (  # noqa: E402
     MODELS,
     Shape,
@@ -45,7 +46,6 @@ from benchmarks.quality.harness import (  # noqa: E402
     git_commit,
     lr_lambda,
     non_embedding_params,
-    write_atomic,
 )
 from benchmarks.quality.harness import matched_intermediate as _matched_intermediate  # noqa: E402
 
@@ -454,7 +454,7 @@ def merge(paths: list[Path], out: Path) -> dict:
             raise SystemExit(f"{path} was run with another configuration than {paths[0]}")
         else:
             merged["runs"].update(data["runs"])
-    write_atomic(out, merged)
+    write_json(out, merged)
     return merged
 
 
@@ -520,7 +520,7 @@ def main(argv=None) -> int:
             "commit": header["commit"],
             "dirty": header["dirty"],
         }
-        write_atomic(args.out, data)
+        write_json(args.out, data)
         accs = " ".join(f"{t}={100 * a:.1f}" for t, a in result["accuracy"].items())
         print(
             f"[{i}/{len(todo)}] {run_key(name, width, lr)}: {accs} loss={result['final_loss']} "

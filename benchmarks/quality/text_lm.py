@@ -28,10 +28,8 @@ import argparse
 import contextlib
 import json
 import math
-import shutil
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.bench_env import write_json  # noqa: E402
 from benchmarks.quality.harness import (  # noqa: E402
     MODELS,
     Shape,
@@ -49,7 +48,6 @@ from benchmarks.quality.harness import (  # noqa: E402
     lr_lambda,
     matched_intermediate,
     non_embedding_params,
-    write_atomic,
 )
 
 SCHEMA = 1
@@ -105,20 +103,15 @@ def heldout_loss(
 
 
 def save_model(model, tokenizer_dir: Path, target: Path) -> None:
-    """save_pretrained (and the corpus tokenizer) into a temporary folder, then renamed to `target`."""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        model.save_pretrained(tmp)
+    """save_pretrained (and the corpus tokenizer) to `target` through a staging folder (`atomic_dir`)."""
+    from modeling_parallelflow.training import atomic_dir
+
+    with atomic_dir(target, overwrite=True) as staging:
+        model.save_pretrained(staging)
         if tokenizer_dir.is_dir():
             from transformers import AutoTokenizer
 
-            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(staging)
 
 
 def train_one(name: str, args, shape: Shape, train: np.ndarray, val: np.ndarray, device) -> dict:
@@ -359,7 +352,7 @@ def main(argv=None) -> int:
             break
         result = train_one(name, args, shape, train, val, device)
         data["runs"][name] = result | {"commit": header["commit"], "dirty": header["dirty"]}
-        write_atomic(args.out, data)
+        write_json(args.out, data)
         print(
             f"[{i}/{len(todo)}] {name}: held-out ppl {result['heldout_perplexity']} "
             f"({result['tokens_per_s']} tok/s, {result['train_s']} s)",
