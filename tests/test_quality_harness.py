@@ -126,6 +126,11 @@ def test_task_subset_accuracy_curve_and_early_stop(tmp_path):
     assert mqar.main(base + ["--steps", "12", "--eval-every", "4", "--stop-at", "0", "--out", str(stop)]) == 0
     run = json.loads(stop.read_text())["runs"]["pflow-r1/w32/lr0.003"]
     assert run["steps_done"] == 4 and [step for step, _ in run["eval_curve"]] == [4]
+    assert run["ended_by"] == "stop_at"
+    wall = tmp_path / "wall.json"  # --run-wall 0: the run ends after its first step, evaluated and kept
+    assert mqar.main(base + ["--steps", "12", "--run-wall", "0", "--out", str(wall)]) == 0
+    run = json.loads(wall.read_text())["runs"]["pflow-r1/w32/lr0.003"]
+    assert run["steps_done"] == 1 and run["ended_by"] == "run_wall" and len(run["eval_curve"]) == 1
     vocab = tmp_path / "vocab.json"  # --vocab-size: the embeddings and the token ranges follow it
     assert mqar.main(base + ["--steps", "2", "--vocab-size", "128", "--out", str(vocab)]) == 0
     data = json.loads(vocab.read_text())

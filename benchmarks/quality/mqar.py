@@ -203,7 +203,17 @@ def evaluate(model, grid: Grid, heldout: dict[str, tuple], device: torch.device,
     return {"accuracy": accuracy, "sequence_accuracy": sequence_accuracy}
 
 
-def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, device: torch.device) -> dict:
+def train_one(
+    name: str,
+    width: int,
+    lr: float,
+    grid: Grid,
+    heldout: dict,
+    device: torch.device,
+    run_wall: float | None = None,
+) -> dict:
+    """Train and evaluate one run. It ends at `grid.steps`, at `grid.stop_at` accuracy, on a non-finite loss,
+    or after `run_wall` seconds (the lr schedule still spans `grid.steps`); `ended_by` says which."""
     from tqdm import tqdm
 
     cuda = device.type == "cuda"
@@ -220,7 +230,7 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
 
     generator = torch.Generator(device=device).manual_seed(grid.seed)
     log_every = max(1, grid.steps // 50)
-    curve, window, tokens, eval_curve, stopped = [], [], 0, [], False
+    curve, window, tokens, eval_curve, stopped, ended_by = [], [], 0, [], False, "steps"
     steady_tokens, steady_start = 0, None
     start = time.perf_counter()
     bar = tqdm(range(grid.steps), desc=f"{name} w{width} lr{lr:g}", leave=False, dynamic_ncols=True)
@@ -248,6 +258,7 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
             window.clear()
             bar.set_postfix(loss=f"{mean:.3f}")
             if not math.isfinite(mean):
+                ended_by = "non-finite loss"
                 break
         if grid.eval_every and (step + 1) % grid.eval_every == 0 and step + 1 < grid.steps:
             accuracy = evaluate(model, grid, heldout, device, autocast)["accuracy"]
@@ -256,8 +267,14 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
                 if not curve or curve[-1][0] != step + 1:
                     curve.append([step + 1, round(torch.stack(window).mean().item(), 5)])
                     window.clear()
-                stopped = True
+                stopped, ended_by = True, "stop_at"
                 break
+        if run_wall is not None and time.perf_counter() - start > run_wall and step + 1 < grid.steps:
+            if not curve or curve[-1][0] != step + 1:
+                curve.append([step + 1, round(torch.stack(window).mean().item(), 5)])
+                window.clear()
+            ended_by = "run_wall"
+            break
     if cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
@@ -273,6 +290,7 @@ def train_one(name: str, width: int, lr: float, grid: Grid, heldout: dict, devic
         "params": params,
         "non_embedding_params": non_embedding_params(model),
         "steps_done": curve[-1][0] if curve else 0,
+        "ended_by": ended_by,
         "tokens": tokens,
         **result,
         "final_loss": curve[-1][1] if curve else None,
@@ -422,6 +440,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--shard", default="0/1", help="K/N: run only the runs whose index %% N == K (default 0/1)"
     )
     p.add_argument("--max-wall", type=float, help="start no new run after this many seconds")
+    p.add_argument(
+        "--run-wall",
+        type=float,
+        help="end a run after this many seconds, evaluated and kept (its lr schedule still spans --steps)",
+    )
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --out (no training)")
@@ -515,7 +538,7 @@ def main(argv=None) -> int:
         if args.max_wall is not None and time.perf_counter() - started > args.max_wall:
             print(f"--max-wall {args.max_wall:g}s reached: {len(todo) - i + 1} runs left for the next call")
             break
-        result = train_one(name, width, lr, grid, heldout, device)
+        result = train_one(name, width, lr, grid, heldout, device, args.run_wall)
         data["runs"][run_key(name, width, lr)] = result | {
             "commit": header["commit"],
             "dirty": header["dirty"],
@@ -524,7 +547,8 @@ def main(argv=None) -> int:
         accs = " ".join(f"{t}={100 * a:.1f}" for t, a in result["accuracy"].items())
         print(
             f"[{i}/{len(todo)}] {run_key(name, width, lr)}: {accs} loss={result['final_loss']} "
-            f"{result['tokens_per_s']} tok/s {result['wall_s']}s",
+            f"{result['tokens_per_s']} tok/s {result['wall_s']}s, "
+            f"{result['steps_done']} steps ({result['ended_by']})",
             flush=True,
         )
     report(data, args.out)

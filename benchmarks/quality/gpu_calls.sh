@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# The device calls behind the quality results (issue #16), one stage per call; run from the repository root on
+# the GPU machine with .whl/ and data/prose carried (README.md in this folder says how to build both).
+#
+#   bash benchmarks/quality/gpu_calls.sh probe   # MQAR step time: one process alone, then 4 and 8 at once
+#   bash benchmarks/quality/gpu_calls.sh text    # text_lm.py 30m (resumes runs/text_30m.json)
+#   bash benchmarks/quality/gpu_calls.sh eval    # the offline lm-eval suite on the saved text models
+#   bash benchmarks/quality/gpu_calls.sh mqar    # the target cells of MQAR, one process per run, in parallel
+#
+# Everything lands in runs/ (kept between calls on a warm machine) and is copied to $OUT.
+set -uo pipefail
+stage=${1:?stage: probe, text, eval or mqar}
+OUT=${OUT:-runs/out}
+mkdir -p runs "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/runs/triton_cache \
+    HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+Q=benchmarks/quality
+R=$Q/results
+
+case $stage in
+probe)
+    # a run of 300 steps, alone and then 4 and 8 copies at once: does the GPU take parallel MQAR processes?
+    common=(--grid full --widths 128 --tasks kv64_t512 --lrs 1.5e-3 --steps 300)
+    python3 $Q/mqar.py "${common[@]}" --models pflow-r1 --out runs/probe_1.json > runs/probe_1.log 2>&1
+    for n in 4 8; do
+        for k in $(seq 1 $n); do
+            python3 $Q/mqar.py "${common[@]}" --models pflow-r1 --out runs/probe_${n}_$k.json \
+                > runs/probe_${n}_$k.log 2>&1 &
+        done
+        wait
+    done
+    python3 - <<'EOF'
+import json, glob
+for pattern in ("runs/probe_1.json", "runs/probe_4_*.json", "runs/probe_8_*.json"):
+    rates = [next(iter(json.load(open(f))["runs"].values()))["tokens_per_s"] for f in sorted(glob.glob(pattern))]
+    print(f"{pattern}: {len(rates)} processes, tokens/s each {[round(r / 1e6, 2) for r in rates]} M, "
+          f"sum {sum(rates) / 1e6:.2f} M")
+EOF
+    ;;
+text)
+    [[ -f runs/text_30m.json ]] || cp $R/text_30m.json runs/ 2>/dev/null
+    python3 $Q/text_lm.py data/prose --size 30m --tokens 30e6 --eval-every 50 --max-wall "${MAX_WALL:-300}" \
+        --models pflow-r1,llama,pflow-r2-sum,pflow-r2-product,pflow-r4-sum \
+        --out runs/text_30m.json --save-dir runs/text30m 2>&1 | grep -v 'it/s\]$'
+    cp runs/text_30m.json runs/text_30m.png "$OUT"/ 2>/dev/null
+    ;;
+eval)
+    for dir in runs/text30m/*/; do
+        name=$(basename "$dir")
+        [[ -f runs/text30m_eval/$name/results.json ]] && continue
+        python3 -m modeling_parallelflow eval "$dir" --device cuda --dtype bfloat16 --batch-size 16 \
+            --limit "${LIMIT:-200}" --output-dir runs/text30m_eval/$name 2>&1 | grep -v '%|' | tail -25
+    done
+    python3 - <<'EOF'
+import json, glob, os
+rows = {}
+for f in sorted(glob.glob("runs/text30m_eval/*/results.json")):
+    rows[os.path.basename(os.path.dirname(f))] = json.load(open(f))
+json.dump(rows, open(os.environ.get("OUT", "runs/out") + "/text30m_eval.json", "w"), indent=1, default=str)
+EOF
+    ;;
+mqar)
+    # the issue's target cells, each run its own process (MQAR steps are launch-bound: they overlap on one GPU)
+    steps=${STEPS:-20000}
+    wall=${RUN_WALL:-480}
+    launch() {  # tag, task, width, model, lr
+        python3 $Q/mqar.py --grid full --tasks "$2" --widths "$3" --models "$4" --lrs "$5" --steps "$steps" \
+            --eval-every 1000 --stop-at 0.99 --run-wall "$wall" --out "runs/mqar_$1.json" > "runs/mqar_$1.log" 2>&1 &
+    }
+    launch r1_w128_kv64_lr5e-4 kv64_t512 128 pflow-r1 5e-4
+    launch r1_w128_kv64_lr1.5e-3 kv64_t512 128 pflow-r1 1.5e-3
+    launch r1_w128_kv64_lr3e-3 kv64_t512 128 pflow-r1 3e-3
+    launch r2sum_w128_kv64_lr1.5e-3 kv64_t512 128 pflow-r2-sum 1.5e-3
+    launch llama_w128_kv64_lr1.5e-3 kv64_t512 128 llama 1.5e-3
+    launch r1_w64_kv256_lr1.5e-3 kv256_t1024 64 pflow-r1 1.5e-3
+    launch r2sum_w64_kv256_lr1.5e-3 kv256_t1024 64 pflow-r2-sum 1.5e-3
+    launch r2sum_w64_kv256_lr5e-4 kv256_t1024 64 pflow-r2-sum 5e-4
+    wait
+    grep -h '^\[' runs/mqar_*.log
+    tar czf "$OUT/mqar_runs.tgz" runs/mqar_*.json runs/mqar_*.log
+    ;;
+*)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
