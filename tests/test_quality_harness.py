@@ -21,7 +21,7 @@ def _load():
 
 
 mqar = _load()
-from benchmarks.quality import harness  # noqa: E402  (importable once mqar.py put the repository on sys.path)
+from benchmarks.quality import harness, mqar_curves  # noqa: E402  (importable once mqar.py put the repository on sys.path)
 
 
 @pytest.mark.parametrize(("length", "pairs", "vocab"), [(64, 4, 64), (256, 16, 8192), (1024, 256, 8192)])
@@ -131,6 +131,11 @@ def test_task_subset_accuracy_curve_and_early_stop(tmp_path):
     assert mqar.main(base + ["--steps", "12", "--run-wall", "0", "--out", str(wall)]) == 0
     run = json.loads(wall.read_text())["runs"]["pflow-r1/w32/lr0.003"]
     assert run["steps_done"] == 1 and run["ended_by"] == "run_wall" and len(run["eval_curve"]) == 1
+    plot = tmp_path / "curves.png"  # mqar_curves.py: one line per run of several files, and a table
+    assert mqar_curves.main([str(out), str(wall), "--out", str(plot)]) == 0 and plot.stat().st_size > 0
+    assert len(mqar_curves.table(mqar_curves.load_runs([out, wall])).splitlines()) == 4
+    with pytest.raises(SystemExit, match="not an mqar.py results file"):
+        mqar_curves.load_runs([SCRIPT.parent / "results" / "text_30m_h200" / "text_30m.json"])
     vocab = tmp_path / "vocab.json"  # --vocab-size: the embeddings and the token ranges follow it
     assert mqar.main(base + ["--steps", "2", "--vocab-size", "128", "--out", str(vocab)]) == 0
     data = json.loads(vocab.read_text())

@@ -1,0 +1,95 @@
+"""Held-out MQAR accuracy along training, one line per run, from one or more mqar.py results files (runs made
+with --eval-every), one panel per task; and the same as a markdown table.
+
+    python benchmarks/quality/mqar_curves.py results/a.json results/b.json --out curves.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def load_runs(paths: list[Path]) -> list[dict]:
+    """Every run of the files, with its learning rate, steps and tokens per step, in file order."""
+    runs = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        if data.get("benchmark") != "mqar":
+            raise SystemExit(f"{path} is not an mqar.py results file")
+        for key, run in data["runs"].items():
+            if not run.get("eval_curve"):
+                raise SystemExit(f"{path}: run {key} has no accuracy curve (made without --eval-every)")
+            runs.append(run | {"key": key, "grid_steps": data["config"]["steps"], "file": path.name})
+    if not runs:
+        raise SystemExit("no runs in " + ", ".join(map(str, paths)))
+    return runs
+
+
+def label(run: dict) -> str:
+    return f"{run['model']} w{run['width']} lr {run['lr']:g} ({run['grid_steps']:,}-step schedule)"
+
+
+def table(runs: list[dict]) -> str:
+    lines = [
+        "run | task | accuracy % at each 1,000 steps | final % | steps | ended by",
+        "--- | --- | --- | --- | --- | ---",
+    ]
+    for run in runs:
+        for task, final in run["accuracy"].items():
+            points = " / ".join(f"{100 * acc[task]:.1f}" for _, acc in run["eval_curve"])
+            lines.append(
+                f"{label(run)} | {task} | {points} | {100 * final:.1f} | {run['steps_done']:,} | "
+                f"{run.get('ended_by', '-')}"
+            )
+    return "\n".join(lines)
+
+
+def plot(runs: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(task for run in runs for task in run["accuracy"]))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for run in (r for r in runs if task in r["accuracy"]):
+            steps = [step for step, _ in run["eval_curve"]]
+            ax.plot(
+                steps, [100 * acc[task] for _, acc in run["eval_curve"]], marker="o", ms=3, label=label(run)
+            )
+        ax.axhline(99, color="grey", ls=":", lw=1)
+        ax.set_title(task)
+        ax.set_xlabel("training step")
+        ax.set_ylabel("held-out accuracy (%)")
+        ax.set_ylim(-2, 102)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.stem + ".tmp" + out.suffix)
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("results", nargs="+", type=Path, help="mqar.py results files")
+    p.add_argument("--out", required=True, type=Path, help="the plot (PNG)")
+    args = p.parse_args(argv)
+    missing = [str(path) for path in args.results if not path.is_file()]
+    if missing:
+        raise SystemExit(f"no such results file: {', '.join(missing)}")
+    runs = load_runs(args.results)
+    plot(runs, args.out)
+    print(table(runs))
+    print(f"plot: {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
