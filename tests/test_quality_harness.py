@@ -155,3 +155,27 @@ def test_results_from_before_the_optional_fields_still_resume():
     assert mqar.grid_dict(dataclasses.replace(grid, lrs=(1.5e-3,))) == {
         k: v for k, v in committed["config"].items() if k in mqar.grid_dict(grid)
     }
+
+
+def test_answers_are_the_masked_labels_in_order_at_fixed_shapes():
+    """`answers` (what a CUDA-graph step needs: fixed shapes, no host sync) selects what labels[mask] does."""
+    task = mqar.Task(seq_len=64, kv_pairs=8)
+    _, labels = mqar.mqar_batch(task, 5, torch.Generator().manual_seed(3), 128)
+    positions, values = mqar.answers(labels, task.kv_pairs)
+    mask = labels != mqar.IGNORE
+    assert positions.shape == values.shape == (5, 8)
+    assert torch.equal(values.flatten(), labels[mask])
+    assert torch.equal(positions, mask.nonzero()[:, 1].view(5, 8))
+
+
+def test_cuda_graph_step_refuses_what_it_cannot_capture():
+    from benchmarks.quality.graph_step import GraphTrainStep
+
+    model = torch.nn.Linear(4, 4)
+    plain = torch.optim.AdamW(model.parameters())
+    with pytest.raises(ValueError, match="CUDA device"):
+        GraphTrainStep(
+            lambda x: model(x).sum(), model.parameters(), plain, lr=1e-3, device=torch.device("cpu")
+        )
+    with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
+        mqar.main(["--grid", "smoke", "--cuda-graph", "--device", "cpu", "--out", "unused.json"])

@@ -107,8 +107,11 @@ def matched_intermediate(name: str, shape: Shape) -> int:
     return size
 
 
-def adamw(model: torch.nn.Module, lr: float, cuda: bool, betas=(0.9, 0.98)) -> torch.optim.AdamW:
-    """AdamW with weight decay 0.1 on matrices and none on vectors (norms, biases)."""
+def adamw(
+    model: torch.nn.Module, lr: float, cuda: bool, betas=(0.9, 0.98), capturable: bool = False
+) -> torch.optim.AdamW:
+    """AdamW with weight decay 0.1 on matrices and none on vectors (norms, biases); fused on CUDA, and
+    `capturable` for a step captured in a CUDA graph (graph_step.py)."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     return torch.optim.AdamW(
@@ -116,6 +119,7 @@ def adamw(model: torch.nn.Module, lr: float, cuda: bool, betas=(0.9, 0.98)) -> t
         lr=lr,
         betas=betas,
         fused=cuda,
+        capturable=capturable,
     )
 
 

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_env import write_json  # noqa: E402
+from benchmarks.quality.graph_step import GraphTrainStep  # noqa: E402
 from benchmarks.quality.harness import (  # noqa: E402
     MODELS,
     Shape,
@@ -172,12 +173,20 @@ def matched_intermediate(name: str, width: int, grid: Grid) -> int:
 # ---------------------------------------------------------------- one run
 
 
-def answer_loss_and_hits(model, inputs, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the answer tokens (the LM head runs there only) and a bool per answer."""
-    hidden = model.model(input_ids=inputs).last_hidden_state
-    mask = labels != IGNORE
-    logits = model.lm_head(hidden[mask]).float()
-    targets = labels[mask]
+def answers(labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions, values) [B, count] of the answer tokens of each row of `labels` [B, T], in order; every row
+    of a task holds `count` = kv_pairs answers. Fixed shapes and no host synchronisation (unlike a mask)."""
+    positions = torch.sort((labels == IGNORE).to(torch.uint8), dim=1, stable=True).indices[:, :count]
+    return positions, labels.gather(1, positions)
+
+
+def answer_loss_and_hits(model, inputs, positions, targets) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy over the answer tokens (the LM head runs there only) and a bool per answer [B * N].
+    inputs [B, T]; positions and targets [B, N] (`answers`). A training step of it can be a CUDA graph."""
+    hidden = model.model(input_ids=inputs).last_hidden_state  # [B, T, D]
+    picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, N, D]
+    logits = model.lm_head(picked).float().flatten(0, 1)  # [B * N, V]
+    targets = targets.flatten()
     return F.cross_entropy(logits, targets), logits.argmax(-1) == targets
 
 
@@ -192,7 +201,7 @@ def evaluate(model, grid: Grid, heldout: dict[str, tuple], device: torch.device,
         for start in range(0, len(inputs), step):
             x, y = inputs[start : start + step].to(device), labels[start : start + step].to(device)
             with autocast():
-                _, hit = answer_loss_and_hits(model, x, y)
+                _, hit = answer_loss_and_hits(model, x, *answers(y, task.kv_pairs))
             hits.append(hit.cpu())
             per_row = torch.zeros_like(y, dtype=torch.bool)
             per_row[y != IGNORE] = hit
@@ -211,9 +220,11 @@ def train_one(
     heldout: dict,
     device: torch.device,
     run_wall: float | None = None,
+    cuda_graph: bool = False,
 ) -> dict:
     """Train and evaluate one run. It ends at `grid.steps`, at `grid.stop_at` accuracy, on a non-finite loss,
-    or after `run_wall` seconds (the lr schedule still spans `grid.steps`); `ended_by` says which."""
+    or after `run_wall` seconds (the lr schedule still spans `grid.steps`); `ended_by` says which. With
+    `cuda_graph`, training steps replay CUDA graphs (graph_step.py): the same steps on the same batches."""
     from tqdm import tqdm
 
     cuda = device.type == "cuda"
@@ -221,12 +232,36 @@ def train_one(
     torch.manual_seed(grid.seed)
     model = _build(name, width, intermediate, grid).to(device)
     params = sum(p.numel() for p in model.parameters())
-    optimizer = adamw(model, lr, cuda)
-    warmup = max(1, grid.steps // 10)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(grid.steps, warmup))
+    optimizer = adamw(model, lr, cuda, capturable=cuda_graph)
+    schedule = lr_lambda(grid.steps, max(1, grid.steps // 10))
 
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else contextlib.nullcontext()
+    def autocast():  # no cast cache: a captured graph must not keep casts made outside it
+        if not cuda:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=not cuda_graph)
+
+    def answer_loss(inputs, positions, targets):
+        with autocast():
+            return answer_loss_and_hits(model, inputs, positions, targets)[0]
+
+    if cuda_graph:  # one graph per task shape, after its warm-up steps
+        graphed = GraphTrainStep(answer_loss, model.parameters(), optimizer, lr=lr, device=device)
+        first_steady = (graphed.warmup + 1) * len(grid.tasks)
+    else:
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        first_steady = 1  # the first step compiles kernels
+
+    def train_step(step: int, task: Task, inputs, labels) -> torch.Tensor:
+        positions, targets = answers(labels, task.kv_pairs)
+        if cuda_graph:
+            return graphed(lr * schedule(step), inputs, positions, targets)
+        loss = answer_loss(inputs, positions, targets)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        return loss.detach()
 
     generator = torch.Generator(device=device).manual_seed(grid.seed)
     log_every = max(1, grid.steps // 50)
@@ -237,20 +272,13 @@ def train_one(
     for step in bar:
         task = grid.tasks[step % len(grid.tasks)]
         inputs, labels = mqar_batch(task, batch_size(task, grid.tokens_per_step), generator, grid.vocab_size)
-        with autocast():
-            loss, _ = answer_loss_and_hits(model, inputs, labels)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        window.append(loss.detach())
+        window.append(train_step(step, task, inputs, labels))
         tokens += inputs.numel()
-        if step == 0:  # the first step compiles kernels: throughput counts from the end of it
+        if step + 1 == first_steady:  # throughput counts from here: kernels compiled, graphs captured
             if cuda:
                 torch.cuda.synchronize()
             steady_start = time.perf_counter()
-        else:
+        elif step + 1 > first_steady:
             steady_tokens += inputs.numel()
         if (step + 1) % log_every == 0 or step + 1 == grid.steps:
             mean = torch.stack(window).mean().item()
@@ -278,7 +306,7 @@ def train_one(
     if cuda:
         torch.cuda.synchronize()
     train_s = time.perf_counter() - start
-    steady_s = time.perf_counter() - steady_start
+    steady_s = time.perf_counter() - steady_start if steady_start is not None else None
     bar.close()
     result = evaluate(model, grid, heldout, device, autocast)
     return {
@@ -291,6 +319,7 @@ def train_one(
         "non_embedding_params": non_embedding_params(model),
         "steps_done": curve[-1][0] if curve else 0,
         "ended_by": ended_by,
+        "cuda_graph": cuda_graph,
         "tokens": tokens,
         **result,
         "final_loss": curve[-1][1] if curve else None,
@@ -445,6 +474,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         type=float,
         help="end a run after this many seconds, evaluated and kept (its lr schedule still spans --steps)",
     )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="replay each training step as a CUDA graph (graph_step.py): same steps, far less launch time",
+    )
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--merge", nargs="+", type=Path, help="merge these results files into --out (no training)")
@@ -502,6 +536,8 @@ def main(argv=None) -> int:
     widths = args.widths or list(grid.widths)
     models = args.models or list(MODELS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.cuda_graph and device.type != "cuda":
+        raise SystemExit(f"--cuda-graph needs a CUDA device; this run is on {device}")
     import transformers
 
     header = {
@@ -538,7 +574,7 @@ def main(argv=None) -> int:
         if args.max_wall is not None and time.perf_counter() - started > args.max_wall:
             print(f"--max-wall {args.max_wall:g}s reached: {len(todo) - i + 1} runs left for the next call")
             break
-        result = train_one(name, width, lr, grid, heldout, device, args.run_wall)
+        result = train_one(name, width, lr, grid, heldout, device, args.run_wall, args.cuda_graph)
         data["runs"][run_key(name, width, lr)] = result | {
             "commit": header["commit"],
             "dirty": header["dirty"],
