@@ -81,6 +81,7 @@ def test_console_script_help_is_fast():
     assert time.perf_counter() - start < HELP_LIMIT_S
 
 
+@pytest.mark.slow  # a fresh interpreter: ~12 s
 def test_importing_the_package_is_light_and_model_names_register_the_auto_classes():
     probe = (
         "import sys, modeling_parallelflow as m\n"

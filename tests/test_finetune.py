@@ -108,6 +108,7 @@ def test_target_modules_none_takes_the_parallelflow_defaults():
     assert not any("conv1d" in name or "b_proj" in name for name in targets)
 
 
+@pytest.mark.slow  # a fresh interpreter: ~12 s
 def test_using_the_package_registers_lora_defaults():
     script = textwrap.dedent(
         """
