@@ -6,8 +6,11 @@
 #   bash benchmarks/quality/gpu_calls.sh text    # text_lm.py 30m (resumes runs/text_30m.json)
 #   bash benchmarks/quality/gpu_calls.sh eval    # the offline lm-eval suite on the saved text models
 #   bash benchmarks/quality/gpu_calls.sh mqar    # the target cells of MQAR, one process per run, in parallel
+#   bash benchmarks/quality/gpu_calls.sh graphcheck  # --cuda-graph against eager on the same 400 steps
+#   bash benchmarks/quality/gpu_calls.sh grid    # the full MQAR grid, --cuda-graph, SHARDS processes at once
 #
-# Everything lands in runs/ (kept between calls on a warm machine) and is copied to $OUT.
+# Everything lands in runs/ (kept between calls on a warm machine); what comes back is packed into one or two
+# files of $OUT (a device call returns at most 8 files).
 set -uo pipefail
 stage=${1:?stage: probe, text, eval or mqar}
 OUT=${OUT:-runs/out}
@@ -18,6 +21,7 @@ export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/runs/t
     HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 Q=benchmarks/quality
 R=$Q/results
+finished() { cat "$@" | tr '\r' '\n' | grep '^\['; }  # the "[i/n] run: ..." lines (tqdm writes \r)
 
 case $stage in
 probe)
@@ -44,7 +48,31 @@ text)
     python3 $Q/text_lm.py data/prose --size 30m --tokens 30e6 --eval-every 50 --max-wall "${MAX_WALL:-300}" \
         --models pflow-r1,llama,pflow-r2-sum,pflow-r2-product,pflow-r4-sum \
         --out runs/text_30m.json --save-dir runs/text30m 2>&1 | grep -v 'it/s\]$'
-    cp runs/text_30m.json runs/text_30m.png "$OUT"/ 2>/dev/null
+    tar czf "$OUT/text_30m.tgz" runs/text_30m.json runs/text_30m.png
+    ;;
+graphcheck)
+    M=(python3 $Q/mqar.py --grid full --widths 128 --lrs 1.5e-3 --steps 400 --eval-every 200)
+    "${M[@]}" --models pflow-r1 --tasks kv64_t512 --out runs/gc_eager.json > runs/gc_eager.log 2>&1 &
+    "${M[@]}" --cuda-graph --models pflow-r1 --tasks kv64_t512 --out runs/gc_graph.json > runs/gc_graph.log 2>&1 &
+    "${M[@]}" --cuda-graph --models llama,pflow-r2-sum --tasks kv16_t256,kv64_t512 --out runs/gc_multi.json \
+        > runs/gc_multi.log 2>&1 &
+    wait
+    python3 $Q/mqar_curves.py runs/gc_eager.json runs/gc_graph.json runs/gc_multi.json --out runs/gc_curves.png
+    finished runs/gc_*.log
+    tail -c 600 runs/gc_*.log
+    tar czf "$OUT/graphcheck.tgz" runs/gc_*
+    ;;
+grid)
+    # 7 models x 3 widths x 3 learning rates, --cuda-graph; SHARDS processes, each a K/N shard, resumable
+    shards=${SHARDS:-6}
+    for k in $(seq 0 $((shards - 1))); do
+        python3 $Q/mqar.py --grid full --steps "${STEPS:-25000}" --lrs 1.5e-3,3e-3,5e-3 --eval-every 1000 \
+            --stop-at 0.99 --cuda-graph --shard "$k/$shards" --max-wall "${MAX_WALL:-420}" \
+            --out "runs/grid_shard$k.json" > "runs/grid_shard$k.log" 2>&1 &
+    done
+    wait
+    finished runs/grid_shard*.log
+    tar czf "$OUT/grid.tgz" runs/grid_shard*
     ;;
 eval)
     for dir in runs/text30m/*/; do
@@ -76,7 +104,7 @@ mqar)
     launch r1_w64_kv256_lr1.5e-3 kv256_t1024 64 pflow-r1 1.5e-3
     launch r2sum_w64_kv256_lr1.5e-3 kv256_t1024 64 pflow-r2-sum 1.5e-3
     wait
-    grep -h '^\[' runs/mqar_*.log
+    finished runs/mqar_*.log
     tar czf "$OUT/mqar_runs.tgz" runs/mqar_*.json runs/mqar_*.log
     ;;
 *)
