@@ -32,6 +32,9 @@ VARIANTS = {
     "par_stages1": {"par_stages": 1},
     "wu_tf32": {"wu_low_dots": 0},
     "recompute_t": {"recompute_inverses": 1},
+    "recompute_wu": {"recompute_wu": 1},
+    "par_bk128": {"par_bk": 128},
+    "par_bk128_warps8": {"par_bk": 128, "par_warps": 8},
 }
 
 

@@ -324,7 +324,7 @@ def launch_chunk_bwd(
         C=chunk,
         CQ=max(16, chunk),
         CRP=crp,
-        BK=max(32, min(64, bk)),  # tiles of at least 32: K, V = 16 compile as the measured 32-wide case
+        BK=max(32, min(TUNE["par_bk"], bk)),  # tiles of at least 32: K, V = 16 compile as the 32-wide case
         BV=max(32, min(TUNE["par_bv"], next_pow2(v_dim))),
         PRODUCT=product,
         BETA=with_beta,

@@ -28,6 +28,10 @@ TUNE = {
     "scan_stages": 2,
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
+    # K tile of the backward chunk kernel (at least 32, at most K rounded up). At K = 128, 64 computes du and
+    # re-reads X, dX and dO once per K tile; 128 does it once, at the price of three [C*R, 128] fp32
+    # accumulators in registers (profile_kernels.py variants par_bk128*; not yet timed on a GPU).
+    "par_bk": 64,
     "par_stages": 2,
     # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
     # V <= 16: triton_chunk_fwd.low_dots_ok) instead of tf32 on the fp32 T. H200, 2048 x 16, H = 16:
