@@ -35,6 +35,7 @@ VARIANTS = {
     "recompute_wu": {"recompute_wu": 1},
     "par_bk128": {"par_bk": 128},
     "par_bk128_warps8": {"par_bk": 128, "par_warps": 8},
+    "bwd_local_dx": {"bwd_local_dx": 1},
 }
 
 

@@ -12,6 +12,9 @@ because W h0 + U = X; so the backward needs neither W h0 nor U.)
 1. `_bwd_dh_kernel`: sequential over chunks in reverse (per sequence, head, V block): dh in registers,
    writes dh1 of every chunk and dX; returns the initial-state gradient.
 2. `_bwd_chunk_kernel`: chunk-parallel: du, dq, da, db, K and V in slices of BK2 / BV.
+With TUNE["bwd_local_dx"], a chunk-parallel `_bwd_local_dx_kernel` first writes dX's local part
+scale P^T dO, and the sequential kernel adds B dh1 to it: P = (Q B^T) * M_out, a [C, C*R] product over
+all of K, leaves the sequential loop, where every V block of a (sequence, head) recomputed it.
 """
 
 import torch
@@ -55,8 +58,10 @@ def _bwd_dh_kernel(
     BV: tl.constexpr,
     HAS_DH0: tl.constexpr,
     HAS_DHT: tl.constexpr,
+    LOCAL_DX: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # LOCAL_DX: dx holds scale P^T dO already (`_bwd_local_dx_kernel`); this kernel adds B dh1 to it.
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -92,16 +97,74 @@ def _bwd_dh_kernel(
         qmask = ((qtok < eos) & (cidx < C))[:, None]
         q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
-        p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-        p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)
-        dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
+        rv_mask = valid[:, None] & vmask[None, :]
+        if LOCAL_DX:
+            dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rv_mask, other=0.0).to(tl.float32)
+        else:
+            p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+            p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)
+            dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
         dx_t += tl.dot(b_t, dstate.to(w_t.dtype), input_precision=PREC)  # [CRP, BV]
         dx_in = dx_t.to(w_t.dtype)
-        tl.store(dx + row[:, None] * V + vv[None, :], dx_in, mask=valid[:, None] & vmask[None, :])
+        tl.store(dx + row[:, None] * V + vv[None, :], dx_in, mask=rv_mask)
         dstate += scale * tl.dot(tl.trans(q_t), do_t, input_precision=PREC)
         dstate += tl.dot(tl.trans(w_t), dx_in, input_precision=PREC)
     if HAS_DH0:
         tl.store(dh0 + nh.to(tl.int64) * K * V + hv_off, dstate, mask=hv_mask)
+
+
+@triton.jit
+def _bwd_local_dx_kernel(
+    q,
+    b,
+    do,
+    dx,
+    chunk_seq,
+    chunk_tok,
+    cu,
+    scale,
+    k_len,
+    v_len,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    V: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CQ: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    BV: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """dx [TT, H, R, V] = scale P^T dO per chunk, P = (Q B^T) * M_out [CQ, CRP]: the local part of dX.
+    Loop bounds k_len = K, v_len = V at run time (see `_bwd_chunk_kernel` on one-trip loops)."""
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    n = tl.load(chunk_seq + g)
+    t0 = tl.load(chunk_tok + g)
+    eos = tl.load(cu + n + 1)
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    cidx = tl.arange(0, CQ)
+    qrow = (t0 + cidx).to(tl.int64) * H + h
+    qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
+    p = tl.zeros((CQ, CRP), tl.float32)
+    for k0 in range(0, k_len, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        p += tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+    p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(q.dtype.element_ty)
+    for v0 in range(0, v_len, BV):
+        vv = v0 + tl.arange(0, BV)
+        vmask = vv < V
+        do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
+        dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
+        tl.store(
+            dx + row[:, None] * V + vv[None, :],
+            dx_t.to(dx.dtype.element_ty),
+            mask=valid[:, None] & vmask[None, :],
+        )
 
 
 @triton.jit
@@ -264,6 +327,31 @@ def launch_chunk_bwd(
         new_tensor((n_seq, n_heads, k_dim, v_dim), dtype=torch.float32, device=q.device) if need_dh0 else None
     )
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
+    local_dx = bool(TUNE["bwd_local_dx"])
+    if local_dx:
+        _bwd_local_dx_kernel[(seq.numel(), n_heads)](
+            q,
+            b,
+            do,
+            dx,
+            seq,
+            tok,
+            cu,
+            scale,
+            k_dim,
+            v_dim,
+            H=n_heads,
+            K=k_dim,
+            V=v_dim,
+            R=rank,
+            C=chunk,
+            CQ=max(16, chunk),
+            CRP=crp,
+            BK=max(32, min(64, bk)),
+            BV=max(32, min(64, next_pow2(v_dim))),
+            PREC=prec,
+            num_warps=TUNE["par_warps"],
+        )
     _bwd_dh_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
         q,
         b,
@@ -287,6 +375,7 @@ def launch_chunk_bwd(
         BV=bv,
         HAS_DH0=need_dh0,
         HAS_DHT=dht is not None,
+        LOCAL_DX=local_dx,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
         num_stages=scan_stages(crp, chunk, bk, b.dtype),

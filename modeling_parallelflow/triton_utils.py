@@ -32,6 +32,10 @@ TUNE = {
     # re-reads X, dX and dO once per K tile; 128 does it once, at the price of three [C*R, 128] fp32
     # accumulators in registers (profile_kernels.py variants par_bk128*; not yet timed on a GPU).
     "par_bk": 64,
+    # 1: dX's local part scale P^T dO comes from a chunk-parallel kernel before the sequential backward scan,
+    # which then computes P = (Q B^T) * M_out no more: every V block of a (sequence, head) recomputed it, and
+    # few (sequence, head) pairs split V into blocks of 16 (16384 x 2). Interpreter-tested; not yet timed.
+    "bwd_local_dx": int(os.environ.get("PFLOW_BWD_LOCAL_DX", "0")),
     "par_stages": 2,
     # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
     # V <= 16: triton_chunk_fwd.low_dots_ok) instead of tf32 on the fp32 T. H200, 2048 x 16, H = 16:

@@ -444,29 +444,41 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
 
 
 @pytest.mark.triton_interpret
-def test_backward_k_tile_of_the_whole_key_matches_loop_and_two_tiles(monkeypatch):
-    """TUNE["par_bk"]: the backward chunk kernel in one K tile (128, K = 96 masked) or two (64): gradients
-    equal the float64 loop's and each other's."""
+@pytest.mark.parametrize(
+    "rank,mode,k_dim,v_dim,cu",
+    [(1, "sum", 96, 32, None), (3, "product", 32, 16, [0, 5, 21, 40])],
+    ids=["R1-K96", "R3-product-varlen"],
+)
+@pytest.mark.parametrize("setting", [("par_bk", 128), ("bwd_local_dx", 1)], ids=lambda s: f"{s[0]}={s[1]}")
+def test_backward_variants_match_loop_and_the_default(monkeypatch, setting, rank, mode, k_dim, v_dim, cu):
+    """Backward launch variants: TUNE["par_bk"] = 128 (the chunk kernel in one K tile; K = 96 masked) and
+    TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel kernel, not the sequential scan). Output,
+    final state and every gradient equal the float64 loop's and the default launches'."""
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    leaves, _ = _public_op_case(1, 40, 1, 96, 32, "sum", "tensor_inv", None, device)
+    leaves, cu = _public_op_case(1, 40, rank, k_dim, v_dim, mode, "tensor_inv", cu, device)
 
     def run(inputs, **options):
         inputs = [x.clone().requires_grad_() for x in inputs]
         o, ht = delta_rule(
-            *inputs[:4], initial_state=inputs[4], output_final_state=True, chunk_size=16, **options
+            *inputs[:4],
+            initial_state=inputs[4],
+            output_final_state=True,
+            chunk_size=16,
+            mode=mode,
+            cu_seqlens=cu,
+            **options,
         )
         do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device)
         ((o.double() * do.double()).sum() + ht.double().sum()).backward()
-        return [x.grad for x in inputs]
+        return [o, ht] + [x.grad for x in inputs]
 
     reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
-    grads = {}
-    for tile in (64, 128):
-        monkeypatch.setitem(triton_utils.TUNE, "par_bk", tile)
-        grads[tile] = run(leaves, algorithm="tensor_inv", backend="triton")
-    for one, two, ref in zip(grads[128], grads[64], reference, strict=True):
-        assert rel_err(one.cpu(), ref.cpu()) < 2e-4, rel_err(one.cpu(), ref.cpu())
-        assert rel_err(one.cpu(), two.cpu()) < 2e-5, rel_err(one.cpu(), two.cpu())
+    default = run(leaves, algorithm="tensor_inv", backend="triton")
+    monkeypatch.setitem(triton_utils.TUNE, *setting)
+    variant = run(leaves, algorithm="tensor_inv", backend="triton")
+    for x, y, ref in zip(variant, default, reference, strict=True):
+        assert rel_err(x.cpu(), ref.cpu()) < 2e-4, rel_err(x.cpu(), ref.cpu())
+        assert rel_err(x.cpu(), y.cpu()) < 2e-5, rel_err(x.cpu(), y.cpu())
