@@ -36,6 +36,8 @@ VARIANTS = {
     "par_bk128": {"par_bk": 128},
     "par_bk128_warps8": {"par_bk": 128, "par_warps": 8},
     "bwd_local_dx": {"bwd_local_dx": 1},
+    "fwd_local_p": {"fwd_local_p": 1},
+    "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
 }
 
 

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_chunk_fwd import scan_block_v, solve_mask
+from .triton_chunk_fwd import local_scores, scan_block_v, solve_mask
 from .triton_utils import (
     TUNE,
     chunk_rows,
@@ -140,21 +140,11 @@ def _bwd_local_dx_kernel(
     Loop bounds k_len = K, v_len = V at run time (see `_bwd_chunk_kernel` on one-trip loops)."""
     g = tl.program_id(0)
     h = tl.program_id(1)
-    n = tl.load(chunk_seq + g)
     t0 = tl.load(chunk_tok + g)
-    eos = tl.load(cu + n + 1)
-    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    cidx = tl.arange(0, CQ)
-    qrow = (t0 + cidx).to(tl.int64) * H + h
-    qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
-    p = tl.zeros((CQ, CRP), tl.float32)
-    for k0 in range(0, k_len, BK):
-        kk = k0 + tl.arange(0, BK)
-        kmask = kk < K
-        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
-        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-        p += tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-    p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(q.dtype.element_ty)
+    eos = tl.load(cu + tl.load(chunk_seq + g) + 1)
+    _, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    p, qrow, qmask = local_scores(q, b, t0, eos, h, k_len, H, K, R, C, CQ, CRP, BK, PREC)
+    p = p.to(q.dtype.element_ty)
     for v0 in range(0, v_len, BV):
         vv = v0 + tl.arange(0, BV)
         vmask = vv < V

@@ -170,6 +170,70 @@ def _wu_kernel(
 
 
 @triton.jit
+def local_scores(
+    q,
+    b,
+    t0,
+    eos,
+    h,
+    k_len,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CQ: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """P = (Q B^T) * M_out [CQ, CRP] fp32 of the chunk starting at token t0 (rows of `chunk_rows`), K in tiles
+    of BK up to the run-time bound k_len = K. Also returns the query rows [CQ] and their mask [CQ, 1]."""
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    cidx = tl.arange(0, CQ)
+    qrow = (t0 + cidx).to(tl.int64) * H + h
+    qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
+    p = tl.zeros((CQ, CRP), tl.float32)
+    for k0 in range(0, k_len, BK):
+        kk = k0 + tl.arange(0, BK)
+        kmask = kk < K
+        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        p += tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+    return tl.where(cidx[:, None] >= t[None, :], p, 0.0), qrow, qmask
+
+
+@triton.jit
+def _fwd_local_p_kernel(
+    q,
+    b,
+    pmat,
+    chunk_seq,
+    chunk_tok,
+    cu,
+    k_len,
+    H: tl.constexpr,
+    K: tl.constexpr,
+    R: tl.constexpr,
+    C: tl.constexpr,
+    CQ: tl.constexpr,
+    CRP: tl.constexpr,
+    BK: tl.constexpr,
+    PREC: tl.constexpr,
+):
+    """pmat [G, H, CQ, CRP] (input dtype) = P of every chunk, for the scan's LOAD_P."""
+    g = tl.program_id(0)
+    h = tl.program_id(1)
+    t0 = tl.load(chunk_tok + g)
+    eos = tl.load(cu + tl.load(chunk_seq + g) + 1)
+    p, _, _ = local_scores(q, b, t0, eos, h, k_len, H, K, R, C, CQ, CRP, BK, PREC)
+    cidx = tl.arange(0, CQ)
+    j = tl.arange(0, CRP)
+    tl.store(
+        pmat + ((g.to(tl.int64) * H + h) * CQ + cidx[:, None]) * CRP + j[None, :], p.to(pmat.dtype.element_ty)
+    )
+
+
+@triton.jit
 def _fwd_scan_kernel(
     q,
     b,
@@ -180,6 +244,7 @@ def _fwd_scan_kernel(
     ht,
     states,
     xs,
+    pmat,
     cu,
     chunk_off,
     scale,
@@ -196,10 +261,12 @@ def _fwd_scan_kernel(
     STORE_HT: tl.constexpr,
     STORE_STATES: tl.constexpr,
     WRITE_O: tl.constexpr,
+    LOAD_P: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """One (V block, sequence, head), sequential over its chunks: X = W h + U, h += B^T X; writes the
-    entering state of every chunk and X with STORE_STATES, o = scale (Q h + P X) with WRITE_O."""
+    entering state of every chunk and X with STORE_STATES, o = scale (Q h + P X) with WRITE_O, P read
+    from pmat (`_fwd_local_p_kernel`) with LOAD_P instead of computed here for every V block."""
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -237,8 +304,13 @@ def _fwd_scan_kernel(
             qrow = qtok.to(tl.int64) * H + h
             qmask = ((qtok < eos) & (cidx < C))[:, None]
             q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
-            p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-            p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
+            if LOAD_P:
+                jj = tl.arange(0, CRP)
+                p_off = (((g0 + i).to(tl.int64) * H + h) * CQ + cidx[:, None]) * CRP + jj[None, :]
+                p = tl.load(pmat + p_off).to(w_t.dtype)
+            else:
+                p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
+                p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
             o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
             tl.store(
                 o + qrow[:, None] * V + vv[None, :],
@@ -319,7 +391,7 @@ def launch_fwd_scan(
     w,
     uu,
     cu,
-    chunk_off,
+    cmap,
     h0,
     *,
     chunk: int,
@@ -331,9 +403,10 @@ def launch_fwd_scan(
     n_chunks: int,
     states_dtype=None,
 ):
-    """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V] -> o [TT, H, V] (None unless write_o),
-    ht [N, H, K, V] fp32 or None, and with store_states the entering state of every chunk [G, H, K, V]
-    and X [TT, H, R, V]."""
+    """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V]; cmap = (chunk_seq, chunk_tok, chunk_off) ->
+    o [TT, H, V] (None unless write_o), ht [N, H, K, V] fp32 or None, and with store_states the entering
+    state of every chunk [G, H, K, V] and X [TT, H, R, V]. With TUNE["fwd_local_p"] and write_o, P comes
+    from one chunk-parallel launch first (`_fwd_local_p_kernel`)."""
     total, n_heads, rank, k_dim = w.shape
     v_dim = uu.shape[-1]
     n_seq = cu.numel() - 1
@@ -347,6 +420,30 @@ def launch_fwd_scan(
         xs = new_like(uu)
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
     crp, bk = max(16, next_pow2(chunk * rank)), max(16, next_pow2(k_dim))
+    chunk_seq, chunk_tok, chunk_off = cmap
+    load_p = write_o and bool(TUNE["fwd_local_p"])
+    pmat = None
+    if load_p:
+        cq = max(16, chunk)
+        pmat = new_tensor((chunk_seq.numel(), n_heads, cq, crp), dtype=q.dtype, device=q.device)
+        _fwd_local_p_kernel[(chunk_seq.numel(), n_heads)](
+            q,
+            b,
+            pmat,
+            chunk_seq,
+            chunk_tok,
+            cu,
+            k_dim,
+            H=n_heads,
+            K=k_dim,
+            R=rank,
+            C=chunk,
+            CQ=cq,
+            CRP=crp,
+            BK=max(32, min(64, bk)),
+            PREC=dot_precision(w.dtype),
+            num_warps=TUNE["par_warps"],
+        )
     _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
         q,
         b,
@@ -357,6 +454,7 @@ def launch_fwd_scan(
         ht if store_ht else w,
         states if store_states else w,
         xs if store_states else w,
+        pmat if load_p else w,
         cu,
         chunk_off,
         scale,
@@ -373,6 +471,7 @@ def launch_fwd_scan(
         STORE_HT=store_ht,
         STORE_STATES=store_states,
         WRITE_O=write_o,
+        LOAD_P=load_p,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
         num_stages=scan_stages(crp, chunk, bk, w.dtype),

@@ -137,7 +137,7 @@ def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool, n
         w,
         uu,
         plan.cu,
-        plan.cmap[2],
+        plan.cmap,
         h0,
         chunk=plan.chunk,
         scale=plan.scale,

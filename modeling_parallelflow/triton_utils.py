@@ -36,6 +36,10 @@ TUNE = {
     # which then computes P = (Q B^T) * M_out no more: every V block of a (sequence, head) recomputed it, and
     # few (sequence, head) pairs split V into blocks of 16 (16384 x 2). Interpreter-tested; not yet timed.
     "bwd_local_dx": int(os.environ.get("PFLOW_BWD_LOCAL_DX", "0")),
+    # 1: the forward scan reads P = (Q B^T) * M_out from one chunk-parallel launch instead of computing it for
+    # every V block (the same redundancy; the measured split of e109a40 moved all of o out of the scan, this
+    # keeps o in it). Interpreter-tested; not yet timed.
+    "fwd_local_p": int(os.environ.get("PFLOW_FWD_LOCAL_P", "0")),
     "par_stages": 2,
     # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
     # V <= 16: triton_chunk_fwd.low_dots_ok) instead of tf32 on the fp32 T. H200, 2048 x 16, H = 16:
