@@ -1,8 +1,10 @@
-"""Registers, spills and shared memory of our kernels compiled for sm_90a, without a GPU.
+"""Registers, spills and shared memory of our kernels compiled for sm_90a, without a GPU: the default
+launches and the TUNE variants of triton_utils (par_bk, bwd_local_dx, fwd_local_p), bf16, K = V = 128.
 
-    python benchmarks/compile_report.py [R] [num_warps_par]
+    python benchmarks/compile_report.py [R]
 
-Uses Triton's bundled ptxas (`ptxas-blackwell` understands the PTX version recent Triton emits).
+Uses Triton's bundled ptxas (`ptxas-blackwell` understands the PTX version recent Triton emits). The local
+Triton may be newer than the GPU image's, so counts can differ there; spills are the thing to look for.
 """
 
 import inspect
@@ -20,16 +22,19 @@ from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd  # noqa: E4
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 INT_ARGS = {"chunk_seq", "chunk_tok", "cu", "chunk_off"}
-FP32_ARGS = {"tmat", "ht", "h0", "dh0", "dht", "scale"}
+SCALAR_INT_ARGS = {"k_len", "v_len"}
+FP32_ARGS = {"tmat", "ht", "h0", "dh0", "dht", "dbeta"}
 
 
-def report(fn, consts, num_warps=4, num_stages=2, states="bf16"):
+def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16"):
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
         if name in consts:
             sig[name] = "constexpr"
         elif name == "scale":
             sig[name] = "fp32"
+        elif name in SCALAR_INT_ARGS:
+            sig[name] = "i32"
         elif name in INT_ARGS:
             sig[name] = "*i32"
         elif name in FP32_ARGS:
@@ -54,38 +59,45 @@ def report(fn, consts, num_warps=4, num_stages=2, states="bf16"):
     lines = [
         ln.split("info    :")[-1].strip() for ln in info.splitlines() if "spill" in ln or "registers" in ln
     ]
-    print(f"{fn.fn.__name__:18s} warps={num_warps} shared={kernel.metadata.shared:6d} | " + " | ".join(lines))
+    print(f"{label:34s} warps={num_warps} shared={kernel.metadata.shared:6d} | " + " | ".join(lines))
 
 
 def main():
     rank = int(sys.argv[1]) if len(sys.argv) > 1 else 1
-    par_warps = int(sys.argv[2]) if len(sys.argv) > 2 else 8
     chunk = max(16, 64 // rank)
     crp = max(16, triton.next_power_of_2(chunk * rank))
-    base = dict(H=16, K=128, V=128, R=rank, C=chunk, CRP=crp, BK=128)
-    report(
-        triton_chunk_fwd._wu_kernel,
-        dict(
-            base,
-            BV=32,
-            BKS=32,
-            LOG_NB=(crp // 16).bit_length() - 1,
-            PRODUCT=False,
-            COMPUTE_WU=True,
-            PREC="tf32",
-            INV_PREC="tf32",
-        ),
-    )
-    report(
-        triton_chunk_fwd._fwd_scan_kernel,
-        dict(base, BV=64, HAS_H0=False, STORE_HT=True, STORE_STATES=True, PREC="tf32"),
-    )
-    report(triton_chunk_bwd._bwd_dh_kernel, dict(base, BV=64, HAS_DH0=True, HAS_DHT=False, PREC="tf32"))
-    report(
-        triton_chunk_bwd._bwd_chunk_kernel,
-        dict(base, BK=64, BV=32, PRODUCT=False, PREC="tf32"),
-        num_warps=par_warps,
-    )
+    base = dict(H=16, K=128, V=128, R=rank, C=chunk, CQ=max(16, chunk), CRP=crp, BK=128, PREC="tf32")
+    wu = dict(base, BV=32, BKS=32, LOG_NB=(crp // 16).bit_length() - 1, PRODUCT=False, COMPUTE_WU=True)
+    wu.update(LOAD_T=False, BETA=True, INV_PREC="tf32", LOW_DOTS=True)
+    del wu["CQ"]
+    report("_wu_kernel", triton_chunk_fwd._wu_kernel, wu)
+    scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
+    for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2
+        for load_p in (False, True):
+            report(
+                f"_fwd_scan_kernel BV={bv} LOAD_P={int(load_p)}",
+                triton_chunk_fwd._fwd_scan_kernel,
+                dict(scan, BV=bv, LOAD_P=load_p),
+                num_warps=warps,
+            )
+    local_p = {k: base[k] for k in ("H", "K", "R", "C", "CQ", "CRP", "PREC")}
+    report("_fwd_local_p_kernel", triton_chunk_fwd._fwd_local_p_kernel, dict(local_p, BK=64))
+    for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):
+        for local in (False, True):
+            report(
+                f"_bwd_dh_kernel BV={bv} LOCAL_DX={int(local)}",
+                triton_chunk_bwd._bwd_dh_kernel,
+                dict(base, BV=bv, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=local),
+                num_warps=warps,
+            )
+    report("_bwd_local_dx_kernel", triton_chunk_bwd._bwd_local_dx_kernel, dict(base, BK=64, BV=64))
+    for bk, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):
+        report(
+            f"_bwd_chunk_kernel BK={bk}",
+            triton_chunk_bwd._bwd_chunk_kernel,
+            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True),
+            num_warps=warps,
+        )
 
 
 if __name__ == "__main__":

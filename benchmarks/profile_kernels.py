@@ -27,6 +27,7 @@ VARIANTS = {
     "scan_warps8": {"scan_warps": 8},
     "wu_warps8": {"wu_warps": 8},
     "par_warps4": {"par_warps": 4},
+    "par_warps8": {"par_warps": 8},
     "cr128": {"cr_target": 128},
     "par_bv64": {"par_bv": 64},
     "par_stages1": {"par_stages": 1},
