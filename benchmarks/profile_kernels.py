@@ -39,6 +39,7 @@ VARIANTS = {
     "bwd_local_dx": {"bwd_local_dx": 1},
     "fwd_local_p": {"fwd_local_p": 1},
     "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
+    "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
 }
 
 

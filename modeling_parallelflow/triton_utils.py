@@ -26,6 +26,10 @@ TUNE = {
     "wu_warps": 4,
     "scan_warps": 4,  # 8: R = 1 fwd+bwd 3.62 -> 3.85 ms
     "scan_stages": 2,
+    # largest V block of the sequential kernels (scan_block_v). 32 halves their fp32 state tile (R = 1 spills
+    # at 4 warps: benchmarks/README.md) but doubles the V blocks that recompute P, unless fwd_local_p and
+    # bwd_local_dx take P out of the scans.
+    "scan_bv": 64,
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
     # K tile of the backward chunk kernel (at least 32, at most K rounded up). At K = 128, 64 computes du and

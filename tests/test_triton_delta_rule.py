@@ -446,17 +446,23 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize(
     "rank,mode,k_dim,v_dim,cu",
-    [(1, "sum", 96, 32, None), (3, "product", 32, 16, [0, 5, 21, 40])],
+    [
+        (1, "sum", 96, 32, None),
+        pytest.param(3, "product", 32, 16, [0, 5, 21, 40], marks=pytest.mark.slow),  # ~4 s a setting
+    ],
     ids=["R1-K96", "R3-product-varlen"],
 )
 @pytest.mark.parametrize(
-    "setting", [("par_bk", 128), ("bwd_local_dx", 1), ("fwd_local_p", 1)], ids=lambda s: f"{s[0]}={s[1]}"
+    "setting",
+    [("par_bk", 128), ("bwd_local_dx", 1), ("fwd_local_p", 1), ("scan_bv", 16)],
+    ids=lambda s: f"{s[0]}={s[1]}",
 )
 def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, mode, k_dim, v_dim, cu):
     """Launch variants: TUNE["par_bk"] = 128 (the backward chunk kernel in one K tile; K = 96 masked),
     TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel kernel, not the sequential scan) and
-    TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel kernel). Output, final state and
-    every gradient equal the float64 loop's and the default launches'."""
+    TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel kernel), TUNE["scan_bv"] = 16 (more V
+    blocks in the sequential kernels). Output, final state and every gradient equal the float64 loop's and
+    the default launches'."""
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
 
