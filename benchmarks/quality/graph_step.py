@@ -12,11 +12,13 @@ device tensor that the step's caller sets before every step, so a schedule reach
         loss = step(schedule(i), inputs, labels)   # inputs and labels: new tensors of a captured shape
 
 `loss_fn(*tensors) -> scalar loss` must be free of host synchronisation and data-dependent shapes (gather at
-fixed positions, not boolean indexing), and autocast inside it must run with `cache_enabled=False`.
+fixed positions, not boolean indexing), and autocast inside it must run with `cache_enabled=False`. If a
+capture fails anyway, the step runs eagerly, then and from then on, and `failed` says why.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 
 import torch
@@ -46,6 +48,7 @@ class GraphTrainStep:
             group["lr"] = self.lr
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, list[torch.Tensor], torch.Tensor]] = {}
         self.eager_steps: dict[tuple, int] = {}
+        self.failed: str | None = None  # why a capture failed; from then on every step runs eagerly
 
     def _eager(self, tensors: tuple[torch.Tensor, ...]) -> torch.Tensor:
         self.optimizer.zero_grad(set_to_none=True)
@@ -58,6 +61,8 @@ class GraphTrainStep:
     def __call__(self, lr: float, *tensors: torch.Tensor) -> torch.Tensor:
         """One training step at learning rate `lr` on `tensors`; returns the step's loss (a new tensor)."""
         self.lr.fill_(lr)
+        if self.failed is not None:
+            return self._eager(tensors)
         key = tuple((tuple(t.shape), t.dtype) for t in tensors)
         if key in self.graphs:
             graph, inputs, loss = self.graphs[key]
@@ -77,11 +82,19 @@ class GraphTrainStep:
         inputs = [t.clone() for t in tensors]
         graph = torch.cuda.CUDAGraph()
         self.optimizer.zero_grad(set_to_none=True)  # the graph's backward writes the gradients afresh
-        with torch.cuda.graph(graph):
-            loss = self.loss_fn(*inputs)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
-            self.optimizer.step()
+        try:
+            with torch.cuda.graph(graph):
+                loss = self.loss_fn(*inputs)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.params, self.max_norm)
+                self.optimizer.step()
+        except Exception as error:  # a capture that fails runs nothing: the step is taken eagerly instead
+            self.failed = f"{type(error).__name__}: {error}"[:500]
+            warnings.warn(
+                f"CUDA graph capture failed, steps run eagerly from here: {self.failed}", stacklevel=2
+            )
+            torch.cuda.synchronize()
+            return self._eager(tensors)
         loss = loss.detach()
         self.graphs[key] = (graph, inputs, loss)
         graph.replay()  # capture records the step without running it
