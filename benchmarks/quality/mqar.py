@@ -183,7 +183,9 @@ def answers(labels: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tenso
 def answer_loss_and_hits(model, inputs, positions, targets) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy over the answer tokens (the LM head runs there only) and a bool per answer [B * N].
     inputs [B, T]; positions and targets [B, N] (`answers`). A training step of it can be a CUDA graph."""
-    hidden = model.model(input_ids=inputs).last_hidden_state  # [B, T, D]
+    hidden = model.model(
+        input_ids=inputs, use_cache=False
+    ).last_hidden_state  # [B, T, D]; no KV cache (Llama)
     picked = hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))  # [B, N, D]
     logits = model.lm_head(picked).float().flatten(0, 1)  # [B * N, V]
     targets = targets.flatten()
