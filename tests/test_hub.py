@@ -193,6 +193,7 @@ def test_push_a_converted_checkpoint(tmp_path):
     assert {"model.safetensors", "tokenizer.json", "modeling_parallelflow.py"} <= set(api.uploaded)
 
 
+@pytest.mark.slow  # a fresh interpreter: ~6 s
 def test_tokenizer_loads_with_plain_transformers(checkpoint, tmp_path):
     script = f"""
         import io, sys

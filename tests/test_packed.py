@@ -162,7 +162,9 @@ def test_host_bounds_reads_a_tensor_and_reuses_a_plan(host_reads):
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("algorithm", ["tensor_inv", "sigdelta"])
+@pytest.mark.parametrize(
+    "algorithm", ["tensor_inv", pytest.param("sigdelta", marks=pytest.mark.slow)]
+)  # ~5 s
 def test_triton_op_with_packed_sequences_equals_op_with_the_tensor(algorithm, monkeypatch):
     """Triton backend: same outputs and gradients; the chunk map is built once for both calls."""
     triton_utils = pytest.importorskip("modeling_parallelflow.triton_utils")

@@ -176,9 +176,11 @@ def _public_op_case(batch, seq_len, rank, k_dim, v_dim, mode, algorithm, cu, dev
     "batch,seq_len,rank,k_dim,v_dim,mode,algorithm,cu",
     [
         (2, 37, 1, 16, 32, "sum", "tensor_inv", None),
-        (1, 40, 3, 32, 16, "product", "tensor_inv", [0, 5, 21, 40]),
+        pytest.param(
+            1, 40, 3, 32, 16, "product", "tensor_inv", [0, 5, 21, 40], marks=pytest.mark.slow
+        ),  # ~5 s
         (2, 21, 2, 16, 16, "sum", "sigdelta", None),
-        (2, 30, 2, 48, 24, "product", "tensor_inv", None),
+        pytest.param(2, 30, 2, 48, 24, "product", "tensor_inv", None, marks=pytest.mark.slow),  # ~4 s
     ],
     ids=["R1-sum", "R3-product-varlen", "R2-sigdelta", "R2-product-K48-V24"],
 )
