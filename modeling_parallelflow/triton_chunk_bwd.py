@@ -142,8 +142,8 @@ def _bwd_local_dx_kernel(
     h = tl.program_id(1)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + tl.load(chunk_seq + g) + 1)
-    _, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    p, qrow, qmask = local_scores(q, b, t0, eos, h, k_len, H, K, R, C, CQ, CRP, BK, PREC)
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    p, qrow, qmask = local_scores(q, b, t0, eos, h, t, row, valid, k_len, H, K, C, CQ, CRP, BK, PREC)
     p = p.to(q.dtype.element_ty)
     for v0 in range(0, v_len, BV):
         vv = v0 + tl.arange(0, BV)

@@ -176,19 +176,21 @@ def local_scores(
     t0,
     eos,
     h,
+    t,
+    row,
+    valid,
     k_len,
     H: tl.constexpr,
     K: tl.constexpr,
-    R: tl.constexpr,
     C: tl.constexpr,
     CQ: tl.constexpr,
     CRP: tl.constexpr,
     BK: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    """P = (Q B^T) * M_out [CQ, CRP] fp32 of the chunk starting at token t0 (rows of `chunk_rows`), K in tiles
-    of BK up to the run-time bound k_len = K. Also returns the query rows [CQ] and their mask [CQ, 1]."""
-    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    """P = (Q B^T) * M_out [CQ, CRP] fp32 of the chunk starting at token t0, whose rows (t, row, valid) come
+    from `chunk_rows`; K in tiles of BK up to the run-time bound k_len = K. Also returns the query rows [CQ]
+    and their mask [CQ, 1]."""
     cidx = tl.arange(0, CQ)
     qrow = (t0 + cidx).to(tl.int64) * H + h
     qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
@@ -225,7 +227,8 @@ def _fwd_local_p_kernel(
     h = tl.program_id(1)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + tl.load(chunk_seq + g) + 1)
-    p, _, _ = local_scores(q, b, t0, eos, h, k_len, H, K, R, C, CQ, CRP, BK, PREC)
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    p, _, _ = local_scores(q, b, t0, eos, h, t, row, valid, k_len, H, K, C, CQ, CRP, BK, PREC)
     cidx = tl.arange(0, CQ)
     j = tl.arange(0, CRP)
     tl.store(
