@@ -44,7 +44,7 @@ for pattern in ("runs/probe_1.json", "runs/probe_4_*.json", "runs/probe_8_*.json
 EOF
     ;;
 text)
-    [[ -f runs/text_30m.json ]] || cp $R/text_30m.json runs/ 2>/dev/null
+    [[ -f runs/text_30m.json ]] || cp $R/text_30m_h200/text_30m.json runs/ 2>/dev/null  # resume
     python3 $Q/text_lm.py data/prose --size 30m --tokens 30e6 --eval-every 50 --max-wall "${MAX_WALL:-300}" \
         --models pflow-r1,llama,pflow-r2-sum,pflow-r2-product,pflow-r4-sum \
         --out runs/text_30m.json --save-dir runs/text30m 2>&1 | grep -v 'it/s\]$'
