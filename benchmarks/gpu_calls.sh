@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The device calls behind the speed results (issues #11, #12, #15), one stage per call; run from the repository
+# root on the GPU machine with .whl/ carried (fla, liger-kernel: benchmarks/README.md says how to fetch them).
+#
+#   bash benchmarks/gpu_calls.sh kernels   # the public op against fla and SDPA (4 shapes), per-kernel profile of
+#                                          # the launch variants, then the sweep subset with the variants on
+#   bash benchmarks/gpu_calls.sh model     # training step tokens/s and memory, 340M, both shapes, one process
+#   bash benchmarks/gpu_calls.sh generate  # generate() grid: B 1/8/64, prompts 512/8K/32K
+#
+# Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
+# what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
+set -uo pipefail
+stage=${1:?stage: kernels, model or generate}
+OUT=${OUT:-runs/out}
+mkdir -p runs "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+export PYTHONPATH=$PWD:/tmp/site PYTHONUNBUFFERED=1 TRITON_CACHE_DIR=$PWD/runs/triton_cache
+B=benchmarks
+box() { local seconds=$1; shift; timeout --signal=INT --kill-after=20 "$seconds" "$@"; echo "rc=$? $*" >&2; }
+nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
+
+case $stage in
+kernels)
+    box 170 python3 $B/bench_delta_rule.py --only check,bench --shapes 2048x16,4096x8,8192x4,16384x2 \
+        --providers ours_R1_sum,ours_R2_sum,ours_R4_sum,fla_delta_rule_R1,fla_delta_product_R2,fla_delta_product_R4,sdpa_causal \
+        --out runs/op.json > runs/op.log 2>&1
+    variants=base,scan_warps8,par_warps8,par_bk128_warps8,bwd_local_dx,fwd_local_p,local_both,local_both_bv32,recompute_wu
+    for shape in 2048x16 16384x2; do
+        box 110 python3 $B/profile_kernels.py --shape $shape --variants $variants --kernels-for base,local_both \
+            --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_$shape.json \
+            > runs/profile_$shape.log 2>&1
+    done
+    box 150 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
+        --tune bwd_local_dx=1 fwd_local_p=1 par_bk=128 --out runs/sweep_variants.json > runs/sweep_variants.log 2>&1
+    tail -n 3 runs/*.log
+    tar czf "$OUT/kernels.tgz" runs/op.* runs/profile_* runs/sweep_variants.*
+    ;;
+model)
+    box 420 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
+        --models pflow_r1,fla_deltanet,llama_sdpa,pflow_r2,pflow_r4 --out runs/model.json > runs/model.log 2>&1
+    PFLOW_RECOMPUTE_WU=1 box 100 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
+        --models pflow_r1 --out runs/model_recompute_wu.json > runs/model_recompute_wu.log 2>&1
+    grep -h '340m/' runs/model*.log
+    tar czf "$OUT/model.tgz" runs/model*
+    ;;
+generate)
+    # PFlow and fla first (one model each for the whole grid), then the Llama (a torch.compile per cache size)
+    box 250 python3 $B/bench_generate.py --providers 'pflow-r1 static+graphs,pflow-r4 static+graphs,fla-deltanet' \
+        --out runs/generate.json > runs/generate.log 2>&1
+    box 250 python3 $B/bench_generate.py --providers 'llama static+compile' --prompts 512,8192,32768 \
+        --out runs/generate_llama.json > runs/generate_llama.log 2>&1
+    tail -n 30 runs/generate*.log
+    tar czf "$OUT/generate.tgz" runs/generate*
+    ;;
+*)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac
