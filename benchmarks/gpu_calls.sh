@@ -37,18 +37,18 @@ kernels)
     tar czf "$OUT/kernels.tgz" runs/op.* runs/profile_* runs/sweep_variants.*
     ;;
 model)
-    box 420 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
+    box 390 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
         --models pflow_r1,fla_deltanet,llama_sdpa,pflow_r2,pflow_r4 --out runs/model.json > runs/model.log 2>&1
-    PFLOW_RECOMPUTE_WU=1 box 100 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
+    PFLOW_RECOMPUTE_WU=1 box 90 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
         --models pflow_r1 --out runs/model_recompute_wu.json > runs/model_recompute_wu.log 2>&1
     grep -h '340m/' runs/model*.log
     tar czf "$OUT/model.tgz" runs/model*
     ;;
 generate)
     # PFlow and fla first (one model each for the whole grid), then the Llama (a torch.compile per cache size)
-    box 250 python3 $B/bench_generate.py --providers 'pflow-r1 static+graphs,pflow-r4 static+graphs,fla-deltanet' \
+    box 210 python3 $B/bench_generate.py --providers 'pflow-r1 static+graphs,pflow-r4 static+graphs,fla-deltanet' \
         --out runs/generate.json > runs/generate.log 2>&1
-    box 250 python3 $B/bench_generate.py --providers 'llama static+compile' --prompts 512,8192,32768 \
+    box 180 python3 $B/bench_generate.py --providers 'llama static+compile' --prompts 512,8192,32768 \
         --out runs/generate_llama.json > runs/generate_llama.log 2>&1
     tail -n 30 runs/generate*.log
     tar czf "$OUT/generate.tgz" runs/generate*
