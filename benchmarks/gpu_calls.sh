@@ -6,6 +6,8 @@
 #                                          # the launch variants, then the sweep subset with the variants on
 #   bash benchmarks/gpu_calls.sh model     # training step tokens/s and memory, 340M, both shapes, one process
 #   bash benchmarks/gpu_calls.sh generate  # generate() grid: B 1/8/64, prompts 512/8K/32K
+#   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
+#                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
@@ -52,6 +54,15 @@ generate)
         --out runs/generate_llama.json > runs/generate_llama.log 2>&1
     tail -n 30 runs/generate*.log
     tar czf "$OUT/generate.tgz" runs/generate*
+    ;;
+offsets)
+    box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1
+    box 170 python3 $B/bench_generate.py --providers 'pflow-r4 static+graphs,pflow-r1 static+graphs' --batches 64 \
+        --prompts 32768 --out runs/generate_b64_32k.json > runs/generate_b64_32k.log 2>&1
+    box 110 python3 $B/bench_generate.py --providers fla-deltanet --batches 1,8,64 --prompts 512 \
+        --out runs/generate_fla.json > runs/generate_fla.log 2>&1
+    tail -n 4 runs/gpu_glue_tests.log runs/generate_b64_32k.log runs/generate_fla.log
+    tar czf "$OUT/offsets.tgz" runs/gpu_glue_tests.log runs/generate_b64_32k.* runs/generate_fla.*
     ;;
 *)
     echo "unknown stage $stage" >&2

@@ -97,7 +97,7 @@ def _fwd_kernel(
     NORM: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
     t = i_t * BT + tl.arange(0, BT)
     k = tl.arange(0, BK)
     c = i_g * K + k
@@ -151,7 +151,7 @@ def _dc_kernel(
     EPS: tl.constexpr,
 ):
     """dc = dL/dc: through the norm (ds = r (dy - n (n . dy)), n = s r) and SiLU (sig (1 + c (1 - sig)))."""
-    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
     t = i_t * BT + tl.arange(0, BT)
     k = tl.arange(0, BK)
     c = i_g * K + k
@@ -211,7 +211,7 @@ def _dx_kernel(
     HAS_MASK: tl.constexpr,
 ):
     """dx[t] = sum_j w_j dc[t + back_j] (same sequence, zero at pads); dw partial [B * NT, C, W]."""
-    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
     t = i_t * BT + tl.arange(0, BT)
     k = tl.arange(0, BK)
     c = i_g * K + k

@@ -33,7 +33,7 @@ def _fwd_kernel(
     EPS: tl.constexpr,
     GATE: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR)  # N * V may pass 2**31
     cols = tl.arange(0, BV)
     m = (rows < N)[:, None] & (cols < V)[None, :]
     off = rows[:, None] * V + cols[None, :]
@@ -63,7 +63,7 @@ def _bwd_kernel(
     GATE: tl.constexpr,
 ):
     i = tl.program_id(0)
-    rows = i * BR + tl.arange(0, BR)
+    rows = i.to(tl.int64) * BR + tl.arange(0, BR)  # N * V may pass 2**31
     cols = tl.arange(0, BV)
     m = (rows < N)[:, None] & (cols < V)[None, :]
     off = rows[:, None] * V + cols[None, :]

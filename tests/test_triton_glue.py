@@ -161,6 +161,39 @@ def test_gated_norm_gpu(shape, dtype, gated):
     check_norm(shape, gated, "cuda", dtype, tol)
 
 
+@pytest.mark.gpu
+def test_glue_kernels_address_past_2_31_elements():
+    """Tensors of more than 2**31 elements (a 64 x 32K prefill at R = 4 has 17G in its keys): the rows past
+    2**31 must equal the same rows run alone. With int32 offsets they wrapped, and bench_generate's R = 4,
+    B = 64, 32K-token prefill hit an illegal memory access (H200, 16d3764). Forward and backward."""
+    triton_norm = pytest.importorskip("modeling_parallelflow.triton_norm")
+    torch.manual_seed(0)
+    x = torch.randn(3, 2**20, 1024, device="cuda", dtype=torch.bfloat16)  # 3 * 2**30 elements
+    weight = (torch.randn(1024, 1, 4, device="cuda") / 2).to(torch.bfloat16)
+    whole = x.requires_grad_()
+    y, _ = triton_conv.short_conv_silu(whole, weight, group=128, normalize=True)
+    y[2:].float().sum().backward()
+    last = x[2:].detach().clone().requires_grad_()
+    y_last, _ = triton_conv.short_conv_silu(last, weight, group=128, normalize=True)
+    y_last.float().sum().backward()
+    assert torch.equal(y[2:], y_last)
+    assert torch.equal(whole.grad[2:], last.grad)
+    del x, whole, y, y_last, last
+
+    o = torch.randn(2**24 + 16, 128, device="cuda", dtype=torch.bfloat16)  # 2**31 + 2,048 elements
+    gate = torch.randn_like(o)
+    w = torch.ones(128, device="cuda", dtype=torch.bfloat16)
+    tail = slice(-64, None)
+    o1, g1 = o.requires_grad_(), gate.requires_grad_()
+    y = triton_norm.gated_rms_norm(o1, w, g1, 1e-6)
+    y[tail].float().sum().backward()
+    o2, g2 = o[tail].detach().clone().requires_grad_(), gate[tail].detach().clone().requires_grad_()
+    y2 = triton_norm.gated_rms_norm(o2, w, g2, 1e-6)
+    y2.float().sum().backward()
+    assert torch.equal(y[tail], y2)
+    assert torch.equal(o1.grad[tail], o2.grad) and torch.equal(g1.grad[tail], g2.grad)
+
+
 def tiny_pair(**overrides):
     """The same tiny fp32 model twice: Triton backend (fused glue, interpreted on CPU) and torch backend."""
     from modeling_parallelflow import PFlowConfig, PFlowForCausalLM
