@@ -7,13 +7,15 @@ with torch.compile), one process, random weights, greedy decoding, bf16.
 
 For each model, batch B and prompt length P: `generate` with max_new_tokens = 1 (the prefill) and 1 + N;
 decode tokens/s = B * N / (t[1 + N] - t[1]); end-to-end new tokens/s = B * (1 + N) / t[1 + N]; peak memory
-of the longer call. A run that does not fit is recorded as "OOM". Models: bench_model.py's at the 340M
+of the longer call. A run that does not fit is recorded as "OOM". Each cell gets a freshly built model (see
+main). Models: bench_model.py's at the 340M
 shape (configs/deltanet-340m-r<R>.json; fla and Llama at the PFlow R = 1 shape).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -28,20 +30,18 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.bench_env import environment, write_json  # noqa: E402
 from benchmarks.bench_model import HAS_FLA, fla_deltanet, llama, pflow  # noqa: E402  (the same models)
 
-
-def fla_model(size: str):
-    if not HAS_FLA:
-        raise ImportError("fla (flash-linear-attention) is not installed")
-    return fla_deltanet(size)
-
-
 # name -> (builder, generate() keyword arguments)
 PROVIDERS = {
     "pflow-r1 eager": (pflow(1), {}),
     "pflow-r1 static+graphs": (pflow(1), {"cache_implementation": "static"}),
+    # transformers' chunked prefill: the prompt in 8K-token pieces, prefill memory flat past 8K tokens
+    "pflow-r1 static+graphs, 8K prefill chunks": (
+        pflow(1),
+        {"cache_implementation": "static", "prefill_chunk_size": 8192},
+    ),
     "pflow-r4 eager": (pflow(4), {}),
     "pflow-r4 static+graphs": (pflow(4), {"cache_implementation": "static"}),
-    "fla-deltanet": (fla_model, {}),
+    "fla-deltanet": (fla_deltanet, {}),
     "llama dynamic": (llama, {}),
     # transformers compiles the forward itself for a compileable (static) cache on CUDA
     "llama static+compile": (llama, {"cache_implementation": "static"}),
@@ -130,27 +130,30 @@ def main() -> None:
     results = {"env": environment(), "new_tokens": new_tokens, "rows": []}
     for name in args.providers.split(","):
         builder, kwargs = PROVIDERS[name]
-        try:
-            model = builder("340m").to("cuda", torch.bfloat16).eval()
-        except ImportError as err:
-            results["rows"].append({"model": name, "skipped": str(err)})
+        if builder is fla_deltanet and not HAS_FLA:
+            results["rows"].append({"model": name, "skipped": "flash-linear-attention is not installed"})
             continue
         for batch in batches:
             for prompt in prompts:
                 row = {"model": name, "batch": batch, "prompt": prompt}
                 try:
+                    # A fresh model per cell: transformers keeps the largest static cache length a model has
+                    # seen (and its compiled graphs), PFlow its static cache and CUDA graphs; a later, smaller
+                    # cell would run on those.
+                    model = builder("340m").to("cuda", torch.bfloat16).eval()
                     with torch.no_grad():
                         row.update(measure(model, batch, prompt, new_tokens, kwargs))
                 except torch.OutOfMemoryError:
                     row["result"] = "OOM"
                 except Exception as err:  # noqa: BLE001 - one failing provider must not stop the table
                     row["result"] = f"{type(err).__name__}: {str(err)[:300]}"
+                model = None
+                torch._dynamo.reset()
+                gc.collect()
                 torch.cuda.empty_cache()
                 print(json.dumps(row), flush=True)
                 results["rows"].append(row)
                 write_json(args.out, results)
-        del model
-        torch.cuda.empty_cache()
     write_json(args.out, results)
     plot(results, os.path.splitext(args.out)[0] + ".png")
 

@@ -685,6 +685,8 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
     ):
         """As GenerationMixin's, and `cache_implementation="static"` makes a PFlowStaticCache (CUDA graphs
         on a GPU unless PFLOW_CUDA_GRAPHS=0), which transformers would otherwise ignore for this model.
+        `prefill_chunk_size=N` (transformers' chunked prefill: the prompt goes through the model N tokens at a
+        time, so prefill activations stay those of N tokens) gets a PFlowCache up front on the dynamic path.
 
         The model keeps the static cache it made and the next such generate() reuses it, reset in place, if
         it holds as many rows (batch x beams) and at least as many positions and nothing its decode graphs
@@ -698,9 +700,16 @@ class PFlowForCausalLM(PFlowPreTrainedModel, GenerationMixin):
             or model_kwargs.get(CACHE_FIELD) is not None
             or generation_config.use_cache is False
         ):
-            return super()._prepare_cache_for_generation(
+            super()._prepare_cache_for_generation(
                 generation_config, model_kwargs, generation_mode, batch_size, max_cache_length
             )
+            if (
+                generation_config.prefill_chunk_size
+                and model_kwargs.get(CACHE_FIELD) is None
+                and generation_config.use_cache is not False
+            ):  # transformers' chunked prefill wants a cache before the first forward, which builds this one
+                model_kwargs[CACHE_FIELD] = PFlowCache(self.config)
+            return
         if generation_config.max_cache_len is not None:
             max_cache_length = max(max_cache_length, generation_config.max_cache_len)
         rows = max(generation_config.num_beams or 1, generation_config.num_return_sequences or 1) * batch_size

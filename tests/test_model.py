@@ -80,6 +80,27 @@ def test_left_padded_generate_equals_single_prompts(variant):
         assert torch.equal(together[i], alone[0, len(p) :])
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"], ids=["dynamic", "static"])
+@pytest.mark.parametrize("variant", ["sum", "hybrid"])
+def test_chunked_prefill_generates_what_one_prefill_does(variant, cache_implementation):
+    """transformers' `prefill_chunk_size`: the left-padded prompt goes through the model 5 tokens at a time
+    (the last chunk shorter), and greedy decoding from that cache gives the tokens of a one-shot prefill."""
+    model = build(variant)
+    ids = random_ids(2, 23, seed=6)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    kwargs = dict(
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        eos_token_id=None,
+        cache_implementation=cache_implementation,
+    )
+    whole = model.generate(ids, attention_mask=mask, **kwargs)
+    chunked = model.generate(ids, attention_mask=mask, prefill_chunk_size=5, **kwargs)
+    assert torch.equal(chunked, whole)
+
+
 def test_generate_greedy_matches_manual_argmax_loop():
     model = build("sum")
     ids = random_ids(1, 5)
