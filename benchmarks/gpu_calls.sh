@@ -2,9 +2,10 @@
 # The device calls behind the speed results (issues #11, #12, #15), one stage per call; run from the repository
 # root on the GPU machine with .whl/ carried (fla, liger-kernel: benchmarks/README.md says how to fetch them).
 #
-#   bash benchmarks/gpu_calls.sh kernels   # the public op against fla and SDPA (4 shapes), per-kernel profile of
-#                                          # the launch variants, then the sweep subset with the variants on
+#   bash benchmarks/gpu_calls.sh kernels   # the public op against fla and SDPA (4 shapes), per-kernel profile,
+#                                          # the sweep subset (at 16d3764 this stage timed the launch variants)
 #   bash benchmarks/gpu_calls.sh model     # training step tokens/s and memory, 340M, both shapes, one process
+#   bash benchmarks/gpu_calls.sh model13b  # the same at the 1.3B shape (PFlow R = 1, fla, Llama)
 #   bash benchmarks/gpu_calls.sh generate  # generate() grid: B 1/8/64, prompts 512/8K/32K
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
@@ -24,19 +25,15 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 
 case $stage in
 kernels)
-    box 170 python3 $B/bench_delta_rule.py --only check,bench --shapes 2048x16,4096x8,8192x4,16384x2 \
+    box 300 python3 $B/bench_delta_rule.py --only check,bench --shapes 2048x16,4096x8,8192x4,16384x2 \
         --providers ours_R1_sum,ours_R2_sum,ours_R4_sum,fla_delta_rule_R1,fla_delta_product_R2,fla_delta_product_R4,sdpa_causal \
         --out runs/op.json > runs/op.log 2>&1
-    variants=base,scan_warps8,par_warps8,par_bk128_warps8,bwd_local_dx,fwd_local_p,local_both,local_both_bv32,recompute_wu
-    for shape in 2048x16 16384x2; do
-        box 110 python3 $B/profile_kernels.py --shape $shape --variants $variants --kernels-for base,local_both \
-            --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_$shape.json \
-            > runs/profile_$shape.log 2>&1
-    done
+    box 90 python3 $B/profile_kernels.py --shape 2048x16 --variants base --providers ours_R1_sum,fla_delta_rule_R1 \
+        --out runs/profile_2048x16.json > runs/profile_2048x16.log 2>&1
     box 150 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
-        --tune bwd_local_dx=1 fwd_local_p=1 par_bk=128 --out runs/sweep_variants.json > runs/sweep_variants.log 2>&1
+        --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
     tail -n 3 runs/*.log
-    tar czf "$OUT/kernels.tgz" runs/op.* runs/profile_* runs/sweep_variants.*
+    tar czf "$OUT/kernels.tgz" runs/op.* runs/profile_* runs/sweep_subset.*
     ;;
 model)
     box 390 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
@@ -46,12 +43,22 @@ model)
     grep -h '340m/' runs/model*.log
     tar czf "$OUT/model.tgz" runs/model*
     ;;
+model13b)
+    box 540 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 \
+        --models pflow_r1,fla_deltanet,llama_sdpa --out runs/model13b.json > runs/model13b.log 2>&1
+    grep -h '1.3b/' runs/model13b.log
+    tar czf "$OUT/model13b.tgz" runs/model13b*
+    ;;
 generate)
     # PFlow and fla first (one model each for the whole grid), then the Llama (a torch.compile per cache size)
-    box 210 python3 $B/bench_generate.py --providers 'pflow-r1 static+graphs,pflow-r4 static+graphs,fla-deltanet' \
+    # a fresh model per cell; fla (eager, ~14 tokens/s at B = 1) only at 512 tokens
+    box 200 python3 $B/bench_generate.py \
+        --providers 'pflow-r1 static+graphs,pflow-r1 static+graphs, 8K prefill chunks,pflow-r4 static+graphs' \
         --out runs/generate.json > runs/generate.log 2>&1
-    box 180 python3 $B/bench_generate.py --providers 'llama static+compile' --prompts 512,8192,32768 \
+    box 200 python3 $B/bench_generate.py --providers 'llama static+compile' \
         --out runs/generate_llama.json > runs/generate_llama.log 2>&1
+    box 120 python3 $B/bench_generate.py --providers fla-deltanet --prompts 512 \
+        --out runs/generate_fla.json > runs/generate_fla.log 2>&1
     tail -n 30 runs/generate*.log
     tar czf "$OUT/generate.tgz" runs/generate*
     ;;
