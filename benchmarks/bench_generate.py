@@ -7,9 +7,10 @@ with torch.compile), one process, random weights, greedy decoding, bf16.
 
 For each model, batch B and prompt length P: `generate` with max_new_tokens = 1 (the prefill) and 1 + N;
 decode tokens/s = B * N / (t[1 + N] - t[1]); end-to-end new tokens/s = B * (1 + N) / t[1 + N]; peak memory
-of the longer call. A run that does not fit is recorded as "OOM". Each cell gets a freshly built model (see
-main). Models: bench_model.py's at the 340M
-shape (configs/deltanet-340m-r<R>.json; fla and Llama at the PFlow R = 1 shape).
+of the longer call. For PFlow's static cache also the replay time of its decode graph alone
+(`graph_replay_ms`) beside the whole decode step (`step_ms`): the rest is generate()'s host work. A run that
+does not fit is recorded as "OOM". Each cell gets a freshly built model (see main). Models: bench_model.py's
+at the 340M shape (configs/deltanet-340m-r<R>.json; fla and Llama at the PFlow R = 1 shape).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.bench_env import environment, write_json  # noqa: E402
 from benchmarks.bench_model import HAS_FLA, fla_deltanet, llama, pflow  # noqa: E402  (the same models)
+from modeling_parallelflow.compat_transformers import cache_of  # noqa: E402
 
 # name -> (builder, generate() keyword arguments)
 PROVIDERS = {
@@ -67,12 +69,35 @@ def measure(model, batch: int, prompt: int, new_tokens: int, kwargs: dict) -> di
     torch.cuda.reset_peak_memory_stats()
     prefill = min(timed_generate(model, ids, 1, kwargs) for _ in range(2))
     total = min(timed_generate(model, ids, 1 + new_tokens, kwargs) for _ in range(2))
-    return {
+    row = {
         "decode_tokens_per_s": batch * new_tokens / max(total - prefill, 1e-9),
         "new_tokens_per_s": batch * (1 + new_tokens) / total,
         "prefill_s": prefill,
         "peak_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
     }
+    replay = graph_replay_ms(model, ids, kwargs)
+    if replay is not None:  # what of a decode step is the GPU's: the rest is generate()'s host work
+        row["graph_replay_ms"] = replay
+        row["step_ms"] = 1e3 * (total - prefill) / new_tokens
+    return row
+
+
+def graph_replay_ms(model, ids, kwargs: dict, replays: int = 50) -> float | None:
+    """ms of one replay of PFlow's captured decode graph (CUDA events, the graph alone, no host work between
+    replays), or None for a model without one. The replays advance the cache's state: timing only."""
+    out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **kwargs)
+    graphs = getattr(cache_of(out), "graphs", None)
+    if graphs is None or not graphs.graphs:
+        return None
+    graph = next(iter(graphs.graphs.values()))[0]
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / replays
 
 
 def plot(results: dict, path: str) -> None:
