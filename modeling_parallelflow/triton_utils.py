@@ -34,15 +34,17 @@ TUNE = {
     "par_bv": 32,
     # K tile of the backward chunk kernel (at least 32, at most K rounded up). At K = 128, 64 computes du and
     # re-reads X, dX and dO once per K tile; 128 does it once, at the price of three [C*R, 128] fp32
-    # accumulators in registers (profile_kernels.py variants par_bk128*; not yet timed on a GPU).
+    # accumulators in registers. H200 at 16d3764, with 8 warps: R = 1 fwd+bwd 2.87 -> 3.29 ms; over 227 KiB
+    # of shared memory at K = 256 or at R = 8, K = 128.
     "par_bk": 64,
     # 1: dX's local part scale P^T dO comes from a chunk-parallel kernel before the sequential backward scan,
     # which then computes P = (Q B^T) * M_out no more: every V block of a (sequence, head) recomputed it, and
-    # few (sequence, head) pairs split V into blocks of 16 (16384 x 2). Interpreter-tested; not yet timed.
+    # few (sequence, head) pairs split V into blocks of 16 (16384 x 2). H200 at 16d3764: R = 1 fwd+bwd
+    # 2.87 -> 3.09 ms at 2048 x 16, 3.69 -> 3.90 at 16384 x 2.
     "bwd_local_dx": int(os.environ.get("PFLOW_BWD_LOCAL_DX", "0")),
     # 1: the forward scan reads P = (Q B^T) * M_out from one chunk-parallel launch instead of computing it for
     # every V block (the same redundancy; the measured split of e109a40 moved all of o out of the scan, this
-    # keeps o in it). Interpreter-tested; not yet timed.
+    # keeps o in it). H200 at 16d3764, 16384 x 2: R = 1 fwd 1.29 -> 1.92 ms; R = 4 fwd+bwd 13.62 -> 13.25.
     "fwd_local_p": int(os.environ.get("PFLOW_FWD_LOCAL_P", "0")),
     "par_stages": 2,
     # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
