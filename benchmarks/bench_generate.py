@@ -85,6 +85,8 @@ def measure(model, batch: int, prompt: int, new_tokens: int, kwargs: dict) -> di
 def graph_replay_ms(model, ids, kwargs: dict, replays: int = 50) -> float | None:
     """ms of one replay of PFlow's captured decode graph (CUDA events, the graph alone, no host work between
     replays), or None for a model without one. The replays advance the cache's state: timing only."""
+    if kwargs.get("cache_implementation") != "static" or model.config.model_type != "parallelflow":
+        return None
     out = model.generate(ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **kwargs)
     graphs = getattr(cache_of(out), "graphs", None)
     if graphs is None or not graphs.graphs:

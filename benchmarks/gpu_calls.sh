@@ -13,7 +13,7 @@
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model or generate}
+stage=${1:?stage: kernels, model, model13b, generate or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -38,8 +38,9 @@ kernels)
 model)
     box 390 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
         --models pflow_r1,fla_deltanet,llama_sdpa,pflow_r2,pflow_r4 --out runs/model.json > runs/model.log 2>&1
-    PFLOW_RECOMPUTE_WU=1 box 90 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
-        --models pflow_r1 --out runs/model_recompute_wu.json > runs/model_recompute_wu.log 2>&1
+    # the W/U-keeping path against the default that recomputes them (15fa54e)
+    PFLOW_RECOMPUTE_WU=0 box 90 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
+        --models pflow_r1 --out runs/model_keep_wu.json > runs/model_keep_wu.log 2>&1
     grep -h '340m/' runs/model*.log
     tar czf "$OUT/model.tgz" runs/model*
     ;;
@@ -50,8 +51,7 @@ model13b)
     tar czf "$OUT/model13b.tgz" runs/model13b*
     ;;
 generate)
-    # PFlow and fla first (one model each for the whole grid), then the Llama (a torch.compile per cache size)
-    # a fresh model per cell; fla (eager, ~14 tokens/s at B = 1) only at 512 tokens
+    # a fresh model per cell (bench_generate); fla (eager, ~14 tokens/s at B = 1) only at 512 tokens
     box 200 python3 $B/bench_generate.py \
         --providers 'pflow-r1 static+graphs,pflow-r1 static+graphs, 8K prefill chunks,pflow-r4 static+graphs' \
         --out runs/generate.json > runs/generate.log 2>&1
