@@ -1,7 +1,8 @@
 """Which implementation runs the fused parts of a PFlow block.
 
-- The pflow mixer's glue (short conv + SiLU + L2 norm, gated output RMSNorm): our Triton kernels
-  (`triton_conv`, `triton_norm`), `triton_glue`.
+- The pflow mixer's glue (short conv + SiLU + L2 norm, gated output RMSNorm), the whole mixer of a decode
+  token between its projections (`triton_decode`) and, without autograd, the blocks' RMSNorm with the
+  residual add fused: our Triton kernels (`triton_conv`, `triton_norm`, `triton_decode`), `triton_glue`.
 - The standard parts (the blocks' RMSNorm, the SwiGLU product and its down projection): Liger-Kernel's fused
   kernels (optional extra `liger`), `liger_layers`.
 
@@ -26,15 +27,23 @@ def _load_triton_glue() -> SimpleNamespace | None:
     # `from .x import y` form inside a guard: saved checkpoints carry these files and load without triton.
     try:
         from .triton_conv import short_conv_silu
-        from .triton_norm import gated_rms_norm
+        from .triton_decode import fits, mixer_decode_step_
+        from .triton_norm import gated_rms_norm, rms_norm
     except ImportError:
         return None
-    return SimpleNamespace(short_conv_silu=short_conv_silu, gated_rms_norm=gated_rms_norm)
+    return SimpleNamespace(
+        short_conv_silu=short_conv_silu,
+        gated_rms_norm=gated_rms_norm,
+        rms_norm=rms_norm,
+        mixer_decode_step_=mixer_decode_step_,
+        decode_fits=fits,
+    )
 
 
 def triton_glue(kernel_backend: str, device: torch.device) -> SimpleNamespace | None:
-    """The Triton glue kernels (`short_conv_silu`, `gated_rms_norm`) when the delta rule resolves to the
-    Triton backend for tensors on `device`, else None (the torch path)."""
+    """The Triton glue kernels (`short_conv_silu`, `gated_rms_norm`, `rms_norm`, `mixer_decode_step_`,
+    `decode_fits`) when the delta rule resolves to the Triton backend for tensors on `device`, else None (the
+    torch path)."""
     if _resolve_backend(kernel_backend, device) != "triton":
         return None
     return _load_triton_glue()
@@ -65,11 +74,11 @@ def _load_liger() -> SimpleNamespace | None:
 def liger_layers(kernel_backend: str, device: torch.device) -> SimpleNamespace | None:
     """Liger-Kernel's `rms_norm(x [..., D], weight [D], eps)`, `silu_mul(gate, up)` (silu(gate) * up) and
     `swiglu_down(gate, up, weight [D, I])` (down projection of that product, recomputed in the backward:
-    `swiglu_down.py`) for CUDA tensors under autograd when the delta rule resolves to the Triton backend and
-    liger_kernel imports, else None. Training only: what they save is what the backward keeps (no fp32 copy
-    of the norm's input, no silu(gate), no product); without autograd, as in decoding, torch's own kernels
-    launch faster."""
-    if device.type != "cuda" or not torch.is_grad_enabled():
+    `swiglu_down.py`) for CUDA tensors when the delta rule resolves to the Triton backend and liger_kernel
+    imports, else None. Under autograd what they save is what the backward keeps (no fp32 copy of the norm's
+    input, no silu(gate), no product); without it the SwiGLU product is one launch instead of two (a CUDA
+    graph's decode step is bound by its launch count), and the RMSNorm is `triton_norm.rms_norm`'s."""
+    if device.type != "cuda":
         return None
     if _resolve_backend(kernel_backend, device) != "triton":
         return None

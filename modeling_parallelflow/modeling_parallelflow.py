@@ -23,7 +23,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils.generic import can_return_tuple
 
-from .cache_parallelflow import PFlowCache, PFlowLayerState, PFlowStaticCache
+from .cache_parallelflow import PFlowCache, PFlowLayerState, PFlowStaticCache, PFlowStaticLayerState
 from .compat_transformers import (
     CACHE_FIELD,
     cache_of,
@@ -59,8 +59,9 @@ def gated_rms_norm_torch(
 
 
 class PFlowRMSNorm(nn.Module):
-    """RMSNorm over the last dim, computed in fp32. Given the model's config, it runs Liger-Kernel's fused
-    RMSNorm where `glue_parallelflow.liger_layers` allows (CUDA, Triton backend, liger installed)."""
+    """RMSNorm over the last dim, computed in fp32. Given the model's config, where the delta rule runs on
+    the Triton backend: without autograd our one-launch kernel (`triton_norm.rms_norm`), under autograd
+    Liger-Kernel's fused RMSNorm where `glue_parallelflow.liger_layers` allows (CUDA, liger installed)."""
 
     def __init__(self, dim: int, eps: float = 1e-6, config: PFlowConfig | None = None):
         super().__init__()
@@ -68,11 +69,28 @@ class PFlowRMSNorm(nn.Module):
         self.eps = eps
         self.config = config
 
+    def _inference_kernel(self, x: torch.Tensor):
+        if self.config is None or torch.is_grad_enabled():
+            return None
+        glue = triton_glue(self.config.kernel_backend, x.device)
+        return glue.rms_norm if glue is not None else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self._inference_kernel(x)
+        if kernel is not None:
+            return kernel(x, self.weight, self.eps)
         liger = liger_layers(self.config.kernel_backend, x.device) if self.config is not None else None
         if liger is not None:
             return liger.rms_norm(x, self.weight, self.eps)
         return gated_rms_norm_torch(x, self.weight, None, self.eps)
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(s, norm(s)) for s = residual + x [..., D]; one launch without autograd on the Triton backend."""
+        kernel = self._inference_kernel(x)
+        if kernel is not None:
+            return kernel(x, self.weight, self.eps, residual=residual)
+        total = residual + x
+        return total, self(total)
 
 
 class PFlowMLP(nn.Module):
@@ -186,6 +204,50 @@ class PFlowMixer(nn.Module):
         self.o_norm = PFlowRMSNorm(v, eps=config.norm_eps)
         self.o_proj = nn.Linear(h * v, d, bias=False)
 
+    @property
+    def beta_scale(self) -> float:
+        """Steps in (0, 1), or (0, 2) with negative eigenvalues; sum mode divides by R so that the R steps
+        together never expand the state. One multiply of sigmoid(b_proj(x))."""
+        scale = 2.0 if self.config.allow_neg_eigval else 1.0
+        return scale / self.rank if self.config.rank_mode == "sum" else scale
+
+    def _fused_decode(self, glue, state: PFlowLayerState | None, length: int) -> bool:
+        """Whether this forward is one token on a static cache without autograd that the one-kernel decode
+        step (`triton_decode`) takes: its tails and state are updated in place, as a static cache's are."""
+        return (
+            glue is not None
+            and length == 1
+            and isinstance(state, PFlowStaticLayerState)
+            and not torch.is_grad_enabled()
+            and self.config.flow != "exact"
+            and (not self.config.use_short_conv or self.config.conv_size >= 2)
+            and glue.decode_fits(self.head_k_dim, self.head_v_dim)
+        )
+
+    def _decode_token(self, x, pad_mask, state: PFlowStaticLayerState, glue) -> torch.Tensor:
+        """x [B, 1, D] -> [B, 1, D] through `triton_decode.mixer_decode_step_` (what `forward` computes)."""
+        batch = x.shape[0]
+        q, k, v, beta_logits = (getattr(self, f"{n}_proj")(x).view(batch, -1) for n in "qkvb")
+        gate = self.g_proj(x).view(batch, -1) if self.config.use_gate else None
+        conv = self.config.use_short_conv
+        o = glue.mixer_decode_step_(
+            q,
+            k,
+            v,
+            beta_logits,
+            gate,
+            tuple(getattr(self, f"{n}_conv1d").weight for n in "qkv") if conv else None,
+            tuple(state.conv[n] for n in "qkv") if conv else None,
+            state.recurrent,
+            self.o_norm.weight,
+            rank=self.rank,
+            product=self.config.rank_mode == "product",
+            beta_scale=self.beta_scale,
+            norm_eps=self.o_norm.eps,
+            keep=pad_mask[:, 0] if pad_mask is not None else None,
+        )
+        return self.o_proj(o.view(batch, 1, -1))
+
     def _features(self, name: str, x, state: PFlowLayerState | None, segments, pad_mask, positions, glue):
         """proj -> (pads zeroed) -> short causal conv -> SiLU -> (q, k: L2 norm per head and rank) [B, T, C].
 
@@ -231,18 +293,16 @@ class PFlowMixer(nn.Module):
         batch, length, _ = x.shape
         h, r, k, v = self.num_heads, self.rank, self.head_k_dim, self.head_v_dim
         glue = triton_glue(self.config.kernel_backend, x.device)
+        if self._fused_decode(glue, state, length):
+            return self._decode_token(x, pad_mask, state, glue)
         features = [self._features(n, x, state, segments, pad_mask, segment_positions, glue) for n in "qkv"]
         q = features[0].view(batch, length, h, k)
         keys = features[1].view(batch, length, h, r, k)
         values = features[2].view(batch, length, h, r, v)
         q, keys = q.to(values.dtype), keys.to(values.dtype)  # under autocast the L2 norm returns fp32
         beta = torch.sigmoid(self.b_proj(x).float()).view(batch, length, h, r)
-        # Steps in (0, 1), or (0, 2) with negative eigenvalues; sum mode divides by R so that the R steps
-        # together never expand the state. One multiply.
-        beta_scale = 2.0 if self.config.allow_neg_eigval else 1.0
-        beta_scale /= r if self.config.rank_mode == "sum" else 1
-        if beta_scale != 1.0:
-            beta = beta * beta_scale
+        if self.beta_scale != 1.0:
+            beta = beta * self.beta_scale
         if pad_mask is not None:
             beta = beta * pad_mask[..., None, None]  # pads leave the state untouched
         beta = beta.to(values.dtype)
@@ -386,8 +446,8 @@ class PFlowDecoderLayer(GradientCheckpointingLayer):
             x = self.linear_attn(x, pad_mask, state, cu_seqlens, segments, segment_positions)
         else:
             x = self.self_attn(x, positions, key_valid, cache, segments)
-        hidden_states = residual + x
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states, x = self.post_attention_layernorm.add_and_norm(x, residual)
+        return hidden_states + self.mlp(x)
 
 
 class PFlowPreTrainedModel(PreTrainedModel):

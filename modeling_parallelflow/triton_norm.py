@@ -131,3 +131,60 @@ def gated_rms_norm(
     flat_gate = gate.reshape(-1, v).contiguous() if gate is not None else None
     y = GatedRMSNorm.apply(o.reshape(-1, v).contiguous(), flat_gate, weight, eps)
     return y.view(o.shape)
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    y_ptr,
+    sum_ptr,
+    D: tl.constexpr,
+    BD: tl.constexpr,
+    EPS: tl.constexpr,
+    ADD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BD)
+    m = cols < D
+    x = tl.load(x_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+    if ADD:  # the block's residual sum, rounded to its dtype before the norm reads it (as in torch)
+        x = x + tl.load(res_ptr + row * D + cols, mask=m, other=0.0).to(tl.float32)
+        x = x.to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * D + cols, x, mask=m)
+        x = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + EPS)
+    xhat = (x * rstd).to(x_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * D + cols, (w * xhat).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Forward only (no autograd: inference and decoding). x [..., D], weight [D] -> weight * (x * rstd)
+    cast to x's dtype, in the dtype torch promotes weight and x to (modeling_parallelflow's torch RMSNorm).
+    With residual [..., D]: (s, rms_norm(s)) for s = x + residual, the add fused into the norm's launch."""
+    d = x.shape[-1]
+    flat = x.reshape(-1, d).contiguous()
+    y = new_tensor(flat.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    total = None
+    if residual is not None:
+        residual = residual.reshape(-1, d).contiguous()
+        total = new_tensor(flat.shape, dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    _rms_norm_kernel[(flat.shape[0],)](
+        flat,
+        residual,
+        weight,
+        y,
+        total,
+        D=d,
+        BD=next_pow2(d),
+        EPS=eps,
+        ADD=residual is not None,
+        num_warps=4 if d <= 2048 else 8,
+    )
+    if residual is None:
+        return y.view(x.shape)
+    return total.view(x.shape), y.view(x.shape)

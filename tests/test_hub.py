@@ -177,8 +177,9 @@ def test_push_refuses_adapters_and_bad_repo_ids(checkpoint, tmp_path):
 
 def test_saved_checkpoints_ship_the_triton_kernels(tmp_path):
     tiny_model("tiny").save_pretrained(tmp_path)
-    for name in ("triton_dispatch.py", "triton_chunk_fwd.py", "triton_chunk_bwd.py", "triton_recurrent.py"):
-        assert (tmp_path / name).is_file(), name
+    kernels = ("triton_dispatch", "triton_chunk_fwd", "triton_chunk_bwd", "triton_recurrent", "triton_conv")
+    for name in (*kernels, "triton_norm", "triton_decode", "triton_sigdelta", "glue_parallelflow"):
+        assert (tmp_path / f"{name}.py").is_file(), name
 
 
 def test_push_a_converted_checkpoint(tmp_path):
