@@ -6,14 +6,16 @@
 #                                          # the sweep subset (at 16d3764 this stage timed the launch variants)
 #   bash benchmarks/gpu_calls.sh model     # training step tokens/s and memory, 340M, both shapes, one process
 #   bash benchmarks/gpu_calls.sh model13b  # the same at the 1.3B shape (PFlow R = 1, fla, Llama)
-#   bash benchmarks/gpu_calls.sh generate  # generate() grid: B 1/8/64, prompts 512/8K/32K
+#   bash benchmarks/gpu_calls.sh generate  # decode-kernel GPU tests, fused vs unfused A/B, PFlow's generate()
+#                                          # grid: B 1/8/64, prompts 512/8K/32K
+#   bash benchmarks/gpu_calls.sh llama13b  # the Llama's generate() grid, then model13b with R = 2, 4 added
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -51,16 +53,28 @@ model13b)
     tar czf "$OUT/model13b.tgz" runs/model13b*
     ;;
 generate)
-    # a fresh model per cell (bench_generate); fla (eager, ~14 tokens/s at B = 1) only at 512 tokens
-    box 200 python3 $B/bench_generate.py \
-        --providers 'pflow-r1 static+graphs,pflow-r1 static+graphs, 8K prefill chunks,pflow-r4 static+graphs' \
+    # the fused decode kernel's GPU tests (against the unfused path, fp32 / bf16, B 1 / 64) and CUDA graphs
+    box 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_decode.py tests/test_static_cache.py \
+        > runs/gpu_decode_tests.log 2>&1
+    # A/B: the unfused mixer decode (PFLOW_FUSED_DECODE is read at import, so its own process)
+    PFLOW_FUSED_DECODE=0 box 70 python3 $B/bench_generate.py --providers 'pflow-r1 static+graphs' --batches 1,8 \
+        --prompts 512 --out runs/generate_unfused.json > runs/generate_unfused.log 2>&1
+    # a fresh model per cell (bench_generate)
+    box 200 python3 $B/bench_generate.py --providers 'pflow-r1 static+graphs,pflow-r4 static+graphs' \
         --out runs/generate.json > runs/generate.log 2>&1
-    box 200 python3 $B/bench_generate.py --providers 'llama static+compile' \
-        --out runs/generate_llama.json > runs/generate_llama.log 2>&1
-    box 120 python3 $B/bench_generate.py --providers fla-deltanet --prompts 512 \
-        --out runs/generate_fla.json > runs/generate_fla.log 2>&1
+    tail -n 4 runs/gpu_decode_tests.log
     tail -n 30 runs/generate*.log
-    tar czf "$OUT/generate.tgz" runs/generate*
+    tar czf "$OUT/generate.tgz" runs/gpu_decode_tests.log runs/generate*
+    ;;
+llama13b)
+    # the Llama's generate grid (static cache + torch.compile, recompiled per cell), then the 1.3B training step
+    box 230 python3 $B/bench_generate.py --providers 'llama static+compile' \
+        --out runs/generate_llama.json > runs/generate_llama.log 2>&1
+    box 330 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 \
+        --models pflow_r1,fla_deltanet,llama_sdpa,pflow_r2,pflow_r4 --out runs/model13b.json > runs/model13b.log 2>&1
+    tail -n 12 runs/generate_llama.log
+    grep -h '1.3b/' runs/model13b.log
+    tar czf "$OUT/llama13b.tgz" runs/generate_llama* runs/model13b*
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1

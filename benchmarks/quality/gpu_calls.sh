@@ -8,6 +8,7 @@
 #   bash benchmarks/quality/gpu_calls.sh mqar    # the target cells of MQAR, one process per run, in parallel
 #   bash benchmarks/quality/gpu_calls.sh graphcheck  # --cuda-graph against eager on the same 400 steps
 #   bash benchmarks/quality/gpu_calls.sh grid    # the full MQAR grid, --cuda-graph, SHARDS processes at once
+#   bash benchmarks/quality/gpu_calls.sh target1 # MQAR target 1 with --cuda-graph (2 lrs) beside graphcheck's pair
 #
 # Everything lands in runs/ (kept between calls on a warm machine); what comes back is packed into one or two
 # files of $OUT (a device call returns at most 8 files).
@@ -106,6 +107,21 @@ mqar)
     wait
     finished runs/mqar_*.log
     tar czf "$OUT/mqar_runs.tgz" runs/mqar_*.json runs/mqar_*.log
+    ;;
+target1)
+    # target 1 (R = 1, width 128, kv64_t512, >= 99 %) with --cuda-graph at two learning rates, beside graphcheck's
+    # eager / graph pair (400 steps each), all at once
+    G=(python3 $Q/mqar.py --grid full --widths 128 --tasks kv64_t512 --models pflow-r1)
+    "${G[@]}" --lrs 1.5e-3 --steps 400 --eval-every 200 --out runs/gc_eager.json > runs/gc_eager.log 2>&1 &
+    "${G[@]}" --lrs 1.5e-3 --steps 400 --eval-every 200 --cuda-graph --out runs/gc_graph.json > runs/gc_graph.log 2>&1 &
+    for lr in 3e-3 5e-3; do
+        "${G[@]}" --lrs $lr --steps "${STEPS:-20000}" --eval-every 1000 --stop-at 0.99 --cuda-graph \
+            --run-wall "${RUN_WALL:-470}" --out runs/t1_lr$lr.json > runs/t1_lr$lr.log 2>&1 &
+    done
+    wait
+    python3 $Q/mqar_curves.py runs/gc_eager.json runs/gc_graph.json runs/t1_lr*.json --out runs/t1_curves.png
+    finished runs/gc_*.log runs/t1_*.log
+    tar czf "$OUT/target1.tgz" runs/gc_* runs/t1_*
     ;;
 *)
     echo "unknown stage $stage" >&2
