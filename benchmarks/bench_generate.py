@@ -37,7 +37,7 @@ PROVIDERS = {
     "pflow-r1 eager": (pflow(1), {}),
     "pflow-r1 static+graphs": (pflow(1), {"cache_implementation": "static"}),
     # transformers' chunked prefill: the prompt in 8K-token pieces, prefill memory flat past 8K tokens
-    "pflow-r1 static+graphs, 8K prefill chunks": (
+    "pflow-r1 static+graphs 8K-prefill-chunks": (
         pflow(1),
         {"cache_implementation": "static", "prefill_chunk_size": 8192},
     ),
@@ -114,25 +114,29 @@ def plot(results: dict, path: str) -> None:
     if not batches:
         return
     fig, axes = plt.subplots(2, len(batches), figsize=(5 * len(batches), 7), squeeze=False)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    colors = {model: f"C{i}" for i, model in enumerate(models)}  # one color per model in every panel
     for col, batch in enumerate(batches):
-        for model in dict.fromkeys(r["model"] for r in rows):
+        for model in models:
             mine = [r for r in rows if r["model"] == model and r["batch"] == batch]
             mine.sort(key=lambda r: r["prompt"])
             if mine:
                 prompts = [r["prompt"] for r in mine]
-                axes[0][col].plot(prompts, [r["decode_tokens_per_s"] for r in mine], "o-", label=model)
-                axes[1][col].plot(prompts, [r["peak_memory_gib"] for r in mine], "o-", label=model)
+                style = dict(color=colors[model], label=model)
+                axes[0][col].plot(prompts, [r["decode_tokens_per_s"] for r in mine], "o-", **style)
+                axes[1][col].plot(prompts, [r["peak_memory_gib"] for r in mine], "o-", **style)
         axes[0][col].set(title=f"B = {batch}", xscale="log", yscale="log", ylabel="decode tokens/s")
         axes[1][col].set(xscale="log", xlabel="prompt tokens", ylabel="peak memory (GiB)")
         ticks = sorted({r["prompt"] for r in rows})
         for ax in (axes[0][col], axes[1][col]):
             ax.set_xticks(ticks, [str(t) for t in ticks], minor=False)
-            ax.minorticks_off()
-    axes[0][0].legend(fontsize=8)
+            ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels(), strict=True)}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(models), 4), fontsize=8)
     env = results["env"]
     tokens = results["new_tokens"]
     fig.suptitle(f"generate(), 340M shape, bf16, {tokens} new tokens; {env['gpu']}, {env['commit']}")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
@@ -154,8 +158,12 @@ def main() -> None:
         batches = tuple(int(b) for b in args.batches.split(","))
     if args.prompts:
         prompts = tuple(int(p) for p in args.prompts.split(","))
+    providers = args.providers.split(",")
+    unknown = [name for name in providers if name not in PROVIDERS]
+    if unknown:
+        parser.error(f"unknown providers {unknown}; choose from {list(PROVIDERS)}")
     results = {"env": environment(), "new_tokens": new_tokens, "rows": []}
-    for name in args.providers.split(","):
+    for name in providers:
         builder, kwargs = PROVIDERS[name]
         if builder is fla_deltanet and not HAS_FLA:
             results["rows"].append({"model": name, "skipped": "flash-linear-attention is not installed"})
