@@ -147,6 +147,19 @@ def test_task_subset_accuracy_curve_and_early_stop(tmp_path):
         mqar.main(["--grid", "smoke", "--tasks", "kv9_t99", "--out", str(tmp_path / "y.json")])
 
 
+def test_seed_override_is_recorded_changes_the_run_and_keeps_its_own_file(tmp_path):
+    base = ["--grid", "smoke", "--models", "pflow-r1", "--tasks", "kv4_t32", "--threads", "2", "--steps", "3"]
+    first, second = tmp_path / "seed0.json", tmp_path / "seed1.json"
+    assert mqar.main(base + ["--out", str(first)]) == 0
+    assert mqar.main(base + ["--seed", "1", "--out", str(second)]) == 0
+    runs = [json.loads(path.read_text()) for path in (first, second)]
+    assert (runs[0]["config"]["seed"], runs[1]["config"]["seed"]) == (0, 1)
+    key = "pflow-r1/w32/lr0.003"
+    assert runs[0]["runs"][key]["loss_curve"] != runs[1]["runs"][key]["loss_curve"]
+    with pytest.raises(SystemExit, match="another configuration"):
+        mqar.main(base + ["--seed", "1", "--out", str(first)])
+
+
 def test_results_from_before_the_optional_fields_still_resume():
     grid = mqar.GRIDS["full"]
     committed = json.loads((SCRIPT.parent / "results" / "mqar_lr1.5e-3_w64-128.json").read_text())

@@ -466,6 +466,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tasks", type=_list, help="subset of the grid's tasks, by name (e.g. kv64_t512)")
     p.add_argument("--eval-every", type=int, help="held-out accuracy every N steps (an accuracy curve)")
     p.add_argument(
+        "--seed", type=int, help="override the grid's seed (init, training stream, held-out draw); own --out"
+    )
+    p.add_argument(
         "--stop-at", type=float, help="with --eval-every: stop a run once every task reaches this accuracy"
     )
     p.add_argument(
@@ -534,6 +537,7 @@ def main(argv=None) -> int:
         "tasks": tuple(t for t in grid.tasks if t.name in args.tasks) if args.tasks else None,
         "eval_every": args.eval_every,
         "stop_at": args.stop_at,
+        "seed": args.seed,
     }
     grid = dataclasses.replace(grid, **{k: v for k, v in overrides.items() if v is not None})
     widths = args.widths or list(grid.widths)
