@@ -9,13 +9,14 @@
 #   bash benchmarks/gpu_calls.sh generate  # decode-kernel GPU tests, fused vs unfused A/B, PFlow's generate()
 #                                          # grid: B 1/8/64, prompts 512/8K/32K
 #   bash benchmarks/gpu_calls.sh llama13b  # the Llama's generate() grid, then model13b with R = 2, 4 added
+#   bash benchmarks/gpu_calls.sh convbwd   # the one-launch conv backward: GPU tests, R = 1 step on / off, fla
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, convbwd or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -75,6 +76,20 @@ llama13b)
     tail -n 12 runs/generate_llama.log
     grep -h '1.3b/' runs/model13b.log
     tar czf "$OUT/llama13b.tgz" runs/generate_llama* runs/model13b*
+    ;;
+convbwd)
+    # TUNE["conv_fused_bwd"] (off by default, interpreter-tested): its GPU tests, then the training step with it
+    # on and off, each in its own process (the environment is read at import)
+    box 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1
+    for fused in 0 1; do
+        PFLOW_CONV_FUSED_BWD=$fused box 200 python3 $B/bench_model.py --sizes 1.3b,340m --shapes 2048x16,8192x4 \
+            --models pflow_r1 --out runs/model_convbwd$fused.json > runs/model_convbwd$fused.log 2>&1
+    done
+    box 80 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16 --models fla_deltanet \
+        --out runs/model_convbwd_fla.json > runs/model_convbwd_fla.log 2>&1
+    tail -n 3 runs/gpu_glue_tests.log
+    grep -h '/pflow_r1\|/fla' runs/model_convbwd*.log
+    tar czf "$OUT/convbwd.tgz" runs/gpu_glue_tests.log runs/model_convbwd*
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1

@@ -13,7 +13,7 @@ reads it) is the last W-1 inputs, cut on the host.
 
 Backward recomputes c, y and the norm from x (saved: x, weight, tail, pos, pad_mask; nothing per token
 beyond the inputs): `_dc_kernel` writes dc = dL/dc [B, T, C] fp32, `_dx_kernel` turns it into dx and
-per-block partial sums of dweight.
+per-block partial sums of dweight; with TUNE["conv_fused_bwd"], `_dx_kernel` alone, recomputing dc.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_utils import new_tensor, next_pow2
+from .triton_utils import TUNE, new_tensor, next_pow2
 
 L2_EPS = 1e-6  # modeling_parallelflow.l2_normalize's eps
 
@@ -130,14 +130,18 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dc_kernel(
+def _dc_tile(
     x_ptr,
     w_ptr,
     tail_ptr,
     pos_ptr,
     mask_ptr,
     dy_ptr,
-    dc_ptr,
+    i_b,
+    t,
+    c,
+    mt,
+    mk,
     T,
     C,
     K: tl.constexpr,
@@ -150,13 +154,8 @@ def _dc_kernel(
     NORM: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    """dc = dL/dc: through the norm (ds = r (dy - n (n . dy)), n = s r) and SiLU (sig (1 + c (1 - sig)))."""
-    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
-    t = i_t * BT + tl.arange(0, BT)
-    k = tl.arange(0, BK)
-    c = i_g * K + k
-    mt, mk = t < T, k < K
-    m2 = mt[:, None] & mk[None, :]
+    """dc = dL/dc [BT, BK] fp32 at rows t (0 outside mt): through the norm (ds = r (dy - n (n . dy)),
+    n = s r) and SiLU (sig (1 + c (1 - sig)))."""
     pre = _conv_tile(
         x_ptr,
         w_ptr,
@@ -178,15 +177,48 @@ def _dc_kernel(
         HAS_MASK,
     )
     off = (i_b * T + t)[:, None] * C + c[None, :]
-    dy = tl.load(dy_ptr + off, mask=m2, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + off, mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
     sig = tl.sigmoid(pre)
     if NORM:
         s = pre * sig
         r = tl.rsqrt(tl.sum(s * s, axis=1) + EPS)
         n = s * r[:, None]
         dy = r[:, None] * (dy - n * tl.sum(n * dy, axis=1)[:, None])
-    dc = dy * sig * (1.0 + pre * (1.0 - sig))
-    tl.store(dc_ptr + off, dc, mask=m2)
+    return dy * sig * (1.0 + pre * (1.0 - sig))
+
+
+@triton.jit
+def _dc_kernel(
+    x_ptr,
+    w_ptr,
+    tail_ptr,
+    pos_ptr,
+    mask_ptr,
+    dy_ptr,
+    dc_ptr,
+    T,
+    C,
+    K: tl.constexpr,
+    W: tl.constexpr,
+    BT: tl.constexpr,
+    BK: tl.constexpr,
+    HAS_TAIL: tl.constexpr,
+    HAS_POS: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    NORM: tl.constexpr,
+    EPS: tl.constexpr,
+):
+    """dc = dL/dc for one [BT, BK] tile (`_dc_tile`), stored in fp32 for `_dx_kernel`."""
+    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
+    t = i_t * BT + tl.arange(0, BT)
+    k = tl.arange(0, BK)
+    c = i_g * K + k
+    mt, mk = t < T, k < K
+    dc = _dc_tile(
+        x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, t, c, mt, mk, T, C,
+        K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
+    )  # fmt: skip
+    tl.store(dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], dc, mask=mt[:, None] & mk[None, :])
 
 
 @triton.jit
@@ -197,6 +229,7 @@ def _dx_kernel(
     pos_ptr,
     mask_ptr,
     dc_ptr,
+    dy_ptr,
     dx_ptr,
     dw_ptr,
     T,
@@ -209,8 +242,13 @@ def _dx_kernel(
     HAS_TAIL: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    NORM: tl.constexpr,
+    EPS: tl.constexpr,
+    FUSED: tl.constexpr,
 ):
-    """dx[t] = sum_j w_j dc[t + back_j] (same sequence, zero at pads); dw partial [B * NT, C, W]."""
+    """dx[t] = sum_j w_j dc[t + back_j] (same sequence, zero at pads); dw partial [B * NT, C, W]. dc is read
+    from dc_ptr (`_dc_kernel`'s), or with FUSED recomputed here from x and dy (`_dc_tile`) for the tile's rows
+    and each tap's shifted rows: no fp32 dc round trip through memory, W - 1 more dc tiles of arithmetic."""
     i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
     t = i_t * BT + tl.arange(0, BT)
     k = tl.arange(0, BK)
@@ -220,9 +258,15 @@ def _dx_kernel(
         p = tl.load(pos_ptr + t, mask=mt, other=0)
     else:
         p = t
-    dc_here = tl.load(
-        dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], mask=mt[:, None] & mk[None, :], other=0.0
-    )
+    if FUSED:
+        dc_here = _dc_tile(
+            x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, t, c, mt, mk, T, C,
+            K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
+        )  # fmt: skip
+    else:
+        dc_here = tl.load(
+            dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], mask=mt[:, None] & mk[None, :], other=0.0
+        )
     dx = tl.zeros([BT, BK], dtype=tl.float32)
     for j in tl.static_range(W):
         back = W - 1 - j
@@ -234,9 +278,19 @@ def _dx_kernel(
         else:
             p_dst = dst
         reach = mt & (dst < T) & (p_dst >= back)
-        dcv = tl.load(
-            dc_ptr + (i_b * T + dst)[:, None] * C + c[None, :], mask=reach[:, None] & mk[None, :], other=0.0
-        )
+        if back == 0:
+            dcv = tl.where(reach[:, None], dc_here, 0.0)
+        elif FUSED:
+            dcv = _dc_tile(
+                x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, dst, c, reach, mk, T, C,
+                K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
+            )  # fmt: skip
+        else:
+            dcv = tl.load(
+                dc_ptr + (i_b * T + dst)[:, None] * C + c[None, :],
+                mask=reach[:, None] & mk[None, :],
+                other=0.0,
+            )
         dx += dcv * wj[None, :]
         # dw[:, j] = sum_t dc[t] * input[t - back] (masked input, or the tail before the start).
         src = t - back
@@ -302,30 +356,20 @@ def conv_fwd(x, weight, tail, pos, mask, group: int, normalize: bool) -> torch.T
 def conv_bwd(
     dy, x, weight, tail, pos, mask, group: int, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dx [B, T, C] in x's dtype, dweight [C, W] fp32) (launcher; no autograd)."""
+    """-> (dx [B, T, C] in x's dtype, dweight [C, W] fp32) (launcher; no autograd). TUNE["conv_fused_bwd"]:
+    one launch that recomputes dc instead of `_dc_kernel` writing it in fp32 for `_dx_kernel`."""
     batch, length, channels = x.shape
     width = weight.shape[1]
     block_t, block_k, grid = _launch_args(x, group)
     flags = _flags(tail, pos, mask)
-    dc = new_tensor(x.shape, dtype=torch.float32, device=x.device)
-    _dc_kernel[grid](
-        x,
-        weight,
-        tail,
-        pos,
-        mask,
-        dy,
-        dc,
-        length,
-        channels,
-        K=group,
-        W=width,
-        BT=block_t,
-        BK=block_k,
-        NORM=normalize,
-        EPS=L2_EPS,
-        **flags,
-    )
+    common = dict(K=group, W=width, BT=block_t, BK=block_k, **flags)
+    fused = bool(TUNE["conv_fused_bwd"])
+    dc = None
+    if not fused:
+        dc = new_tensor(x.shape, dtype=torch.float32, device=x.device)
+        _dc_kernel[grid](
+            x, weight, tail, pos, mask, dy, dc, length, channels, NORM=normalize, EPS=L2_EPS, **common
+        )
     dx = new_tensor(x.shape, dtype=x.dtype, device=x.device)
     partial = new_tensor((batch * grid[0], channels, width), dtype=torch.float32, device=x.device)
     _dx_kernel[grid](
@@ -335,16 +379,16 @@ def conv_bwd(
         pos,
         mask,
         dc,
+        dy,
         dx,
         partial,
         length,
         channels,
         grid[0],
-        K=group,
-        W=width,
-        BT=block_t,
-        BK=block_k,
-        **flags,
+        NORM=normalize,
+        EPS=L2_EPS,
+        FUSED=fused,
+        **common,
     )
     return dx, partial.sum(0)
 

@@ -64,6 +64,11 @@ TUNE = {
     # one chunk-parallel launch of the W/U kernel (LOAD_T). H200 at 16d3764, 340M training step, 2048 x 16:
     # 156.6K -> 155.3K tokens/s, 33.5 -> 30.5 GiB (fla 31.5 GiB); sweep subset 97 / 97 at a46b5fb.
     "recompute_wu": int(os.environ.get("PFLOW_RECOMPUTE_WU", "1")),
+    # 1: the short conv's backward in one launch that recomputes dc = dL/d(conv output) for each tap's rows
+    # (W - 1 more dc tiles of arithmetic) instead of a second kernel writing it in fp32 and reading it back
+    # (2 x 4 bytes per channel and token). At the 1.3B shape the two launches took 54 of ~560 ms of a
+    # training step (H200, b76ce2f). Interpreter-tested; not yet timed.
+    "conv_fused_bwd": int(os.environ.get("PFLOW_CONV_FUSED_BWD", "0")),
 }
 
 

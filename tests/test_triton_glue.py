@@ -93,16 +93,24 @@ def check_conv(name, normalize, device, dtype, tol):
     torch.testing.assert_close(y_only, y.detach(), rtol=0, atol=0)
 
 
+# The backward in two launches (dc written in fp32, then dx) or one (TUNE["conv_fused_bwd"]: dc recomputed).
+BACKWARDS = [pytest.param(0, id="bwd2"), pytest.param(1, id="bwd_fused")]
+
+
 @pytest.mark.triton_interpret
+@pytest.mark.parametrize("fused_bwd", BACKWARDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_conv_interpreted(name, normalize):
+def test_conv_interpreted(monkeypatch, name, normalize, fused_bwd):
+    monkeypatch.setitem(triton_conv.TUNE, "conv_fused_bwd", fused_bwd)
     check_conv(name, normalize, DEVICE, torch.float32, dict(rtol=1e-5, atol=1e-5))
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused_bwd", BACKWARDS)
 @pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
-def test_conv_gpu_bf16_model_shape(normalize):
+def test_conv_gpu_bf16_model_shape(monkeypatch, normalize, fused_bwd):
+    monkeypatch.setitem(triton_conv.TUNE, "conv_fused_bwd", fused_bwd)
     """bf16 at 2 x 2048 tokens, 8 heads of 128 channels; the reference runs in fp32 on the same inputs.
     Tolerance: bf16 output rounding (rel. 4e-3) and bf16 dx; dweight sums 4,096 products in fp32."""
     torch.manual_seed(0)
