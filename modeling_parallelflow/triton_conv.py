@@ -278,13 +278,14 @@ def _dx_kernel(
         else:
             p_dst = dst
         reach = mt & (dst < T) & (p_dst >= back)
-        if back == 0:
-            dcv = tl.where(reach[:, None], dc_here, 0.0)
-        elif FUSED:
-            dcv = _dc_tile(
-                x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, dst, c, reach, mk, T, C,
-                K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
-            )  # fmt: skip
+        if FUSED:
+            if back == 0:
+                dcv = tl.where(reach[:, None], dc_here, 0.0)
+            else:
+                dcv = _dc_tile(
+                    x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, dst, c, reach, mk, T, C,
+                    K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
+                )  # fmt: skip
         else:
             dcv = tl.load(
                 dc_ptr + (i_b * T + dst)[:, None] * C + c[None, :],
