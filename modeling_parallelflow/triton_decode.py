@@ -14,9 +14,8 @@ elementwise ops, the drivers a = -beta k and u = beta v, the recurrent kernel, s
 norm); under a CUDA graph the decode step is bound by its launch count, so here it is one program per
 (sequence, head) holding the fp32 state [K, V] in registers, tails and state updated in place. Values are
 rounded to the model dtype where the unfused path stores them (features, beta, drivers, o), so the two paths
-agree to rounding. K, V <= 128 (one tile); larger heads, and
-every head with PFLOW_FUSED_DECODE=0 in the environment (an A/B switch for benchmarks), take the unfused
-path (`fits`).
+agree to rounding. K, V <= 128 (one tile); larger heads, and every head with PFLOW_FUSED_DECODE=0 in the
+environment (an A/B switch for benchmarks), take the unfused path (`fits`).
 """
 
 from __future__ import annotations
