@@ -301,8 +301,9 @@ class PFlowMixer(nn.Module):
         values = features[2].view(batch, length, h, r, v)
         q, keys = q.to(values.dtype), keys.to(values.dtype)  # under autocast the L2 norm returns fp32
         beta = torch.sigmoid(self.b_proj(x).float()).view(batch, length, h, r)
-        if self.beta_scale != 1.0:
-            beta = beta * self.beta_scale
+        beta_scale = self.beta_scale
+        if beta_scale != 1.0:
+            beta = beta * beta_scale
         if pad_mask is not None:
             beta = beta * pad_mask[..., None, None]  # pads leave the state untouched
         beta = beta.to(values.dtype)

@@ -7,6 +7,8 @@ Tier 2 (`triton_interpret`): fp32 on the CPU interpreter, tight. Tier 3 (`gpu`):
 at the 340M shape too.
 """
 
+import copy
+
 import pytest
 import torch
 
@@ -59,6 +61,18 @@ def states(config: PFlowConfig, batch: int, device, dtype):
     return static, dynamic
 
 
+def float64_reference(mixer: PFlowMixer, x, pad_mask, state: PFlowLayerState) -> tuple:
+    """The oracle: the same mixer on the torch backend in float64 (torch conv, the float token loop of
+    `ops_reference`, the torch gated norm), on float64 copies of `state`. Returns (output, state after)."""
+    reference = copy.deepcopy(mixer).double()
+    reference.config = PFlowConfig.from_dict({**mixer.config.to_dict(), "kernel_backend": "torch"})
+    state64 = PFlowLayerState("pflow")
+    state64.conv = {name: tail.double() for name, tail in state.conv.items()}
+    state64.recurrent = state.recurrent.double()
+    with torch.no_grad():
+        return reference(x.double(), pad_mask, state64), state64
+
+
 def run_both(monkeypatch, config: PFlowConfig, batch: int, device, dtype, pads: bool):
     mixer = perturbed_mixer(config, device, dtype)
     static, dynamic = states(config, batch, device, dtype)
@@ -70,12 +84,13 @@ def run_both(monkeypatch, config: PFlowConfig, batch: int, device, dtype, pads: 
     glue, calls = triton_glue("triton", torch.device(device)), []
     fused_step = glue.mixer_decode_step_
     monkeypatch.setattr(glue, "mixer_decode_step_", lambda *a, **kw: calls.append(1) or fused_step(*a, **kw))
+    reference = float64_reference(mixer, x, pad_mask, dynamic)
     with torch.no_grad():
         fused = mixer(x, pad_mask, static)
         assert calls == [1], "the static-cache decode token did not take the fused kernel"
         unfused = mixer(x, pad_mask, dynamic)
         assert calls == [1], "the dynamic-cache decode token took the fused kernel"
-    return (fused, unfused), (static, dynamic)
+    return (fused, unfused), (static, dynamic), reference
 
 
 def assert_same(pair, caches, tol):
@@ -86,12 +101,23 @@ def assert_same(pair, caches, tol):
         assert torch.equal(static.conv[name], tail), f"conv tail {name}"
 
 
+def errors_against(reference, output, state) -> list[float]:
+    """Max abs error of the output, the state and each conv tail against the float64 oracle."""
+    ref_out, ref_state = reference
+    pairs = [(output, ref_out), (state.recurrent, ref_state.recurrent)]
+    pairs += [(state.conv[name], tail) for name, tail in ref_state.conv.items()]
+    return [(got.double() - want).abs().max().item() for got, want in pairs]
+
+
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize("pads", [False, True], ids=["real", "pad_row"])
 @pytest.mark.parametrize("name", list(MIXERS))
 def test_fused_decode_token_equals_unfused_mixer_interpreted(monkeypatch, name, pads):
-    pair, caches = run_both(monkeypatch, mixer_config(**MIXERS[name]), 3, DEVICE, torch.float32, pads)
+    pair, caches, reference = run_both(
+        monkeypatch, mixer_config(**MIXERS[name]), 3, DEVICE, torch.float32, pads
+    )
     assert_same(pair, caches, dict(rtol=1e-5, atol=1e-5))
+    assert max(errors_against(reference, pair[0], caches[0])) < 1e-5  # fp32 against the float64 oracle
 
 
 @pytest.mark.gpu
@@ -109,9 +135,16 @@ def test_fused_decode_token_equals_unfused_mixer_interpreted(monkeypatch, name, 
 def test_fused_decode_token_equals_unfused_mixer_gpu(monkeypatch, overrides, dtype, batch):
     # bf16: the two paths round at the same points; the sums inside the kernels may differ in order.
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-    pair, caches = run_both(monkeypatch, mixer_config(**overrides), batch, "cuda", dtype, pads=batch > 1)
+    pair, caches, reference = run_both(
+        monkeypatch, mixer_config(**overrides), batch, "cuda", dtype, batch > 1
+    )
     assert all(t.isfinite().all() for t in (*pair, caches[0].recurrent))
     assert_same(pair, caches, tol)
+    fused, unfused = (errors_against(reference, o, c) for o, c in zip(pair, caches, strict=True))
+    if dtype == torch.float32:
+        assert max(fused) < 1e-4, fused  # TF32-free elementwise fp32 against float64
+    else:  # bf16: no farther from the float64 oracle than the unfused path, part by part
+        assert all(f <= 1.5 * u + 1e-3 for f, u in zip(fused, unfused, strict=True)), (fused, unfused)
 
 
 def test_heads_wider_than_the_kernel_take_the_unfused_path():
@@ -128,12 +161,13 @@ def test_inference_rms_norm_equals_torch_interpreted(dim, residual):
     weight = torch.randn(dim, device=DEVICE)
     res = torch.randn_like(x) if residual else None
     total = x + res if residual else x
-    expected = gated_rms_norm_torch(total, weight, None, 1e-6)
+    expected = gated_rms_norm_torch(total.double(), weight.double(), None, 1e-6)  # float64 oracle
     out = triton_norm.rms_norm(x, weight, 1e-6, residual=res)
     if residual:
         assert torch.equal(out[0], total)
         out = out[1]
-    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.slow

@@ -63,21 +63,21 @@ def make_case(name, device, dtype):
 def check_conv(name, normalize, device, dtype, tol):
     x, weight, tail, cu, pad_mask, group = make_case(name, device, dtype)
     x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    x2, w2 = x.float().requires_grad_(), weight.float().requires_grad_()
+    x2, w2 = x.double().requires_grad_(), weight.double().requires_grad_()  # the torch path in float64
     pos = positions(cu, x.shape[1]) if cu is not None else None
     y, new_tail = triton_conv.short_conv_silu(
         x1, w1, group=group, normalize=normalize, tail=tail, pos=pos, pad_mask=pad_mask
     )
-    ref_tail = tail.float() if tail is not None else None
+    ref_tail = tail.double() if tail is not None else None
     y_ref, tail_ref = conv_reference(x2, w2, ref_tail, cu, pad_mask, group, normalize)
     dy = torch.randn_like(y_ref)
-    (y.float() * dy).sum().backward()
+    (y.double() * dy).sum().backward()
     (y_ref * dy).sum().backward()
-    torch.testing.assert_close(y.float(), y_ref, **tol)
-    torch.testing.assert_close(new_tail.float(), tail_ref, **tol)
+    torch.testing.assert_close(y.double(), y_ref, **tol)
+    torch.testing.assert_close(new_tail.double(), tail_ref, **tol)
     assert new_tail.is_contiguous()  # the next decode step reads it without a copy
-    torch.testing.assert_close(x1.grad.float(), x2.grad, **tol)
-    torch.testing.assert_close(w1.grad.float(), w2.grad, **tol)
+    torch.testing.assert_close(x1.grad.double(), x2.grad, **tol)
+    torch.testing.assert_close(w1.grad.double(), w2.grad, **tol)
     with torch.no_grad():  # training keeps no tail: the same output, no tail built
         y_only, none = triton_conv.short_conv_silu(
             x,
@@ -117,7 +117,7 @@ def test_conv_gpu_bf16_model_shape(monkeypatch, normalize, fused_bwd):
     x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
     weight = (torch.randn(1024, 1, 4, device="cuda") / 2).to(torch.bfloat16)
     x1, w1 = x.clone().requires_grad_(), weight.clone().requires_grad_()
-    x2, w2 = x.float().requires_grad_(), weight.float().requires_grad_()
+    x2, w2 = x.double().requires_grad_(), weight.double().requires_grad_()  # the torch path in float64
     y, _ = triton_conv.short_conv_silu(x1, w1, group=128, normalize=normalize)
     y_ref, _ = conv_reference(x2, w2, None, None, None, 128, normalize)
     dy = torch.randn_like(y_ref)
