@@ -53,6 +53,7 @@ def triton_glue(kernel_backend: str, device: torch.device) -> SimpleNamespace | 
 def _load_liger() -> SimpleNamespace | None:
     # Guarded `from x import y` of an optional dependency: a checkpoint's remote code loads without it.
     try:
+        from liger_kernel.ops.fused_add_rms_norm import LigerFusedAddRMSNormFunction
         from liger_kernel.ops.rms_norm import LigerRMSNormFunction
         from liger_kernel.ops.swiglu import LigerSiLUMulFunction, swiglu_backward, swiglu_forward
     except ImportError:
@@ -64,15 +65,23 @@ def _load_liger() -> SimpleNamespace | None:
         # path); not in place: the incoming gradient also feeds the residual branch.
         return LigerRMSNormFunction.apply(x, weight, eps, 0.0, "llama", False)
 
+    def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+        # (residual + x, rms_norm(residual + x)) in one launch; the backward adds the sum's incoming gradient
+        # to the norm's in the same kernel (no add of the residual branch's gradients).
+        normed, total = LigerFusedAddRMSNormFunction.apply(x, residual, weight, eps, 0.0, "llama", False)
+        return total, normed
+
     return SimpleNamespace(
         rms_norm=rms_norm,
+        add_rms_norm=add_rms_norm,
         silu_mul=LigerSiLUMulFunction.apply,
         swiglu_down=lambda gate, up, weight: swiglu_down(gate, up, weight, swiglu),
     )
 
 
 def liger_layers(kernel_backend: str, device: torch.device) -> SimpleNamespace | None:
-    """Liger-Kernel's `rms_norm(x [..., D], weight [D], eps)`, `silu_mul(gate, up)` (silu(gate) * up) and
+    """Liger-Kernel's `rms_norm(x [..., D], weight [D], eps)`, `add_rms_norm(x, residual, weight, eps)` ->
+    (s, rms_norm(s)) for s = residual + x, `silu_mul(gate, up)` (silu(gate) * up) and
     `swiglu_down(gate, up, weight [D, I])` (down projection of that product, recomputed in the backward:
     `swiglu_down.py`) for CUDA tensors when the delta rule resolves to the Triton backend and liger_kernel
     imports, else None. Under autograd what they save is what the backward keeps (no fp32 copy of the norm's

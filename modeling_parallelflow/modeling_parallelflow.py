@@ -37,6 +37,7 @@ from .loss_parallelflow import linear_cross_entropy
 from .ops import beta_drivers, delta_rule, delta_rule_drivers
 from .ops_exact_flow import exact_flow_drivers
 from .packed import PackedSequences
+from .shared_input_linear import project
 
 DECODE_MAX_TOKENS = 8  # cached continuations this short run the recurrent algorithm (same maths, less work)
 # model -> (decode context, PFlowStaticCache): the static cache a model's last generate() made, for the next
@@ -85,10 +86,15 @@ class PFlowRMSNorm(nn.Module):
         return gated_rms_norm_torch(x, self.weight, None, self.eps)
 
     def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(s, norm(s)) for s = residual + x [..., D]; one launch without autograd on the Triton backend."""
+        """(s, norm(s)) for s = residual + x [..., D]: one launch on the Triton backend, without autograd our
+        kernel, under autograd Liger-Kernel's fused add + RMSNorm where `liger_layers` allows and x and the
+        residual share a dtype (under autocast they may not, and the sum then keeps the wider one)."""
         kernel = self._inference_kernel(x)
         if kernel is not None:
             return kernel(x, self.weight, self.eps, residual=residual)
+        liger = liger_layers(self.config.kernel_backend, x.device) if self.config is not None else None
+        if liger is not None and x.dtype == residual.dtype:
+            return liger.add_rms_norm(x, residual, self.weight, self.eps)
         total = residual + x
         return total, self(total)
 
@@ -106,7 +112,7 @@ class PFlowMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_proj(x), self.up_proj(x)
+        gate, up = project(x, (self.gate_proj, self.up_proj))
         liger = liger_layers(self.config.kernel_backend, x.device)
         if liger is None:
             return self.down_proj(F.silu(gate) * up)
@@ -224,11 +230,19 @@ class PFlowMixer(nn.Module):
             and glue.decode_fits(self.head_k_dim, self.head_v_dim)
         )
 
+    def _project(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x [B, T, D] -> {"q": [B, T, H*K], "k", "v": [B, T, H*R*K or V], "b": [B, T, H*R], "g": [B, T, H*V]
+        with the gate}: the input projections, their input gradient summed inside the GEMMs
+        (`shared_input_linear.project`)."""
+        names = "qkvbg" if self.config.use_gate else "qkvb"
+        return dict(zip(names, project(x, tuple(getattr(self, f"{n}_proj") for n in names)), strict=True))
+
     def _decode_token(self, x, pad_mask, state: PFlowStaticLayerState, glue) -> torch.Tensor:
         """x [B, 1, D] -> [B, 1, D] through `triton_decode.mixer_decode_step_` (what `forward` computes)."""
         batch = x.shape[0]
-        q, k, v, beta_logits = (getattr(self, f"{n}_proj")(x).view(batch, -1) for n in "qkvb")
-        gate = self.g_proj(x).view(batch, -1) if self.config.use_gate else None
+        projected = {name: y.view(batch, -1) for name, y in self._project(x).items()}
+        q, k, v, beta_logits = (projected[n] for n in "qkvb")
+        gate = projected.get("g")
         conv = self.config.use_short_conv
         o = glue.mixer_decode_step_(
             q,
@@ -248,13 +262,13 @@ class PFlowMixer(nn.Module):
         )
         return self.o_proj(o.view(batch, 1, -1))
 
-    def _features(self, name: str, x, state: PFlowLayerState | None, segments, pad_mask, positions, glue):
-        """proj -> (pads zeroed) -> short causal conv -> SiLU -> (q, k: L2 norm per head and rank) [B, T, C].
+    def _features(self, name: str, y, state: PFlowLayerState | None, segments, pad_mask, positions, glue):
+        """The projection y [B, T, C] -> (pads zeroed) -> short causal conv -> SiLU -> (q, k: L2 norm per head
+        and rank) [B, T, C].
 
         Triton glue (`glue` not None): one fused kernel, unless a cache tail needs a gradient (the kernel
         treats tails as constants); `positions` [T] int32: the packed tokens' positions in their sequences.
         """
-        y = getattr(self, f"{name}_proj")(x)
         group = self.head_v_dim if name == "v" else self.head_k_dim
         normalize = name != "v"
         tail = state.conv.get(name) if state is not None and self.config.use_short_conv else None
@@ -295,12 +309,15 @@ class PFlowMixer(nn.Module):
         glue = triton_glue(self.config.kernel_backend, x.device)
         if self._fused_decode(glue, state, length):
             return self._decode_token(x, pad_mask, state, glue)
-        features = [self._features(n, x, state, segments, pad_mask, segment_positions, glue) for n in "qkv"]
+        projected = self._project(x)
+        features = [
+            self._features(n, projected[n], state, segments, pad_mask, segment_positions, glue) for n in "qkv"
+        ]
         q = features[0].view(batch, length, h, k)
         keys = features[1].view(batch, length, h, r, k)
         values = features[2].view(batch, length, h, r, v)
         q, keys = q.to(values.dtype), keys.to(values.dtype)  # under autocast the L2 norm returns fp32
-        beta = torch.sigmoid(self.b_proj(x).float()).view(batch, length, h, r)
+        beta = torch.sigmoid(projected["b"].float()).view(batch, length, h, r)
         beta_scale = self.beta_scale
         if beta_scale != 1.0:
             beta = beta * beta_scale
@@ -330,7 +347,7 @@ class PFlowMixer(nn.Module):
         if state is not None:
             state.recurrent = final_state
 
-        gate = self.g_proj(x).view(batch, length, h, v) if self.config.use_gate else None
+        gate = projected["g"].view(batch, length, h, v) if self.config.use_gate else None
         if glue is not None:
             o = glue.gated_rms_norm(o, self.o_norm.weight, gate, self.o_norm.eps)  # [B, T, H, V]
         else:
@@ -384,9 +401,10 @@ class PFlowAttention(nn.Module):
         """x [B, T, D], positions [B, T], key_valid [B, past + T] bool (static caches: [B, max_len]) or None
         -> [B, T, D]."""
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = project(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.config.attention_qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, positions, self.config.rope_theta)

@@ -1,7 +1,7 @@
-"""Liger-Kernel's fused RMSNorm and SwiGLU product for the standard parts of a block
-(`glue_parallelflow.liger_layers`), and the down projection that recomputes the product (`swiglu_down.py`):
-where they are taken, that the model routes through them, and (GPU) that they equal the torch path, values
-and gradients."""
+"""Liger-Kernel's fused RMSNorm (also with the residual add) and SwiGLU product for the standard parts of a
+block (`glue_parallelflow.liger_layers`), and the down projection that recomputes the product
+(`swiglu_down.py`): where they are taken, that the model routes through them, and (GPU) that they equal the
+torch path, values and gradients."""
 
 from types import SimpleNamespace
 
@@ -41,11 +41,16 @@ def test_model_routes_block_norms_and_mlp_through_liger(monkeypatch):
     model = tiny_model().eval()
     ids = random_ids(2, 9)
     expected = model(ids).logits  # under autograd, where Liger's kernels are taken
-    calls = {"rms_norm": 0, "silu_mul": 0, "swiglu_down": 0}
+    calls = {"rms_norm": 0, "add_rms_norm": 0, "silu_mul": 0, "swiglu_down": 0}
 
     def rms_norm(x, weight, eps):
         calls["rms_norm"] += 1
         return modeling.gated_rms_norm_torch(x, weight, None, eps)
+
+    def add_rms_norm(x, residual, weight, eps):
+        calls["add_rms_norm"] += 1
+        total = residual + x
+        return total, modeling.gated_rms_norm_torch(total, weight, None, eps)
 
     def silu_mul(gate, up):
         calls["silu_mul"] += 1
@@ -55,11 +60,13 @@ def test_model_routes_block_norms_and_mlp_through_liger(monkeypatch):
         calls["swiglu_down"] += 1
         return swiglu_down(gate, up, weight)
 
-    fake = SimpleNamespace(rms_norm=rms_norm, silu_mul=silu_mul, swiglu_down=fake_swiglu_down)
+    fake = SimpleNamespace(
+        rms_norm=rms_norm, add_rms_norm=add_rms_norm, silu_mul=silu_mul, swiglu_down=fake_swiglu_down
+    )
     monkeypatch.setattr(modeling, "liger_layers", lambda backend, device: fake)
     got = model(ids).logits
     layers = model.config.num_hidden_layers
-    assert calls == {"rms_norm": 2 * layers + 1, "silu_mul": 0, "swiglu_down": layers}
+    assert calls == {"rms_norm": layers + 1, "add_rms_norm": layers, "silu_mul": 0, "swiglu_down": layers}
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
     # A wrapped down projection (as PEFT's LoRA wraps it) keeps its own forward: the product alone is fused.
     for layer in model.model.layers:
@@ -94,7 +101,13 @@ def test_liger_layers_match_torch_path_bf16():
     x = torch.randn(4, 512, 1024, device="cuda", dtype=torch.bfloat16)
     w = (1 + 0.1 * torch.randn(1024, device="cuda")).to(torch.bfloat16)
     g, u = (torch.randn(4, 512, 2816, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    residual = torch.randn_like(x)
     cases = {
+        "add_rms_norm": (  # both outputs: the sum (the residual stream) and its norm
+            lambda x, r, w: torch.stack(liger.add_rms_norm(x, r, w, 1e-6)),
+            lambda x, r, w: torch.stack((r + x, modeling.gated_rms_norm_torch(r + x, w, None, 1e-6))),
+            (x, residual, w),
+        ),
         "rms_norm": (
             lambda x, w: liger.rms_norm(x, w, 1e-6),
             lambda x, w: modeling.gated_rms_norm_torch(x, w, None, 1e-6),
