@@ -3,6 +3,7 @@
     python benchmarks/bench_model.py --out benchmarks/results/h200_model.json     # the table (~4 min, H200)
     python benchmarks/bench_model.py --quick --out /tmp/quick.json                # tiny smoke run (CPU too)
     python benchmarks/bench_model.py --profile pflow_r1 --sizes 340m --shapes 2048x16 --out prof.json
+    python benchmarks/bench_model.py --models pflow_r1 --ablate fused_add_norm --out ablated.json
 
 One step = forward with labels (the model's own loss) + backward + fused AdamW step, bf16 weights, B x T
 tokens of random ids. Models (registry MODELS): PFlow R = 1, 2, 4 (sum) and R = 2 (product) from
@@ -11,7 +12,8 @@ fla is not installed); transformers LlamaForCausalLM with SDPA at the same hidde
 (parameter counts are in the JSON). Tokens/s: steps timed with CUDA events after warm-up steps. Peak
 memory: torch.cuda.max_memory_allocated over the timed steps (weights, grads and optimizer state
 included). A model that runs out of memory is recorded as "OOM" and the run goes on. `--profile NAME`
-prints the top kernels of one step of that model (torch.profiler) and stores them in the JSON.
+prints the top kernels of one step of that model (torch.profiler) and stores them in the JSON. `--ablate`
+switches parts of PFlow's training glue off for the whole run (registry ABLATIONS), for A/B runs.
 Writes the JSON (GPU, versions, commit) and a PNG chart next to it.
 """
 
@@ -31,6 +33,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 from benchmarks.bench_env import environment, write_json  # noqa: E402
 from modeling_parallelflow import PFlowConfig, PFlowForCausalLM  # noqa: E402
+from modeling_parallelflow import modeling_parallelflow as pflow_modeling  # noqa: E402
 
 try:
     from fla.models import DeltaNetConfig, DeltaNetForCausalLM
@@ -105,6 +108,22 @@ MODELS: dict[str, Callable[[str], torch.nn.Module]] = {
     "pflow_r2_product": pflow(2, "product"),
     "fla_deltanet": fla_deltanet,
     "llama_sdpa": llama,
+}
+
+
+def _separate_projections() -> None:
+    pflow_modeling.project = lambda x, layers: tuple(layer(x) for layer in layers)
+
+
+def _unfused_add_norm() -> None:
+    pflow_modeling.PFlowRMSNorm.add_and_norm = lambda self, x, residual: (residual + x, self(residual + x))
+
+
+# name -> what switches it off: each projection its own nn.Linear call (autograd adds the input gradients);
+# the post-mixer residual add apart from its RMSNorm (under autograd)
+ABLATIONS: dict[str, Callable[[], None]] = {
+    "shared_input_linear": _separate_projections,
+    "fused_add_norm": _unfused_add_norm,
 }
 
 
@@ -294,7 +313,14 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES), help=f"T x B, from {list(SHAPES)}")
     parser.add_argument("--quick", action="store_true", help="tiny models and shape: a smoke check")
     parser.add_argument("--profile", metavar="MODEL", help="print the top kernels of one step of MODEL")
+    parser.add_argument("--ablate", default="", help=f"parts to switch off: {','.join(ABLATIONS)}")
     args = parser.parse_args()
+    ablated = [name for name in args.ablate.split(",") if name]
+    unknown = sorted(set(ablated) - set(ABLATIONS))
+    if unknown:
+        parser.error(f"unknown --ablate {unknown}; choose from {list(ABLATIONS)}")
+    for name in ablated:
+        ABLATIONS[name]()
 
     sizes = ["quick"] if args.quick else args.sizes.split(",")
     shapes = QUICK_SHAPE if args.quick else {s: SHAPES[s] for s in args.shapes.split(",")}
@@ -302,6 +328,7 @@ def main() -> None:
         "env": environment(),
         "dtype": str(dtype()).removeprefix("torch."),
         "optimizer": "AdamW(fused)",
+        "ablated": ablated,
         "notes": [],
     }
     save = lambda: write_json(args.out, result)  # noqa: E731

@@ -10,13 +10,15 @@
 #                                          # grid: B 1/8/64, prompts 512/8K/32K
 #   bash benchmarks/gpu_calls.sh llama13b  # the Llama's generate() grid, then model13b with R = 2, 4 added
 #   bash benchmarks/gpu_calls.sh convbwd   # the one-launch conv backward: GPU tests, R = 1 step on / off, fla
+#   bash benchmarks/gpu_calls.sh fusions   # b019b45's training glue against --ablate of it, conv_fused_bwd, fla in
+#                                          # the same runs (1.3B, 340M); fla's and our profiles at 1.3B
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, convbwd or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, convbwd, fusions or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -90,6 +92,27 @@ convbwd)
     tail -n 3 runs/gpu_glue_tests.log
     grep -h '/pflow_r1\|/fla' runs/model_convbwd*.log
     tar czf "$OUT/convbwd.tgz" runs/gpu_glue_tests.log runs/model_convbwd*
+    ;;
+fusions)
+    # b019b45's training glue (shared-input projections, Liger's fused add + RMSNorm) against the same code with
+    # both switched off (--ablate), fla in the same runs; TUNE["conv_fused_bwd"] on top; both profiles at 1.3B
+    box 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_liger_layers.py tests/test_triton_glue.py \
+        > runs/gpu_glue_tests.log 2>&1
+    box 130 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
+        --out runs/fusions_new.json > runs/fusions_new.log 2>&1
+    box 70 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1 \
+        --ablate shared_input_linear,fused_add_norm --out runs/fusions_old.json > runs/fusions_old.log 2>&1
+    PFLOW_CONV_FUSED_BWD=1 box 70 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 \
+        --models pflow_r1 --out runs/fusions_convbwd.json > runs/fusions_convbwd.log 2>&1
+    box 80 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
+        --out runs/fusions_340m.json > runs/fusions_340m.log 2>&1
+    box 45 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16 --profile fla_deltanet \
+        --out runs/profile13b_fla.json > runs/profile13b_fla.log 2>&1
+    box 45 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16 --profile pflow_r1 \
+        --out runs/profile13b_pflow_r1.json > runs/profile13b_pflow_r1.log 2>&1
+    tail -n 3 runs/gpu_glue_tests.log
+    grep -h '/pflow_r1\|/fla' runs/fusions_*.log
+    tar czf "$OUT/fusions.tgz" runs/gpu_glue_tests.log runs/fusions_* runs/profile13b_*
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1
