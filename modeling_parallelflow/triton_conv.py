@@ -13,7 +13,7 @@ reads it) is the last W-1 inputs, cut on the host.
 
 Backward recomputes c, y and the norm from x (saved: x, weight, tail, pos, pad_mask; nothing per token
 beyond the inputs): `_dc_kernel` writes dc = dL/dc [B, T, C] fp32, `_dx_kernel` turns it into dx and
-per-block partial sums of dweight; with TUNE["conv_fused_bwd"], `_dx_kernel` alone, recomputing dc.
+per-block partial sums of dweight. Launch settings: TUNE["conv_block_t"], "conv_dc_warps", "conv_dx_warps".
 """
 
 from __future__ import annotations
@@ -229,7 +229,6 @@ def _dx_kernel(
     pos_ptr,
     mask_ptr,
     dc_ptr,
-    dy_ptr,
     dx_ptr,
     dw_ptr,
     T,
@@ -242,13 +241,9 @@ def _dx_kernel(
     HAS_TAIL: tl.constexpr,
     HAS_POS: tl.constexpr,
     HAS_MASK: tl.constexpr,
-    NORM: tl.constexpr,
-    EPS: tl.constexpr,
-    FUSED: tl.constexpr,
 ):
-    """dx[t] = sum_j w_j dc[t + back_j] (same sequence, zero at pads); dw partial [B * NT, C, W]. dc is read
-    from dc_ptr (`_dc_kernel`'s), or with FUSED recomputed here from x and dy (`_dc_tile`) for the tile's rows
-    and each tap's shifted rows: no fp32 dc round trip through memory, W - 1 more dc tiles of arithmetic."""
+    """dx[t] = sum_j w_j dc[t + back_j] (same sequence, zero at pads); dw partial [B * NT, C, W]; dc from
+    `_dc_kernel` (fp32)."""
     i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
     t = i_t * BT + tl.arange(0, BT)
     k = tl.arange(0, BK)
@@ -258,15 +253,8 @@ def _dx_kernel(
         p = tl.load(pos_ptr + t, mask=mt, other=0)
     else:
         p = t
-    if FUSED:
-        dc_here = _dc_tile(
-            x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, t, c, mt, mk, T, C,
-            K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
-        )  # fmt: skip
-    else:
-        dc_here = tl.load(
-            dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], mask=mt[:, None] & mk[None, :], other=0.0
-        )
+    here = mt[:, None] & mk[None, :]
+    dc_here = tl.load(dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], mask=here, other=0.0)
     dx = tl.zeros([BT, BK], dtype=tl.float32)
     for j in tl.static_range(W):
         back = W - 1 - j
@@ -278,14 +266,8 @@ def _dx_kernel(
         else:
             p_dst = dst
         reach = mt & (dst < T) & (p_dst >= back)
-        if FUSED:
-            if back == 0:
-                dcv = tl.where(reach[:, None], dc_here, 0.0)
-            else:
-                dcv = _dc_tile(
-                    x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, dst, c, reach, mk, T, C,
-                    K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
-                )  # fmt: skip
+        if back == 0:  # the tile's own rows (reach = mt)
+            dcv = dc_here
         else:
             dcv = tl.load(
                 dc_ptr + (i_b * T + dst)[:, None] * C + c[None, :],
@@ -321,7 +303,7 @@ def _dx_kernel(
 def _launch_args(x: torch.Tensor, group: int) -> tuple[int, int, tuple[int, int, int]]:
     batch, length, channels = x.shape
     block_k = next_pow2(group)
-    block_t = max(16, min(64, 4096 // block_k))
+    block_t = TUNE["conv_block_t"] or max(16, min(64, 4096 // block_k))
     return block_t, block_k, (triton.cdiv(length, block_t), channels // group, batch)
 
 
@@ -357,40 +339,22 @@ def conv_fwd(x, weight, tail, pos, mask, group: int, normalize: bool) -> torch.T
 def conv_bwd(
     dy, x, weight, tail, pos, mask, group: int, normalize: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (dx [B, T, C] in x's dtype, dweight [C, W] fp32) (launcher; no autograd). TUNE["conv_fused_bwd"]:
-    one launch that recomputes dc instead of `_dc_kernel` writing it in fp32 for `_dx_kernel`."""
+    """-> (dx [B, T, C] in x's dtype, dweight [C, W] fp32) (launcher; no autograd)."""
     batch, length, channels = x.shape
     width = weight.shape[1]
     block_t, block_k, grid = _launch_args(x, group)
-    flags = _flags(tail, pos, mask)
-    common = dict(K=group, W=width, BT=block_t, BK=block_k, **flags)
-    fused = bool(TUNE["conv_fused_bwd"])
-    dc = None
-    if not fused:
-        dc = new_tensor(x.shape, dtype=torch.float32, device=x.device)
-        _dc_kernel[grid](
-            x, weight, tail, pos, mask, dy, dc, length, channels, NORM=normalize, EPS=L2_EPS, **common
-        )
+    common = dict(K=group, W=width, BT=block_t, BK=block_k, **_flags(tail, pos, mask))
+    dc = new_tensor(x.shape, dtype=torch.float32, device=x.device)
+    _dc_kernel[grid](
+        x, weight, tail, pos, mask, dy, dc, length, channels,
+        NORM=normalize, EPS=L2_EPS, num_warps=TUNE["conv_dc_warps"], **common,
+    )  # fmt: skip
     dx = new_tensor(x.shape, dtype=x.dtype, device=x.device)
     partial = new_tensor((batch * grid[0], channels, width), dtype=torch.float32, device=x.device)
     _dx_kernel[grid](
-        x,
-        weight,
-        tail,
-        pos,
-        mask,
-        dc,
-        dy,
-        dx,
-        partial,
-        length,
-        channels,
-        grid[0],
-        NORM=normalize,
-        EPS=L2_EPS,
-        FUSED=fused,
-        **common,
-    )
+        x, weight, tail, pos, mask, dc, dx, partial, length, channels, grid[0],
+        num_warps=TUNE["conv_dx_warps"], **common,
+    )  # fmt: skip
     return dx, partial.sum(0)
 
 

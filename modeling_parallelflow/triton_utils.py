@@ -64,11 +64,13 @@ TUNE = {
     # one chunk-parallel launch of the W/U kernel (LOAD_T). H200 at 16d3764, 340M training step, 2048 x 16:
     # 156.6K -> 155.3K tokens/s, 33.5 -> 30.5 GiB (fla 31.5 GiB); sweep subset 97 / 97 at a46b5fb.
     "recompute_wu": int(os.environ.get("PFLOW_RECOMPUTE_WU", "1")),
-    # 1: the short conv's backward in one launch that recomputes dc = dL/d(conv output) for each tap's rows
-    # (W - 1 more dc tiles of arithmetic) instead of a second kernel writing it in fp32 and reading it back
-    # (2 x 4 bytes per channel and token). At the 1.3B shape the two launches took 54 of ~560 ms of a
-    # training step (H200, b76ce2f). Interpreter-tested; not yet timed.
-    "conv_fused_bwd": int(os.environ.get("PFLOW_CONV_FUSED_BWD", "0")),
+    # The short conv's backward (triton_conv): token rows per tile (0: 4096 / K rounded, 16 to 64) and warps
+    # of its two launches. At the 1.3B shape they took 54 of ~560 ms of a training step (H200, b76ce2f);
+    # `benchmarks/bench_conv.py` sweeps them. A one-launch variant that recomputed dc for each tap's rows
+    # measured slower there: 58.0K -> 54.4K tokens/s (H200, b019b45), and is gone.
+    "conv_block_t": int(os.environ.get("PFLOW_CONV_BLOCK_T", "0")),
+    "conv_dc_warps": int(os.environ.get("PFLOW_CONV_DC_WARPS", "4")),
+    "conv_dx_warps": int(os.environ.get("PFLOW_CONV_DX_WARPS", "4")),
 }
 
 

@@ -93,26 +93,33 @@ def check_conv(name, normalize, device, dtype, tol):
     torch.testing.assert_close(y_only, y.detach(), rtol=0, atol=0)
 
 
-# The backward in two launches (dc written in fp32, then dx) or one (TUNE["conv_fused_bwd"]: dc recomputed).
-BACKWARDS = [pytest.param(0, id="bwd2"), pytest.param(1, id="bwd_fused")]
+# Launch settings of the conv kernels (TUNE; warps matter on a GPU only): the defaults, then small and large
+# row tiles.
+LAUNCHES = [
+    pytest.param({}, id="default"),
+    pytest.param(dict(conv_block_t=16, conv_dc_warps=2, conv_dx_warps=8), id="bt16"),
+    pytest.param(dict(conv_block_t=64, conv_dc_warps=8, conv_dx_warps=2), id="bt64"),
+]
 
 
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("fused_bwd", BACKWARDS)
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_conv_interpreted(monkeypatch, name, normalize, fused_bwd):
-    monkeypatch.setitem(triton_conv.TUNE, "conv_fused_bwd", fused_bwd)
+def test_conv_interpreted(monkeypatch, name, normalize, launch):
+    for key, value in launch.items():
+        monkeypatch.setitem(triton_conv.TUNE, key, value)
     check_conv(name, normalize, DEVICE, torch.float32, dict(rtol=1e-5, atol=1e-5))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fused_bwd", BACKWARDS)
+@pytest.mark.parametrize("launch", LAUNCHES)
 @pytest.mark.parametrize("normalize", [False, True], ids=["silu", "silu_l2"])
-def test_conv_gpu_bf16_model_shape(monkeypatch, normalize, fused_bwd):
-    monkeypatch.setitem(triton_conv.TUNE, "conv_fused_bwd", fused_bwd)
+def test_conv_gpu_bf16_model_shape(monkeypatch, normalize, launch):
     """bf16 at 2 x 2048 tokens, 8 heads of 128 channels; the reference runs in fp32 on the same inputs.
     Tolerance: bf16 output rounding (rel. 4e-3) and bf16 dx; dweight sums 4,096 products in fp32."""
+    for key, value in launch.items():
+        monkeypatch.setitem(triton_conv.TUNE, key, value)
     torch.manual_seed(0)
     x = torch.randn(2, 2048, 1024, device="cuda", dtype=torch.bfloat16)
     weight = (torch.randn(1024, 1, 4, device="cuda") / 2).to(torch.bfloat16)
