@@ -9,16 +9,16 @@
 #   bash benchmarks/gpu_calls.sh generate  # decode-kernel GPU tests, fused vs unfused A/B, PFlow's generate()
 #                                          # grid: B 1/8/64, prompts 512/8K/32K
 #   bash benchmarks/gpu_calls.sh llama13b  # the Llama's generate() grid, then model13b with R = 2, 4 added
-#   bash benchmarks/gpu_calls.sh convbwd   # the one-launch conv backward: GPU tests, R = 1 step on / off, fla
-#   bash benchmarks/gpu_calls.sh fusions   # b019b45's training glue against --ablate of it, conv_fused_bwd, fla in
-#                                          # the same runs (1.3B, 340M); fla's and our profiles at 1.3B
+#   bash benchmarks/gpu_calls.sh fusions   # b019b45's training glue against --ablate of it, fla beside (1.3B)
+#   bash benchmarks/gpu_calls.sh convtune  # the conv backward's launch settings, then the 1.3B step with the
+#                                          # defaults (and fla) and with the fastest settings
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, convbwd, fusions or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -79,40 +79,34 @@ llama13b)
     grep -h '1.3b/' runs/model13b.log
     tar czf "$OUT/llama13b.tgz" runs/generate_llama* runs/model13b*
     ;;
-convbwd)
-    # TUNE["conv_fused_bwd"] (off by default, interpreter-tested): its GPU tests, then the training step with it
-    # on and off, each in its own process (the environment is read at import)
-    box 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1
-    for fused in 0 1; do
-        PFLOW_CONV_FUSED_BWD=$fused box 200 python3 $B/bench_model.py --sizes 1.3b,340m --shapes 2048x16,8192x4 \
-            --models pflow_r1 --out runs/model_convbwd$fused.json > runs/model_convbwd$fused.log 2>&1
-    done
-    box 80 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16 --models fla_deltanet \
-        --out runs/model_convbwd_fla.json > runs/model_convbwd_fla.log 2>&1
-    tail -n 3 runs/gpu_glue_tests.log
-    grep -h '/pflow_r1\|/fla' runs/model_convbwd*.log
-    tar czf "$OUT/convbwd.tgz" runs/gpu_glue_tests.log runs/model_convbwd*
-    ;;
 fusions)
     # b019b45's training glue (shared-input projections, Liger's fused add + RMSNorm) against the same code with
-    # both switched off (--ablate), fla in the same runs; TUNE["conv_fused_bwd"] on top; both profiles at 1.3B
-    box 100 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_liger_layers.py tests/test_triton_glue.py \
+    # both switched off (--ablate), fla in the same process as the first (its first run autotunes: minutes)
+    box 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_liger_layers.py tests/test_triton_glue.py \
         > runs/gpu_glue_tests.log 2>&1
-    box 130 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
+    box 360 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
         --out runs/fusions_new.json > runs/fusions_new.log 2>&1
-    box 70 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1 \
+    box 80 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1 \
         --ablate shared_input_linear,fused_add_norm --out runs/fusions_old.json > runs/fusions_old.log 2>&1
-    PFLOW_CONV_FUSED_BWD=1 box 70 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 \
-        --models pflow_r1 --out runs/fusions_convbwd.json > runs/fusions_convbwd.log 2>&1
-    box 80 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
-        --out runs/fusions_340m.json > runs/fusions_340m.log 2>&1
-    box 45 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16 --profile fla_deltanet \
-        --out runs/profile13b_fla.json > runs/profile13b_fla.log 2>&1
-    box 45 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16 --profile pflow_r1 \
-        --out runs/profile13b_pflow_r1.json > runs/profile13b_pflow_r1.log 2>&1
     tail -n 3 runs/gpu_glue_tests.log
-    grep -h '/pflow_r1\|/fla' runs/fusions_*.log
-    tar czf "$OUT/fusions.tgz" runs/gpu_glue_tests.log runs/fusions_* runs/profile13b_*
+    grep -h '^1.3b/' runs/fusions_*.log
+    tar czf "$OUT/fusions.tgz" runs/gpu_glue_tests.log runs/fusions_*
+    ;;
+convtune)
+    # the conv backward's launch settings (bench_conv.py), then the 1.3B training step with the defaults (fla in
+    # the same process) and with the fastest settings (their PFLOW_CONV_* environment, own process)
+    box 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_liger_layers.py tests/test_triton_glue.py \
+        > runs/gpu_glue_tests.log 2>&1
+    box 150 python3 $B/bench_conv.py --env --out runs/conv_sweep.json > runs/conv_sweep.log 2>&1
+    best=$(tail -n 1 runs/conv_sweep.log | grep '^PFLOW_CONV_' || true)
+    box 220 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
+        --out runs/model13b_defaults.json > runs/model13b_defaults.log 2>&1
+    [[ -n $best ]] && env $best timeout --signal=INT 90 python3 $B/bench_model.py --sizes 1.3b \
+        --shapes 2048x16,8192x4 --models pflow_r1 --out runs/model13b_best_conv.json > runs/model13b_best_conv.log 2>&1
+    tail -n 3 runs/gpu_glue_tests.log
+    tail -n 12 runs/conv_sweep.log
+    grep -h '^1.3b/' runs/model13b_*.log
+    tar czf "$OUT/convtune.tgz" runs/gpu_glue_tests.log runs/conv_sweep.* runs/model13b_*
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1
