@@ -65,12 +65,13 @@ TUNE = {
     # 156.6K -> 155.3K tokens/s, 33.5 -> 30.5 GiB (fla 31.5 GiB); sweep subset 97 / 97 at a46b5fb.
     "recompute_wu": int(os.environ.get("PFLOW_RECOMPUTE_WU", "1")),
     # The short conv's backward (triton_conv): token rows per tile (0: 4096 / K rounded, 16 to 64) and warps
-    # of its two launches. At the 1.3B shape they took 54 of ~560 ms of a training step (H200, b76ce2f);
-    # `benchmarks/bench_conv.py` sweeps them. A one-launch variant that recomputed dc for each tap's rows
-    # measured slower there: 58.0K -> 54.4K tokens/s (H200, b019b45), and is gone.
+    # of its two launches. At the 1.3B shape they took 54 of ~560 ms of a training step (H200, b76ce2f).
+    # `benchmarks/bench_conv.py` (H200, 54695e7): 2 warps for `_dx_kernel` instead of 4 take the backward
+    # from 3.30 to 2.27 ms (summed over its 6 shapes), and the 1.3B step from 57.4K to 58.6K tokens/s. A
+    # one-launch variant that recomputed dc for each tap's rows measured slower (58.0K -> 54.4K) and is gone.
     "conv_block_t": int(os.environ.get("PFLOW_CONV_BLOCK_T", "0")),
     "conv_dc_warps": int(os.environ.get("PFLOW_CONV_DC_WARPS", "4")),
-    "conv_dx_warps": int(os.environ.get("PFLOW_CONV_DX_WARPS", "4")),
+    "conv_dx_warps": int(os.environ.get("PFLOW_CONV_DX_WARPS", "2")),
 }
 
 
