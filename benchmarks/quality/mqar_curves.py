@@ -22,14 +22,17 @@ def load_runs(paths: list[Path]) -> list[dict]:
         for key, run in data["runs"].items():
             if not run.get("eval_curve"):
                 raise SystemExit(f"{path}: run {key} has no accuracy curve (made without --eval-every)")
-            runs.append(run | {"key": key, "grid_steps": data["config"]["steps"], "file": path.name})
+            config = data["config"]
+            seed = config.get("seed", 0)
+            runs.append(run | {"key": key, "grid_steps": config["steps"], "seed": seed, "file": path.name})
     if not runs:
         raise SystemExit("no runs in " + ", ".join(map(str, paths)))
     return runs
 
 
 def label(run: dict) -> str:
-    return f"{run['model']} w{run['width']} lr {run['lr']:g} ({run['grid_steps']:,}-step schedule)"
+    schedule = f"{run['grid_steps']:,}-step schedule"
+    return f"{run['model']} w{run['width']} lr {run['lr']:g} seed {run['seed']} ({schedule})"
 
 
 def table(runs: list[dict]) -> str:
