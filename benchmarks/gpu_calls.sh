@@ -12,13 +12,15 @@
 #   bash benchmarks/gpu_calls.sh fusions   # b019b45's training glue against --ablate of it, fla beside (1.3B)
 #   bash benchmarks/gpu_calls.sh convtune  # the conv backward's launch settings, then the 1.3B step with the
 #                                          # defaults (and fla) and with the fastest settings
+#   bash benchmarks/gpu_calls.sh split     # TUNE["split_output"]: GPU sweep subset with it on, the conv glue
+#                                          # cases, the op off / always / auto at 16384 x 2 and 2048 x 16
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, split or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -107,6 +109,21 @@ convtune)
     tail -n 12 runs/conv_sweep.log
     grep -h '^1.3b/' runs/model13b_*.log
     tar czf "$OUT/convtune.tgz" runs/gpu_glue_tests.log runs/conv_sweep.* runs/model13b_*
+    ;;
+split)
+    # TUNE["split_output"] (o from a chunk-parallel kernel after a states-only scan; off by default, interpreter-
+    # tested): the sweep subset with it on, the conv glue cases (9b8dfbb's 2-warp dx launch at every head width),
+    # then the op with it off / always / auto at the long and the short shape, fla beside
+    box 150 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
+        --tune split_output=1 --out runs/sweep_split.json > runs/sweep_split.log 2>&1
+    box 90 python3 $B/gpu_sweep.py --filter '^conv-' --workers 4 --out runs/sweep_conv.json > runs/sweep_conv.log 2>&1
+    for shape in 16384x2 2048x16; do
+        box 130 python3 $B/profile_kernels.py --shape $shape --variants base,split_output,split_auto \
+            --kernels-for base,split_output --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 \
+            --out runs/profile_split_$shape.json > runs/profile_split_$shape.log 2>&1
+    done
+    tail -n 4 runs/sweep_split.log runs/sweep_conv.log runs/profile_split_*.log
+    tar czf "$OUT/split.tgz" runs/sweep_split.* runs/sweep_conv.* runs/profile_split_*
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1

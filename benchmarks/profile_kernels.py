@@ -40,6 +40,8 @@ VARIANTS = {
     "fwd_local_p": {"fwd_local_p": 1},
     "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
     "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
+    "split_output": {"split_output": 1},
+    "split_auto": {"split_output": 2},
 }
 
 
