@@ -96,12 +96,13 @@ fusions)
     ;;
 convtune)
     # the conv backward's launch settings (bench_conv.py), then the 1.3B training step with the defaults (fla in
-    # the same process) and with the fastest settings (their PFLOW_CONV_* environment, own process)
+    # the same process; its first run on a machine autotunes for minutes) and with the fastest settings (their
+    # PFLOW_CONV_* environment, own process)
     box 60 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_liger_layers.py tests/test_triton_glue.py \
         > runs/gpu_glue_tests.log 2>&1
-    box 150 python3 $B/bench_conv.py --env --out runs/conv_sweep.json > runs/conv_sweep.log 2>&1
-    best=$(tail -n 1 runs/conv_sweep.log | grep '^PFLOW_CONV_' || true)
-    box 220 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
+    box 120 python3 $B/bench_conv.py --env --out runs/conv_sweep.json > runs/conv_sweep.log 2>&1
+    best=$(grep '^PFLOW_CONV_' runs/conv_sweep.log | tail -n 1)
+    box 300 python3 $B/bench_model.py --sizes 1.3b --shapes 2048x16,8192x4 --models pflow_r1,fla_deltanet \
         --out runs/model13b_defaults.json > runs/model13b_defaults.log 2>&1
     [[ -n $best ]] && env $best timeout --signal=INT 90 python3 $B/bench_model.py --sizes 1.3b \
         --shapes 2048x16,8192x4 --models pflow_r1 --out runs/model13b_best_conv.json > runs/model13b_best_conv.log 2>&1
