@@ -127,3 +127,16 @@ def test_model_blocks_route_through_it_and_train_alike(monkeypatch):
     assert fused.keys() == separate.keys()
     for name in fused:
         torch.testing.assert_close(fused[name], separate[name], rtol=1e-10, atol=1e-12, msg=name)
+
+
+def test_frozen_weights_get_no_gradient_and_the_input_still_does():
+    """A frozen projection (as the base layers of adapter training) gets no weight gradient, and the input's
+    gradient still sums every projection's part."""
+    layers = _layers((3, 4))
+    layers[0].weight.requires_grad_(False)
+    x = torch.randn(2, 12, dtype=torch.float64, requires_grad=True)
+    a, b = project(x, layers)
+    (a.sum() + b.sum()).backward()
+    assert layers[0].weight.grad is None
+    expected = layers[0].weight.sum(0) + layers[1].weight.sum(0)
+    torch.testing.assert_close(x.grad, expected.expand(2, -1), rtol=1e-12, atol=1e-12)
