@@ -7,7 +7,7 @@
 #   bash benchmarks/quality/gpu_calls.sh eval    # the offline lm-eval suite on the saved text models
 #   bash benchmarks/quality/gpu_calls.sh mqar    # the target cells of MQAR, one process per run, in parallel
 #   bash benchmarks/quality/gpu_calls.sh graphcheck  # --cuda-graph against eager on the same 400 steps
-#   bash benchmarks/quality/gpu_calls.sh grid    # the full MQAR grid, --cuda-graph, SHARDS processes at once
+#   bash benchmarks/quality/gpu_calls.sh grid    # the full MQAR grid, one run per job, 4 workers per GPU, resumable
 #   bash benchmarks/quality/gpu_calls.sh target1 # MQAR target 1 with --cuda-graph (2 lrs) beside graphcheck's pair
 #   bash benchmarks/quality/gpu_calls.sh seeds   # MQAR target 1 at SEEDS (default 0-3), one process each
 #
@@ -65,16 +65,49 @@ graphcheck)
     tar czf "$OUT/graphcheck.tgz" runs/gc_*
     ;;
 grid)
-    # 7 models x 3 widths x 3 learning rates, --cuda-graph; SHARDS processes, each a K/N shard, resumable
-    shards=${SHARDS:-6}
-    for k in $(seq 0 $((shards - 1))); do
-        python3 $Q/mqar.py --grid full --steps "${STEPS:-25000}" --lrs 1.5e-3,3e-3,5e-3 --eval-every 1000 \
-            --stop-at 0.99 --cuda-graph --shard "$k/$shards" --max-wall "${MAX_WALL:-420}" \
-            --out "runs/grid_shard$k.json" > "runs/grid_shard$k.log" 2>&1 &
+    # The full MQAR grid: 7 models x 3 widths x 3 learning rates per seed (SEEDS, default "0"), all three tasks
+    # trained together, --cuda-graph, 25,000-step schedules stopping at 99 %. One run per job and per file
+    # (runs/grid/seed<S>_<model>_w<width>_lr<j>.json, lr j of 1.5e-3, 3e-3, 5e-3): jobs whose file exists, here
+    # or among the results an earlier call returned ($R/grid_h200/), are done. PER_GPU workers on every GPU of
+    # the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5 minutes); a worker starts a job
+    # only with at least MIN_LEFT seconds of the call's CALL_WALL left, and cuts it at the call's end (kept,
+    # `ended_by: run_wall`).
+    gpus=$(nvidia-smi -L | wc -l)
+    procs=$((gpus * ${PER_GPU:-4}))
+    deadline=$(($(date +%s) + ${CALL_WALL:-560}))
+    mkdir -p runs/grid
+    cp -n $R/grid_h200/*.json runs/grid/ 2>/dev/null
+    todo=()
+    for seed in ${SEEDS:-0}; do
+        for model in ${GRID_MODELS:-pflow-r1 pflow-r2-sum pflow-r4-sum pflow-r2-product pflow-r2-exact \
+            pflow-r1-negeig llama}; do
+            for width in 64 128 256; do
+                for j in 0 1 2; do
+                    [[ -f runs/grid/seed${seed}_${model}_w${width}_lr$j.json ]] || todo+=("$seed $model $width $j")
+                done
+            done
+        done
     done
+    echo "${#todo[@]} jobs left; $procs workers on $gpus GPUs"
+    worker() {
+        local w=$1 i left seed model width j
+        for ((i = w; i < ${#todo[@]}; i += procs)); do
+            left=$((deadline - $(date +%s)))
+            ((left < ${MIN_LEFT:-480})) && break
+            read -r seed model width j <<< "${todo[i]}"
+            CUDA_VISIBLE_DEVICES=$((w % gpus)) python3 $Q/mqar.py --grid full --steps "${STEPS:-25000}" \
+                --lrs 1.5e-3,3e-3,5e-3 --shard "$j/3" --models "$model" --widths "$width" --seed "$seed" \
+                --eval-every 1000 --stop-at 0.99 --cuda-graph --run-wall $((left - 40)) \
+                --out "runs/grid/seed${seed}_${model}_w${width}_lr$j.json" >> "runs/grid/worker$w.log" 2>&1
+        done
+    }
+    for w in $(seq 0 $((procs - 1))); do worker "$w" & done
     wait
-    finished runs/grid_shard*.log
-    tar czf "$OUT/grid.tgz" runs/grid_shard*
+    finished runs/grid/worker*.log
+    for seed in ${SEEDS:-0}; do  # one table per seed: the best learning rate of each model, width and task
+        python3 $Q/mqar.py --merge runs/grid/seed${seed}_*.json --out runs/grid_merged_seed$seed.json | tail -n 30
+    done
+    tar czf "$OUT/grid.tgz" runs/grid/*.json $(ls runs/grid_merged_* 2>/dev/null)
     ;;
 eval)
     for dir in runs/text30m/*/; do
