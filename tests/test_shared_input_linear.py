@@ -140,3 +140,20 @@ def test_frozen_weights_get_no_gradient_and_the_input_still_does():
     assert layers[0].weight.grad is None
     expected = layers[0].weight.sum(0) + layers[1].weight.sum(0)
     torch.testing.assert_close(x.grad, expected.expand(2, -1), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.slow
+def test_model_under_torch_compile_trains_alike():
+    """torch.compile (aot_eager: dynamo and the autograd graph, no code generation) traces the custom
+    backward; loss and every gradient equal the eager model's."""
+    eager = tiny_model().train()
+    compiled_model = tiny_model().train()
+    compiled_model.load_state_dict(eager.state_dict())
+    ids = random_ids(2, 16)
+    eager(ids, labels=ids).loss.backward()
+    loss = torch.compile(compiled_model, backend="aot_eager")(ids, labels=ids).loss
+    loss.backward()
+    torch.testing.assert_close(loss, eager(ids, labels=ids).loss.detach(), rtol=0, atol=0)
+    for (name, a), b in zip(compiled_model.named_parameters(), eager.parameters(), strict=True):
+        if b.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-7, msg=name)
