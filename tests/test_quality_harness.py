@@ -192,3 +192,13 @@ def test_cuda_graph_step_refuses_what_it_cannot_capture():
         )
     with pytest.raises(SystemExit, match="--cuda-graph needs a CUDA device"):
         mqar.main(["--grid", "smoke", "--cuda-graph", "--device", "cpu", "--out", "unused.json"])
+
+
+def test_state_capacity_oracle_recalls_what_fits_and_loses_what_does_not():
+    """The oracle of `state_capacity.py`: a 64-dim state recalls every one of 16 pairs, and well under half of
+    256 (four times its width)."""
+    from benchmarks.quality import state_capacity
+
+    generator = torch.Generator().manual_seed(0)
+    assert state_capacity.recall(16, 64, 4096, 4, generator) == 1.0
+    assert state_capacity.recall(256, 64, 4096, 4, generator) < 0.4
