@@ -486,7 +486,8 @@ def launch_fwd_scan(
     split = write_o and split_output(n_seq * n_heads, v_dim, k_dim)
     states = xs = None
     if store_states or split:
-        dtype = w.dtype if split else states_dtype  # the fused scan's dots read the state in w's dtype
+        # what the backward reads when it keeps them; else w's dtype, in which the fused scan's dots read h
+        dtype = states_dtype if store_states else w.dtype
         states = new_tensor((n_chunks, n_heads, k_dim, v_dim), dtype=dtype, device=q.device)
         xs = new_like(uu)
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)

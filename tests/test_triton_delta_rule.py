@@ -456,16 +456,23 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
 )
 @pytest.mark.parametrize(
     "setting",
-    [("par_bk", 128), ("bwd_local_dx", 1), ("fwd_local_p", 1), ("scan_bv", 16), ("split_output", 1)],
-    ids=lambda s: f"{s[0]}={s[1]}",
+    [
+        {"par_bk": 128},
+        {"bwd_local_dx": 1},
+        {"fwd_local_p": 1},
+        {"scan_bv": 16},
+        {"split_output": 1},
+        {"split_output": 1, "recompute_states": 0},
+    ],
+    ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
 )
 def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, mode, k_dim, v_dim, cu):
     """Launch variants: TUNE["par_bk"] = 128 (the backward chunk kernel in one K tile; K = 96 masked),
     TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel kernel, not the sequential scan) and
     TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel kernel), TUNE["scan_bv"] = 16 (more V
     blocks in the sequential kernels), TUNE["split_output"] = 1 (o from a chunk-parallel kernel after a
-    states-only scan). Output, final state and every gradient equal the float64 loop's and
-    the default launches'."""
+    states-only scan; also with the states kept for the backward). Output, final state and every gradient
+    equal the float64 loop's and the default launches'."""
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
 
@@ -489,7 +496,8 @@ def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, 
 
     reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
     default = run(leaves, algorithm="tensor_inv", backend="triton")
-    monkeypatch.setitem(triton_utils.TUNE, *setting)
+    for name, value in setting.items():
+        monkeypatch.setitem(triton_utils.TUNE, name, value)
     variant = run(leaves, algorithm="tensor_inv", backend="triton")
     for x, y, ref in zip(variant, default, reference, strict=True):
         assert rel_err(x.cpu(), ref.cpu()) < 2e-4, rel_err(x.cpu(), ref.cpu())
