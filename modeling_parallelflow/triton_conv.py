@@ -130,18 +130,14 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _dc_tile(
+def _dc_kernel(
     x_ptr,
     w_ptr,
     tail_ptr,
     pos_ptr,
     mask_ptr,
     dy_ptr,
-    i_b,
-    t,
-    c,
-    mt,
-    mk,
+    dc_ptr,
     T,
     C,
     K: tl.constexpr,
@@ -154,8 +150,13 @@ def _dc_tile(
     NORM: tl.constexpr,
     EPS: tl.constexpr,
 ):
-    """dc = dL/dc [BT, BK] fp32 at rows t (0 outside mt): through the norm (ds = r (dy - n (n . dy)),
-    n = s r) and SiLU (sig (1 + c (1 - sig)))."""
+    """dc = dL/dc: through the norm (ds = r (dy - n (n . dy)), n = s r) and SiLU (sig (1 + c (1 - sig)))."""
+    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
+    t = i_t * BT + tl.arange(0, BT)
+    k = tl.arange(0, BK)
+    c = i_g * K + k
+    mt, mk = t < T, k < K
+    m2 = mt[:, None] & mk[None, :]
     pre = _conv_tile(
         x_ptr,
         w_ptr,
@@ -177,48 +178,15 @@ def _dc_tile(
         HAS_MASK,
     )
     off = (i_b * T + t)[:, None] * C + c[None, :]
-    dy = tl.load(dy_ptr + off, mask=mt[:, None] & mk[None, :], other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + off, mask=m2, other=0.0).to(tl.float32)
     sig = tl.sigmoid(pre)
     if NORM:
         s = pre * sig
         r = tl.rsqrt(tl.sum(s * s, axis=1) + EPS)
         n = s * r[:, None]
         dy = r[:, None] * (dy - n * tl.sum(n * dy, axis=1)[:, None])
-    return dy * sig * (1.0 + pre * (1.0 - sig))
-
-
-@triton.jit
-def _dc_kernel(
-    x_ptr,
-    w_ptr,
-    tail_ptr,
-    pos_ptr,
-    mask_ptr,
-    dy_ptr,
-    dc_ptr,
-    T,
-    C,
-    K: tl.constexpr,
-    W: tl.constexpr,
-    BT: tl.constexpr,
-    BK: tl.constexpr,
-    HAS_TAIL: tl.constexpr,
-    HAS_POS: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    NORM: tl.constexpr,
-    EPS: tl.constexpr,
-):
-    """dc = dL/dc for one [BT, BK] tile (`_dc_tile`), stored in fp32 for `_dx_kernel`."""
-    i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
-    t = i_t * BT + tl.arange(0, BT)
-    k = tl.arange(0, BK)
-    c = i_g * K + k
-    mt, mk = t < T, k < K
-    dc = _dc_tile(
-        x_ptr, w_ptr, tail_ptr, pos_ptr, mask_ptr, dy_ptr, i_b, t, c, mt, mk, T, C,
-        K, W, BT, BK, HAS_TAIL, HAS_POS, HAS_MASK, NORM, EPS,
-    )  # fmt: skip
-    tl.store(dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], dc, mask=mt[:, None] & mk[None, :])
+    dc = dy * sig * (1.0 + pre * (1.0 - sig))
+    tl.store(dc_ptr + off, dc, mask=m2)
 
 
 @triton.jit
@@ -242,8 +210,7 @@ def _dx_kernel(
     HAS_POS: tl.constexpr,
     HAS_MASK: tl.constexpr,
 ):
-    """dx[t] = sum_j w_j dc[t + back_j] (same sequence, zero at pads); dw partial [B * NT, C, W]; dc from
-    `_dc_kernel` (fp32)."""
+    """dx[t] = sum_j w_j dc[t + back_j] (same sequence, zero at pads); dw partial [B * NT, C, W]."""
     i_t, i_g, i_b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)  # B*T*C > 2**31
     t = i_t * BT + tl.arange(0, BT)
     k = tl.arange(0, BK)
@@ -253,8 +220,9 @@ def _dx_kernel(
         p = tl.load(pos_ptr + t, mask=mt, other=0)
     else:
         p = t
-    here = mt[:, None] & mk[None, :]
-    dc_here = tl.load(dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], mask=here, other=0.0)
+    dc_here = tl.load(
+        dc_ptr + (i_b * T + t)[:, None] * C + c[None, :], mask=mt[:, None] & mk[None, :], other=0.0
+    )
     dx = tl.zeros([BT, BK], dtype=tl.float32)
     for j in tl.static_range(W):
         back = W - 1 - j
