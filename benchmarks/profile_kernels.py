@@ -42,6 +42,7 @@ VARIANTS = {
     "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
     "split_output": {"split_output": 1},
     "split_auto": {"split_output": 2},
+    "reuse_du": {"bwd_reuse_du": 1},
 }
 
 

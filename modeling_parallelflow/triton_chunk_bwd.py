@@ -191,8 +191,11 @@ def _bwd_chunk_kernel(
     BV: tl.constexpr,
     PRODUCT: tl.constexpr,
     BETA: tl.constexpr,
+    REUSE_DU: tl.constexpr,
     PREC: tl.constexpr,
 ):
+    # REUSE_DU: du = T^T dX, computed once per V tile in the first loop, is stored (in the input dtype) and read
+    # back for every K tile instead of computed again there; in beta form a last pass turns it into dv = beta du.
     # BETA: beta form (b = k, v and beta [TT, H, R] given, a = -beta k rebuilt in registers): writes
     # dk = db - beta da into db, dv = beta du into du and dbeta = sum_V v du - sum_K k da; a and da unused.
     # v_len = V, a run-time bound, keeps the V loops as loops: with a constexpr bound a one-trip loop
@@ -226,12 +229,15 @@ def _bwd_chunk_kernel(
         if BETA:
             v_t = tl.load(v + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
             dbeta_r += tl.sum(v_t * du_t, axis=1)
+        if BETA and not REUSE_DU:
             dv_t = (beta_r[:, None] * du_t).to(du.dtype.element_ty)
             tl.store(du + row[:, None] * V + vv[None, :], dv_t, mask=rvmask)
         else:
             tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask)
         dox += tl.dot(do_t, tl.trans(x_t), input_precision=PREC)
         dn += tl.dot(du_t.to(x_t.dtype), tl.trans(x_t), input_precision=PREC)
+    if REUSE_DU:
+        tl.debug_barrier()  # du as stored above, read back by other threads below
     dp = tl.where(cidx[:, None] >= t[None, :], dox * scale, 0.0).to(q.dtype.element_ty)
     dn = tl.where(solve_mask(t, CRP, PRODUCT), dn, 0.0).to(q.dtype.element_ty)
     for k0 in range(0, K, BK):
@@ -258,9 +264,12 @@ def _bwd_chunk_kernel(
             s0 = tl.load(states + st_base + kk[:, None] * V + vv[None, :], mask=hv, other=0.0).to(a_t.dtype)
             ds1 = tl.load(dstates + st_base + kk[:, None] * V + vv[None, :], mask=hv, other=0.0).to(a_t.dtype)
             x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-            dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
             do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
-            du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC).to(a_t.dtype)
+            if REUSE_DU:
+                du_t = tl.load(du + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(a_t.dtype)
+            else:
+                dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
+                du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC).to(a_t.dtype)
             dq_t += tl.dot(do_t, tl.trans(s0), input_precision=PREC)
             da_t += tl.dot(du_t, tl.trans(s0), input_precision=PREC)
             db_t += tl.dot(x_t, tl.trans(ds1), input_precision=PREC)
@@ -276,6 +285,17 @@ def _bwd_chunk_kernel(
         tl.store(db + row[:, None] * K + kk[None, :], db_t.to(db.dtype.element_ty), mask=rkmask)
     if BETA:
         tl.store(dbeta + row, dbeta_r, mask=valid)
+    if BETA and REUSE_DU:  # dv = beta du over the du stored above
+        tl.debug_barrier()
+        for v0 in range(0, v_len, BV):
+            vv = v0 + tl.arange(0, BV)
+            rvmask = valid[:, None] & (vv[None, :] < V)
+            du_t = tl.load(du + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
+            tl.store(
+                du + row[:, None] * V + vv[None, :],
+                (beta_r[:, None] * du_t).to(du.dtype.element_ty),
+                mask=rvmask,
+            )
 
 
 def launch_chunk_bwd(
@@ -407,6 +427,7 @@ def launch_chunk_bwd(
         BV=max(32, min(TUNE["par_bv"], next_pow2(v_dim))),
         PRODUCT=product,
         BETA=with_beta,
+        REUSE_DU=bool(TUNE["bwd_reuse_du"]),
         PREC=prec,
         num_warps=TUNE["par_warps"],
         num_stages=TUNE["par_stages"],
