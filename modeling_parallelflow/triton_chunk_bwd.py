@@ -194,8 +194,8 @@ def _bwd_chunk_kernel(
     REUSE_DU: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # REUSE_DU: du = T^T dX, computed once per V tile in the first loop, is stored (in the input dtype) and read
-    # back for every K tile instead of computed again there; in beta form a last pass turns it into dv = beta du.
+    # REUSE_DU: du = T^T dX, computed once per V tile in the first loop, is stored (input dtype) and read back
+    # for every K tile instead of computed again there; in beta form a last pass turns it into dv = beta du.
     # BETA: beta form (b = k, v and beta [TT, H, R] given, a = -beta k rebuilt in registers): writes
     # dk = db - beta da into db, dv = beta du into du and dbeta = sum_V v du - sum_K k da; a and da unused.
     # v_len = V, a run-time bound, keeps the V loops as loops: with a constexpr bound a one-trip loop

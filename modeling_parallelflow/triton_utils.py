@@ -47,9 +47,9 @@ TUNE = {
     # keeps o in it). H200 at 16d3764, 16384 x 2: R = 1 fwd 1.29 -> 1.92 ms; R = 4 fwd+bwd 13.62 -> 13.25.
     "fwd_local_p": int(os.environ.get("PFLOW_FWD_LOCAL_P", "0")),
     "par_stages": 2,
-    # 1: the backward chunk kernel computes du = T^T dX once per V tile and reads it back (input dtype) for each
-    # K tile, instead of computing it again there (a quarter of that loop's dots, and its dX reads); in beta
-    # form dv = beta du then rounds twice. Not yet timed on a GPU.
+    # 1: the backward chunk kernel computes du = T^T dX once per V tile and reads it back (input dtype) for
+    # each K tile, instead of computing it again there (a quarter of that loop's dots, and its dX reads); in
+    # beta form dv = beta du then rounds twice. Not yet timed on a GPU.
     "bwd_reuse_du": int(os.environ.get("PFLOW_BWD_REUSE_DU", "0")),
     # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
     # V <= 16: triton_chunk_fwd.low_dots_ok) instead of tf32 on the fp32 T. H200, 2048 x 16, H = 16:
