@@ -14,6 +14,8 @@
 #                                          # defaults (and fla) and with the fastest settings
 #   bash benchmarks/gpu_calls.sh split     # TUNE["split_output"]: GPU sweep subset with it on, the conv glue
 #                                          # cases, the op off / always / auto at 16384 x 2 and 2048 x 16
+#   bash benchmarks/gpu_calls.sh variants  # scan V blocks, split forward, du read back, W/U kept: profiles at
+#                                          # 16384 x 2 and 2048 x 16 with fla, then the op's GPU tests with them on
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
@@ -125,6 +127,26 @@ split)
     done
     tail -n 4 runs/sweep_split.log runs/sweep_conv.log runs/profile_split_*.log
     tar czf "$OUT/split.tgz" runs/sweep_split.* runs/sweep_conv.* runs/profile_split_*
+    ;;
+variants)
+    # the sequential kernels' V block (TUNE["scan_min_programs"]), the split forward, the backward's du read
+    # back (bwd_reuse_du) and W/U kept (recompute_wu 0): profiles at the long and the short shape, fla beside,
+    # then the GPU tests of the op with the new paths all on
+    box 210 python3 $B/profile_kernels.py --shape 16384x2 --kernels-for base,split_min64_reuse_du \
+        --variants base,min128,min64,split_min128,split_min64,reuse_du,split_min64_reuse_du,keep_wu \
+        --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_variants_16384x2.json \
+        > runs/profile_variants_16384x2.log 2>&1
+    box 150 python3 $B/profile_kernels.py --shape 2048x16 --kernels-for base,reuse_du \
+        --variants base,reuse_du,keep_wu,reuse_du_keep_wu,min128 \
+        --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_variants_2048x16.json \
+        > runs/profile_variants_2048x16.log 2>&1
+    PFLOW_BWD_REUSE_DU=1 PFLOW_SPLIT_OUTPUT=1 PFLOW_SCAN_MIN_PROGRAMS=64 box 150 python3 -m pytest -q \
+        -p no:cacheprovider -m gpu tests/test_triton_delta_rule.py > runs/gpu_op_tests_variants.log 2>&1
+    box 60 python3 -m pytest -q -p no:cacheprovider -m 'not gpu' -k 'launch_variants or public_op' \
+        tests/test_triton_delta_rule.py >> runs/gpu_op_tests_variants.log 2>&1
+    grep -E 'passed|failed|error' runs/gpu_op_tests_variants.log
+    grep -h '"fwdbwd"' runs/profile_variants_*.log | cut -c 1-90
+    tar czf "$OUT/variants.tgz" runs/profile_variants_* runs/gpu_op_tests_variants.log
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1

@@ -36,6 +36,7 @@ import zlib
 import bench_env
 from sweep_glue import glue_case, glue_cases, run_glue_case
 
+SCRIPT = os.path.abspath(__file__)  # kept: a worker thread still running at interpreter exit finds no __file__
 POISON_ENV = "PFLOW_TRITON_POISON"
 TUNE_ENV = "PFLOW_SWEEP_TUNE"
 # Relative error bounds per input dtype (output, final state and every gradient), about 2x the worst
@@ -326,7 +327,7 @@ def run_group(group: list[dict], workdir: str, timeout: float, log) -> dict[str,
     err_path = path + ".err"
     with open(err_path, "w") as err_file:
         proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--child", path],
+            [sys.executable, SCRIPT, "--child", path],
             stdout=subprocess.PIPE,
             stderr=err_file,
             text=True,

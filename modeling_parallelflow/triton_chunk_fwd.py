@@ -388,7 +388,7 @@ def low_dots_ok(dtype: torch.dtype, k_dim: int, v_dim: int) -> bool:
 def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
     """V block of the sequential kernels: split V further when few (sequence, head) pairs fill the GPU."""
     bv = min(TUNE["scan_bv"], 64 if next_pow2(k_dim) <= 128 else 32)
-    while bv > 16 and n_programs_nh * triton.cdiv(v_dim, bv) < 256:
+    while bv > 16 and n_programs_nh * triton.cdiv(v_dim, bv) < TUNE["scan_min_programs"]:
         bv //= 2
     return min(bv, next_pow2(v_dim))
 

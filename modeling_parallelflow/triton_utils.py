@@ -30,6 +30,10 @@ TUNE = {
     # at 4 warps: benchmarks/README.md) but doubles the V blocks that recompute P, unless fwd_local_p and
     # bwd_local_dx take P out of the scans.
     "scan_bv": 64,
+    # scan_block_v halves the V block (down to 16) until the sequential kernels run this many programs. At
+    # 16384 x 2, H = 16 (32 (sequence, head) pairs) 256 gives V blocks of 16, and each block loads W and B of
+    # every chunk again: H200 at 432dfee, a states-only scan took 0.56 ms there against 0.27 at 2048 x 16.
+    "scan_min_programs": int(os.environ.get("PFLOW_SCAN_MIN_PROGRAMS", "256")),
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
     # K tile of the backward chunk kernel (at least 32, at most K rounded up). At K = 128, 64 computes du and
