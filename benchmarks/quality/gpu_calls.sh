@@ -9,7 +9,7 @@
 #   bash benchmarks/quality/gpu_calls.sh graphcheck  # --cuda-graph against eager on the same 400 steps
 #   bash benchmarks/quality/gpu_calls.sh grid    # the full MQAR grid, one run per job, 4 workers per GPU, resumable
 #   bash benchmarks/quality/gpu_calls.sh target1 # MQAR target 1 with --cuda-graph (2 lrs) beside graphcheck's pair
-#   bash benchmarks/quality/gpu_calls.sh seeds   # MQAR target 1 at SEEDS (default 0-3), one process each
+#   bash benchmarks/quality/gpu_calls.sh seeds   # one MQAR cell (MODELS, WIDTH, TASK) at SEEDS, one process each
 #
 # Everything lands in runs/ (kept between calls on a warm machine); what comes back is packed into one or two
 # files of $OUT (a device call returns at most 8 files).
@@ -158,17 +158,21 @@ target1)
     tar czf "$OUT/target1.tgz" runs/gc_* runs/t1_*
     ;;
 seeds)
-    # one cell, several seeds: target 1 parted from 98.1 % to 11.6 % with the schedule length alone (b76ce2f), so
-    # a cell is its seeds' spread. SEEDS processes at once, --cuda-graph, the 17,000-step schedule of the 98.1 %
-    for seed in ${SEEDS:-0 1 2 3}; do
-        python3 $Q/mqar.py --grid full --widths 128 --tasks kv64_t512 --models pflow-r1 --lrs "${LR:-3e-3}" \
-            --steps "${STEPS:-17000}" --eval-every 1000 --stop-at 0.99 --cuda-graph --seed $seed \
-            --run-wall "${RUN_WALL:-470}" --out runs/seed$seed.json > runs/seed$seed.log 2>&1 &
+    # one cell, several seeds and models: target 1 parted from 98.1 % to 11.6 % with the schedule length alone
+    # (b76ce2f), so a cell is its seeds' spread. One process per (model, seed), all at once, --cuda-graph, the
+    # 17,000-step schedule of the 98.1 %. MODELS (default pflow-r1), WIDTH (128), TASK (kv64_t512), SEEDS (0-3).
+    for model in ${MODELS:-pflow-r1}; do
+        for seed in ${SEEDS:-0 1 2 3}; do
+            tag=${model}_w${WIDTH:-128}_${TASK:-kv64_t512}_seed$seed
+            python3 $Q/mqar.py --grid full --widths "${WIDTH:-128}" --tasks "${TASK:-kv64_t512}" --models $model \
+                --lrs "${LR:-3e-3}" --steps "${STEPS:-17000}" --eval-every 1000 --stop-at 0.99 --cuda-graph \
+                --seed $seed --run-wall "${RUN_WALL:-470}" --out runs/seeds_$tag.json > runs/seeds_$tag.log 2>&1 &
+        done
     done
     wait
-    python3 $Q/mqar_curves.py runs/seed*.json --out runs/seeds_curves.png
-    finished runs/seed*.log
-    tar czf "$OUT/seeds.tgz" runs/seed*
+    python3 $Q/mqar_curves.py runs/seeds_*.json --out runs/seeds_curves.png
+    finished runs/seeds_*.log
+    tar czf "$OUT/seeds.tgz" runs/seeds_*
     ;;
 *)
     echo "unknown stage $stage" >&2
