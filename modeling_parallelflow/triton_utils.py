@@ -33,6 +33,7 @@ TUNE = {
     # scan_block_v halves the V block (down to 16) until the sequential kernels run this many programs. At
     # 16384 x 2, H = 16 (32 (sequence, head) pairs) 256 gives V blocks of 16, and each block loads W and B of
     # every chunk again: H200 at 432dfee, a states-only scan took 0.56 ms there against 0.27 at 2048 x 16.
+    # At a3b8d7f (16384 x 2, fwd+bwd, R = 1 / R = 4): 256 3.875 / 14.33 ms, 128 3.891 / 13.73, 64 4.065 / 14.33.
     "scan_min_programs": int(os.environ.get("PFLOW_SCAN_MIN_PROGRAMS", "256")),
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
@@ -53,8 +54,9 @@ TUNE = {
     "par_stages": 2,
     # 1: the backward chunk kernel computes du = T^T dX once per V tile and reads it back (input dtype) for
     # each K tile, instead of computing it again there (a quarter of that loop's dots, and its dX reads); in
-    # beta form dv = beta du then rounds twice. Not yet timed on a GPU.
-    "bwd_reuse_du": int(os.environ.get("PFLOW_BWD_REUSE_DU", "0")),
+    # beta form dv = beta du then rounds twice. H200 at a3b8d7f, R = 1 / R = 4 fwd+bwd: 2048 x 16
+    # 3.075 -> 2.968 / 9.97 -> 9.64 ms (the kernel 1.164 -> 1.057), 16384 x 2 3.875 -> 3.750 / 14.33 -> 13.99.
+    "bwd_reuse_du": int(os.environ.get("PFLOW_BWD_REUSE_DU", "1")),
     # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
     # V <= 16: triton_chunk_fwd.low_dots_ok) instead of tf32 on the fp32 T. H200, 2048 x 16, H = 16:
     # R = 1 forward + backward 2.91 -> 2.84 ms, R = 4 9.37 -> 9.09 (benchmarks/results/h200_a3c6c3c).
