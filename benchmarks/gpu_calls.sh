@@ -16,6 +16,7 @@
 #                                          # cases, the op off / always / auto at 16384 x 2 and 2048 x 16
 #   bash benchmarks/gpu_calls.sh variants  # scan V blocks, split forward, du read back, W/U kept: profiles at
 #                                          # 16384 x 2 and 2048 x 16 with fla, then the op's GPU tests with them on
+#   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' warps and stages at 16384 x 2
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
@@ -147,6 +148,15 @@ variants)
     grep -E 'passed|failed|error' runs/gpu_op_tests_variants.log
     grep -h '"fwdbwd"' runs/profile_variants_*.log | cut -c 1-90
     tar czf "$OUT/variants.tgz" runs/profile_variants_* runs/gpu_op_tests_variants.log
+    ;;
+scancfg)
+    # the sequential kernels' launch settings at the long shape (32 (sequence, head) pairs), where their
+    # per-chunk latency bounds the op (a3b8d7f: 2.5 us a chunk against fla's 1.0)
+    box 170 python3 $B/profile_kernels.py --shape 16384x2 --kernels-for base \
+        --variants base,stages1,stages3,stages4,min128 --providers ours_R1_sum,ours_R4_sum \
+        --out runs/profile_scancfg_16384x2.json > runs/profile_scancfg_16384x2.log 2>&1
+    grep -h '"fwdbwd"' runs/profile_scancfg_*.log | cut -c 1-90
+    tar czf "$OUT/scancfg.tgz" runs/profile_scancfg_*
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1

@@ -24,6 +24,7 @@ VARIANTS = {
     "base": {},
     "stages1": {"scan_stages": 1},
     "stages3": {"scan_stages": 3},
+    "stages4": {"scan_stages": 4},
     "scan_warps8": {"scan_warps": 8},
     "wu_warps8": {"wu_warps": 8},
     "par_warps4": {"par_warps": 4},
