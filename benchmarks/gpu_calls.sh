@@ -12,18 +12,14 @@
 #   bash benchmarks/gpu_calls.sh fusions   # b019b45's training glue against --ablate of it, fla beside (1.3B)
 #   bash benchmarks/gpu_calls.sh convtune  # the conv backward's launch settings, then the 1.3B step with the
 #                                          # defaults (and fla) and with the fastest settings
-#   bash benchmarks/gpu_calls.sh split     # TUNE["split_output"]: GPU sweep subset with it on, the conv glue
-#                                          # cases, the op off / always / auto at 16384 x 2 and 2048 x 16
-#   bash benchmarks/gpu_calls.sh variants  # scan V blocks, split forward, du read back, W/U kept: profiles at
-#                                          # 16384 x 2 and 2048 x 16 with fla, then the op's GPU tests with them on
-#   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' warps and stages at 16384 x 2
+#   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' pipeline stages and V block at 16384 x 2
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, split or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, scancfg or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -113,41 +109,6 @@ convtune)
     tail -n 12 runs/conv_sweep.log
     grep -h '^1.3b/' runs/model13b_*.log
     tar czf "$OUT/convtune.tgz" runs/gpu_glue_tests.log runs/conv_sweep.* runs/model13b_*
-    ;;
-split)
-    # TUNE["split_output"] (o from a chunk-parallel kernel after a states-only scan; off by default, interpreter-
-    # tested): the sweep subset with it on, the conv glue cases (9b8dfbb's 2-warp dx launch at every head width),
-    # then the op with it off / always / auto at the long and the short shape, fla beside
-    box 150 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
-        --tune split_output=1 --out runs/sweep_split.json > runs/sweep_split.log 2>&1
-    box 90 python3 $B/gpu_sweep.py --filter '^conv-' --workers 4 --out runs/sweep_conv.json > runs/sweep_conv.log 2>&1
-    for shape in 16384x2 2048x16; do
-        box 130 python3 $B/profile_kernels.py --shape $shape --variants base,split_output,split_auto \
-            --kernels-for base,split_output --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 \
-            --out runs/profile_split_$shape.json > runs/profile_split_$shape.log 2>&1
-    done
-    tail -n 4 runs/sweep_split.log runs/sweep_conv.log runs/profile_split_*.log
-    tar czf "$OUT/split.tgz" runs/sweep_split.* runs/sweep_conv.* runs/profile_split_*
-    ;;
-variants)
-    # the sequential kernels' V block (TUNE["scan_min_programs"]), the split forward, the backward's du read
-    # back (bwd_reuse_du) and W/U kept (recompute_wu 0): profiles at the long and the short shape, fla beside,
-    # then the GPU tests of the op with the new paths all on
-    box 210 python3 $B/profile_kernels.py --shape 16384x2 --kernels-for base,split_min64_reuse_du \
-        --variants base,min128,min64,split_min128,split_min64,reuse_du,split_min64_reuse_du,keep_wu \
-        --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_variants_16384x2.json \
-        > runs/profile_variants_16384x2.log 2>&1
-    box 150 python3 $B/profile_kernels.py --shape 2048x16 --kernels-for base,reuse_du \
-        --variants base,reuse_du,keep_wu,reuse_du_keep_wu,min128 \
-        --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_variants_2048x16.json \
-        > runs/profile_variants_2048x16.log 2>&1
-    PFLOW_BWD_REUSE_DU=1 PFLOW_SPLIT_OUTPUT=1 PFLOW_SCAN_MIN_PROGRAMS=64 box 150 python3 -m pytest -q \
-        -p no:cacheprovider -m gpu tests/test_triton_delta_rule.py > runs/gpu_op_tests_variants.log 2>&1
-    box 60 python3 -m pytest -q -p no:cacheprovider -m 'not gpu' -k 'launch_variants or public_op' \
-        tests/test_triton_delta_rule.py >> runs/gpu_op_tests_variants.log 2>&1
-    grep -E 'passed|failed|error' runs/gpu_op_tests_variants.log
-    grep -h '"fwdbwd"' runs/profile_variants_*.log | cut -c 1-90
-    tar czf "$OUT/variants.tgz" runs/profile_variants_* runs/gpu_op_tests_variants.log
     ;;
 scancfg)
     # the sequential kernels' launch settings at the long shape (32 (sequence, head) pairs), where their

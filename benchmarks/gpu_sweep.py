@@ -36,7 +36,8 @@ import zlib
 import bench_env
 from sweep_glue import glue_case, glue_cases, run_glue_case
 
-SCRIPT = os.path.abspath(__file__)  # kept: a worker thread still running at interpreter exit finds no __file__
+# a worker thread still running at interpreter exit (a time box's SIGINT) finds no __file__
+SCRIPT = os.path.abspath(__file__)
 POISON_ENV = "PFLOW_TRITON_POISON"
 TUNE_ENV = "PFLOW_SWEEP_TUNE"
 # Relative error bounds per input dtype (output, final state and every gradient), about 2x the worst

@@ -41,16 +41,11 @@ VARIANTS = {
     "fwd_local_p": {"fwd_local_p": 1},
     "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
     "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
-    "split_output": {"split_output": 1},
-    "split_auto": {"split_output": 2},
     "reuse_du": {"bwd_reuse_du": 1},
     "keep_wu": {"recompute_wu": 0},
     "reuse_du_keep_wu": {"bwd_reuse_du": 1, "recompute_wu": 0},
     "min128": {"scan_min_programs": 128},
     "min64": {"scan_min_programs": 64},
-    "split_min128": {"split_output": 1, "scan_min_programs": 128},
-    "split_min64": {"split_output": 1, "scan_min_programs": 64},
-    "split_min64_reuse_du": {"split_output": 1, "scan_min_programs": 64, "bwd_reuse_du": 1},
 }
 
 

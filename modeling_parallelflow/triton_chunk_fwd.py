@@ -325,60 +325,6 @@ def _fwd_scan_kernel(
         tl.store(ht + nh.to(tl.int64) * K * V + hv_off, state, mask=hv_mask)
 
 
-@triton.jit
-def _fwd_out_kernel(
-    q,
-    b,
-    xs,
-    states,
-    o,
-    chunk_seq,
-    chunk_tok,
-    cu,
-    scale,
-    H: tl.constexpr,
-    K: tl.constexpr,
-    V: tl.constexpr,
-    R: tl.constexpr,
-    C: tl.constexpr,
-    CQ: tl.constexpr,
-    CRP: tl.constexpr,
-    BK: tl.constexpr,
-    BV: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """One (V block, chunk, head) of the split forward: o = scale (Q h + ((Q B^T) * M_out) X) from the state
-    entering the chunk h [K, BV] and its corrected values X [CRP, BV], which the scan wrote (in the input
-    dtype, as the fused scan rounds them for its dots). q [TT, H, K], b [TT, H, R, K]."""
-    vb = tl.program_id(0)
-    g = tl.program_id(1)
-    h = tl.program_id(2)
-    n = tl.load(chunk_seq + g)
-    t0 = tl.load(chunk_tok + g)
-    eos = tl.load(cu + n + 1)
-    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    kk = tl.arange(0, BK)
-    vv = vb * BV + tl.arange(0, BV)
-    kmask = kk < K
-    vmask = vv < V
-    cidx = tl.arange(0, CQ)
-    qtok = t0 + cidx
-    qrow = qtok.to(tl.int64) * H + h
-    qmask = ((qtok < eos) & (cidx < C))[:, None]
-    q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
-    b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-    x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
-    live = (t0 + 0 * kk) < eos  # a surplus chunk of the map (t0 past its sequence) has no state written
-    st_ptr = states + (g.to(tl.int64) * H + h) * K * V + kk[:, None] * V + vv[None, :]
-    s_t = tl.load(st_ptr, mask=(live & kmask)[:, None] & vmask[None, :], other=0.0).to(q_t.dtype)
-    p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-    p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(x_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
-    o_t = tl.dot(q_t, s_t, input_precision=PREC) + tl.dot(p, x_t, input_precision=PREC)
-    tl.store(
-        o + qrow[:, None] * V + vv[None, :], (o_t * scale).to(o.dtype.element_ty), mask=qmask & vmask[None, :]
-    )
-
-
 def low_dots_ok(dtype: torch.dtype, k_dim: int, v_dim: int) -> bool:
     """W = T A and U = T U~ as bf16 / fp16 dots: not for fp32 inputs, and not with 16-wide K or V slices,
     which Triton 3.6 on an H200 compiled into NaNs and illegal memory accesses (gpu_sweep at a3c6c3c)."""
@@ -391,16 +337,6 @@ def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
     while bv > 16 and n_programs_nh * triton.cdiv(v_dim, bv) < TUNE["scan_min_programs"]:
         bv //= 2
     return min(bv, next_pow2(v_dim))
-
-
-def split_output(n_programs_nh: int, v_dim: int, k_dim: int) -> bool:
-    """Whether the forward computes o apart from the scan (`_fwd_out_kernel`). TUNE["split_output"]: 0 never,
-    1 always, 2 when the scan splits V into more than two blocks (few (sequence, head) pairs), where every
-    block of the fused scan computes Q B^T again on the sequential path."""
-    mode = TUNE["split_output"]
-    if mode == 2:
-        return triton.cdiv(v_dim, scan_block_v(n_programs_nh, v_dim, k_dim)) > 2
-    return bool(mode)
 
 
 def launch_wu(
@@ -473,9 +409,7 @@ def launch_fwd_scan(
     """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V]; cmap = (chunk_seq, chunk_tok, chunk_off) ->
     o [TT, H, V] (None unless write_o), ht [N, H, K, V] fp32 or None, and with store_states the entering
     state of every chunk [G, H, K, V] and X [TT, H, R, V]. With TUNE["fwd_local_p"] and write_o, P comes
-    from one chunk-parallel launch first (`_fwd_local_p_kernel`). Where `split_output` says so, the scan
-    writes the states and X (in the input dtype) and `_fwd_out_kernel` computes o from them, chunks in
-    parallel."""
+    from one chunk-parallel launch first (`_fwd_local_p_kernel`)."""
     total, n_heads, rank, k_dim = w.shape
     v_dim = uu.shape[-1]
     n_seq = cu.numel() - 1
@@ -483,17 +417,14 @@ def launch_fwd_scan(
     ht = (
         new_tensor((n_seq, n_heads, k_dim, v_dim), dtype=torch.float32, device=q.device) if store_ht else None
     )
-    split = write_o and split_output(n_seq * n_heads, v_dim, k_dim)
     states = xs = None
-    if store_states or split:
-        # what the backward reads when it keeps them; else w's dtype, in which the fused scan's dots read h
-        dtype = states_dtype if store_states else w.dtype
-        states = new_tensor((n_chunks, n_heads, k_dim, v_dim), dtype=dtype, device=q.device)
+    if store_states:
+        states = new_tensor((n_chunks, n_heads, k_dim, v_dim), dtype=states_dtype, device=q.device)
         xs = new_like(uu)
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
     crp, bk = max(16, next_pow2(chunk * rank)), max(16, next_pow2(k_dim))
     chunk_seq, chunk_tok, chunk_off = cmap
-    load_p = write_o and not split and bool(TUNE["fwd_local_p"])
+    load_p = write_o and bool(TUNE["fwd_local_p"])
     pmat = None
     if load_p:
         cq = max(16, chunk)
@@ -524,8 +455,8 @@ def launch_fwd_scan(
         o if write_o else w,
         h0 if h0 is not None else w,
         ht if store_ht else w,
-        states if states is not None else w,
-        xs if xs is not None else w,
+        states if store_states else w,
+        xs if store_states else w,
         pmat if load_p else w,
         cu,
         chunk_off,
@@ -541,22 +472,13 @@ def launch_fwd_scan(
         BV=bv,
         HAS_H0=h0 is not None,
         STORE_HT=store_ht,
-        STORE_STATES=states is not None,
-        WRITE_O=write_o and not split,
+        STORE_STATES=store_states,
+        WRITE_O=write_o,
         LOAD_P=load_p,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
         num_stages=scan_stages(crp, chunk, bk, w.dtype),
     )
-    if split:
-        out_bv = min(64 if bk <= 128 else 32, max(16, next_pow2(v_dim)))
-        _fwd_out_kernel[(triton.cdiv(v_dim, out_bv), chunk_seq.numel(), n_heads)](
-            q, b, xs, states, o, chunk_seq, chunk_tok, cu, scale,
-            H=n_heads, K=k_dim, V=v_dim, R=rank, C=chunk, CQ=max(16, chunk), CRP=crp, BK=bk, BV=out_bv,
-            PREC=dot_precision(w.dtype), num_warps=TUNE["par_warps"],
-        )  # fmt: skip
-        if not store_states:
-            states = xs = None
     return o, ht, states, xs
 
 

@@ -33,7 +33,8 @@ TUNE = {
     # scan_block_v halves the V block (down to 16) until the sequential kernels run this many programs. At
     # 16384 x 2, H = 16 (32 (sequence, head) pairs) 256 gives V blocks of 16, and each block loads W and B of
     # every chunk again: H200 at 432dfee, a states-only scan took 0.56 ms there against 0.27 at 2048 x 16.
-    # At a3b8d7f (16384 x 2, fwd+bwd, R = 1 / R = 4): 256 3.875 / 14.33 ms, 128 3.891 / 13.73, 64 4.065 / 14.33.
+    # At a3b8d7f (16384 x 2, fwd+bwd, R = 1 / R = 4): 256 3.875 / 14.33 ms, 128 3.891 / 13.73, 64 4.065 /
+    # 14.33.
     "scan_min_programs": int(os.environ.get("PFLOW_SCAN_MIN_PROGRAMS", "256")),
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
@@ -74,11 +75,6 @@ TUNE = {
     # one chunk-parallel launch of the W/U kernel (LOAD_T). H200 at 16d3764, 340M training step, 2048 x 16:
     # 156.6K -> 155.3K tokens/s, 33.5 -> 30.5 GiB (fla 31.5 GiB); sweep subset 97 / 97 at a46b5fb.
     "recompute_wu": int(os.environ.get("PFLOW_RECOMPUTE_WU", "1")),
-    # o apart from the forward scan (triton_chunk_fwd.split_output): 0 never, 1 always, 2 where the scan
-    # splits V into more than two blocks: few (sequence, head) pairs, as at 16384 x 2 with H = 16, where V
-    # blocks of 16 each compute Q B^T again on the sequential path. Always split measured slower at
-    # 2048 x 16 (H200, e109a40: R = 1 forward 1.63 against 1.54 ms); 2 is not yet timed.
-    "split_output": int(os.environ.get("PFLOW_SPLIT_OUTPUT", "0")),
     # The short conv's backward (triton_conv): token rows per tile (0: 4096 / K rounded, 16 to 64) and warps
     # of its two launches. At the 1.3B shape they took 54 of ~560 ms of a training step (H200, b76ce2f).
     # `benchmarks/bench_conv.py` (H200, 54695e7): 2 warps for `_dx_kernel` instead of 4 take the backward

@@ -461,9 +461,7 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
         {"bwd_local_dx": 1},
         {"fwd_local_p": 1},
         {"scan_bv": 16},
-        {"split_output": 1},
-        {"split_output": 1, "recompute_states": 0},
-        {"bwd_reuse_du": 1},
+        {"bwd_reuse_du": 0},
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
 )
@@ -471,10 +469,8 @@ def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, 
     """Launch variants: TUNE["par_bk"] = 128 (the backward chunk kernel in one K tile; K = 96 masked),
     TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel kernel, not the sequential scan) and
     TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel kernel), TUNE["scan_bv"] = 16 (more V
-    blocks in the sequential kernels), TUNE["split_output"] = 1 (o from a chunk-parallel kernel after a
-    states-only scan; also with the states kept for the backward), TUNE["bwd_reuse_du"] (du read back, not
-    computed again per K tile). Output, final state and every gradient
-    equal the float64 loop's and the default launches'."""
+    blocks in the sequential kernels), TUNE["bwd_reuse_du"] = 0 (du computed again per K tile, not read
+    back). Output, final state and every gradient equal the float64 loop's and the default launches'."""
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
 
