@@ -95,7 +95,7 @@ def main():
         report(
             f"_bwd_chunk_kernel BK={bk}",
             triton_chunk_bwd._bwd_chunk_kernel,
-            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True),
+            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True, REUSE_DU=True),
             num_warps=warps,
         )
 

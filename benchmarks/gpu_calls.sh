@@ -12,6 +12,8 @@
 #   bash benchmarks/gpu_calls.sh fusions   # b019b45's training glue against --ablate of it, fla beside (1.3B)
 #   bash benchmarks/gpu_calls.sh convtune  # the conv backward's launch settings, then the 1.3B step with the
 #                                          # defaults (and fla) and with the fastest settings
+#   bash benchmarks/gpu_calls.sh opcheck   # after a kernel change: the sweep subset, then the op at 16384 x 2 and
+#                                          # 2048 x 16 with fla beside
 #   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' pipeline stages and V block at 16384 x 2
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
@@ -19,7 +21,7 @@
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, scancfg or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, scancfg or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -109,6 +111,20 @@ convtune)
     tail -n 12 runs/conv_sweep.log
     grep -h '^1.3b/' runs/model13b_*.log
     tar czf "$OUT/convtune.tgz" runs/gpu_glue_tests.log runs/conv_sweep.* runs/model13b_*
+    ;;
+opcheck)
+    # after a kernel change: the sweep subset (float64 loop, gradients, head widths 16-256, R 1 / 3 / 8), then the
+    # op at the long and the short shape with fla beside, per-kernel times of the defaults
+    box 200 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
+        --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
+    for shape in 16384x2 2048x16; do
+        box 120 python3 $B/profile_kernels.py --shape $shape --variants base,keep_wu --kernels-for base \
+            --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_$shape.json \
+            > runs/profile_$shape.log 2>&1
+    done
+    tail -n 2 runs/sweep_subset.log
+    grep -h '"fwdbwd"' runs/profile_*.log | cut -c 1-90
+    tar czf "$OUT/opcheck.tgz" runs/sweep_subset.* runs/profile_*
     ;;
 scancfg)
     # the sequential kernels' launch settings at the long shape (32 (sequence, head) pairs), where their
