@@ -1,10 +1,11 @@
-"""Registers, spills and shared memory of our kernels compiled for sm_90a, without a GPU: the default
-launches and the TUNE variants of triton_utils (par_bk, bwd_local_dx, fwd_local_p), bf16, K = V = 128.
+"""Registers, spills, shared memory, pipelined loads (async copies) and ptxas's wgmma-serialization warning
+(C7514) of our kernels compiled for sm_90a, without a GPU: the default launches and the TUNE variants of
+triton_utils (par_bk, bwd_local_dx, fwd_local_p), bf16, K = V = 128.
 
     python benchmarks/compile_report.py [R]
 
 Uses Triton's bundled ptxas (`ptxas-blackwell` understands the PTX version recent Triton emits). The local
-Triton may be newer than the GPU image's, so counts can differ there; spills are the thing to look for.
+Triton may be newer than the GPU image's, so counts can differ there: run it with the image's Triton 3.6.
 """
 
 import inspect
@@ -27,13 +28,19 @@ FP32_ARGS = {"tmat", "ht", "h0", "dh0", "dht", "dbeta"}
 
 
 def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16"):
-    sig = {}
-    for name in inspect.signature(fn.fn).parameters:
+    """Compile fn as a launch would: every pointer (and the integer scalars, 128 here) specialized as
+    divisible by 16, which Triton does for torch's allocations. Without that the loads are neither vectorized
+    nor pipelined, and the counts are those of another program (up to 2.5 KB of spills per thread that the
+    real launches do not have)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(inspect.signature(fn.fn).parameters):
         if name in consts:
             sig[name] = "constexpr"
-        elif name == "scale":
+            continue
+        if name == "scale":
             sig[name] = "fp32"
-        elif name in SCALAR_INT_ARGS:
+            continue
+        if name in SCALAR_INT_ARGS:
             sig[name] = "i32"
         elif name in INT_ARGS:
             sig[name] = "*i32"
@@ -43,9 +50,10 @@ def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16"):
             sig[name] = f"*{states}"
         else:
             sig[name] = "*bf16"
+        attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(
-        ASTSource(fn=fn, signature=sig, constexprs=consts),
-        target=GPUTarget("cuda", 90, 128),
+        ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+        target=GPUTarget("cuda", 90, 32),
         options={"num_warps": num_warps, "num_stages": num_stages},
     )
     with tempfile.TemporaryDirectory() as tmp:
@@ -56,10 +64,15 @@ def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16"):
             capture_output=True,
             text=True,
         ).stderr
-    lines = [
+    spills = [
         ln.split("info    :")[-1].strip() for ln in info.splitlines() if "spill" in ln or "registers" in ln
     ]
-    print(f"{label:34s} warps={num_warps} shared={kernel.metadata.shared:6d} | " + " | ".join(lines))
+    serialized = "serialized" in info  # ptxas C7514: wgmma waits inserted, the dots no longer overlap
+    copies = kernel.asm["ttgir"].count("async_copy_global_to_local")
+    print(
+        f"{label:34s} warps={num_warps} shared={kernel.metadata.shared:6d} async copies={copies:2d} "
+        f"wgmma serialized={int(serialized)} | " + " | ".join(spills)
+    )
 
 
 def main():

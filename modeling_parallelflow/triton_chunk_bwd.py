@@ -89,33 +89,24 @@ def _bwd_dh_kernel(
             dstate.to(dstates.dtype.element_ty),
             mask=hv_mask,
         )
-        t, row0, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-        w_t = tl.load(
-            w + row0 * K + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
-        )
-        b_t = tl.load(
-            b + row0 * K + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
-        )
+        t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+        w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         qtok = t0 + cidx
-        qrow0 = t0.to(tl.int64) * H + h
-        qrow = cidx * H
+        qrow = qtok.to(tl.int64) * H + h
         qmask = ((qtok < eos) & (cidx < C))[:, None]
-        q_t = tl.load(q + qrow0 * K + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
-        do_t = tl.load(
-            do + qrow0 * V + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0
-        )
+        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+        do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
         rv_mask = valid[:, None] & vmask[None, :]
         if LOCAL_DX:
-            dx_t = tl.load(dx + row0 * V + row[:, None] * V + vv[None, :], mask=rv_mask, other=0.0).to(
-                tl.float32
-            )
+            dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rv_mask, other=0.0).to(tl.float32)
         else:
             p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
             p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)
             dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
         dx_t += tl.dot(b_t, dstate.to(w_t.dtype), input_precision=PREC)  # [CRP, BV]
         dx_in = dx_t.to(w_t.dtype)
-        tl.store(dx + row0 * V + row[:, None] * V + vv[None, :], dx_in, mask=rv_mask)
+        tl.store(dx + row[:, None] * V + vv[None, :], dx_in, mask=rv_mask)
         dstate += scale * tl.dot(tl.trans(q_t), do_t, input_precision=PREC)
         dstate += tl.dot(tl.trans(w_t), dx_in, input_precision=PREC)
     if HAS_DH0:
@@ -151,20 +142,16 @@ def _bwd_local_dx_kernel(
     h = tl.program_id(1)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + tl.load(chunk_seq + g) + 1)
-    t, row0, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    p, qrow0, qrow, qmask = local_scores(
-        q, b, t0, eos, h, t, row0, row, valid, k_len, H, K, C, CQ, CRP, BK, PREC
-    )
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    p, qrow, qmask = local_scores(q, b, t0, eos, h, t, row, valid, k_len, H, K, C, CQ, CRP, BK, PREC)
     p = p.to(q.dtype.element_ty)
     for v0 in range(0, v_len, BV):
         vv = v0 + tl.arange(0, BV)
         vmask = vv < V
-        do_t = tl.load(
-            do + qrow0 * V + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0
-        )
+        do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
         dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
         tl.store(
-            dx + row0 * V + row[:, None] * V + vv[None, :],
+            dx + row[:, None] * V + vv[None, :],
             dx_t.to(dx.dtype.element_ty),
             mask=valid[:, None] & vmask[None, :],
         )
@@ -219,12 +206,11 @@ def _bwd_chunk_kernel(
     n = tl.load(chunk_seq + g)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + n + 1)
-    t, row0, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
     j = tl.arange(0, CRP)
     t_inv = tl.load(tmat + ((g.to(tl.int64) * H + h) * CRP + j[:, None]) * CRP + j[None, :])
     cidx = tl.arange(0, CQ)
-    qrow0 = t0.to(tl.int64) * H + h
-    qrow = cidx * H
+    qrow = (t0 + cidx).to(tl.int64) * H + h
     qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
     st_base = (g.to(tl.int64) * H + h) * K * V
     dox = tl.zeros((CQ, CRP), tl.float32)
@@ -232,28 +218,22 @@ def _bwd_chunk_kernel(
     beta_r = tl.zeros((CRP,), tl.float32)
     dbeta_r = tl.zeros((CRP,), tl.float32)
     if BETA:
-        beta_r = tl.load(beta + row0 + row, mask=valid, other=0.0).to(tl.float32)
+        beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     for v0 in range(0, v_len, BV):  # K-free part: du, dO X^T, dU X^T
         vv = v0 + tl.arange(0, BV)
         rvmask = valid[:, None] & (vv[None, :] < V)
-        x_t = tl.load(xs + row0 * V + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-        dx_t = tl.load(dx + row0 * V + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-        do_t = tl.load(
-            do + qrow0 * V + qrow[:, None] * V + vv[None, :], mask=qmask & (vv[None, :] < V), other=0.0
-        )
+        x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
+        dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
+        do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & (vv[None, :] < V), other=0.0)
         du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC)  # [CRP, BV]
         if BETA:
-            v_t = tl.load(v + row0 * V + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(
-                tl.float32
-            )
+            v_t = tl.load(v + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
             dbeta_r += tl.sum(v_t * du_t, axis=1)
         if BETA and not REUSE_DU:
             dv_t = (beta_r[:, None] * du_t).to(du.dtype.element_ty)
-            tl.store(du + row0 * V + row[:, None] * V + vv[None, :], dv_t, mask=rvmask)
+            tl.store(du + row[:, None] * V + vv[None, :], dv_t, mask=rvmask)
         else:
-            tl.store(
-                du + row0 * V + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask
-            )
+            tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask)
         dox += tl.dot(do_t, tl.trans(x_t), input_precision=PREC)
         dn += tl.dot(du_t.to(x_t.dtype), tl.trans(x_t), input_precision=PREC)
     if REUSE_DU:
@@ -265,12 +245,12 @@ def _bwd_chunk_kernel(
         kmask = kk < K
         live = (t0 + 0 * kk) < eos  # surplus chunks of the map (no state written) read zeros
         rkmask = valid[:, None] & kmask[None, :]
-        b_t = tl.load(b + row0 * K + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
         if BETA:
             a_t = scale_rows(b_t, -beta_r)
         else:
-            a_t = tl.load(a + row0 * K + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
-        q_t = tl.load(q + qrow0 * K + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=rkmask, other=0.0)
+        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
         dq_t = tl.zeros((CQ, BK), tl.float32)
         da_t = tl.dot(dn, b_t, input_precision=PREC)
         db_t = tl.dot(tl.trans(dp), q_t, input_precision=PREC) + tl.dot(
@@ -283,46 +263,36 @@ def _bwd_chunk_kernel(
             hv = (live & kmask)[:, None] & vmask[None, :]
             s0 = tl.load(states + st_base + kk[:, None] * V + vv[None, :], mask=hv, other=0.0).to(a_t.dtype)
             ds1 = tl.load(dstates + st_base + kk[:, None] * V + vv[None, :], mask=hv, other=0.0).to(a_t.dtype)
-            x_t = tl.load(xs + row0 * V + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-            do_t = tl.load(
-                do + qrow0 * V + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0
-            )
+            x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
+            do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
             if REUSE_DU:
-                du_t = tl.load(du + row0 * V + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(
-                    a_t.dtype
-                )
+                du_t = tl.load(du + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(a_t.dtype)
             else:
-                dx_t = tl.load(dx + row0 * V + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
+                dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
                 du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC).to(a_t.dtype)
             dq_t += tl.dot(do_t, tl.trans(s0), input_precision=PREC)
             da_t += tl.dot(du_t, tl.trans(s0), input_precision=PREC)
             db_t += tl.dot(x_t, tl.trans(ds1), input_precision=PREC)
         dq_t = dq_t * scale + tl.dot(dp, b_t, input_precision=PREC)
         tl.store(
-            dq + qrow0 * K + qrow[:, None] * K + kk[None, :],
-            dq_t.to(dq.dtype.element_ty),
-            mask=qmask & kmask[None, :],
+            dq + qrow[:, None] * K + kk[None, :], dq_t.to(dq.dtype.element_ty), mask=qmask & kmask[None, :]
         )
         if BETA:
             dbeta_r -= tl.sum(b_t.to(tl.float32) * da_t, axis=1)
             db_t -= beta_r[:, None] * da_t
         else:
-            tl.store(
-                da + row0 * K + row[:, None] * K + kk[None, :], da_t.to(da.dtype.element_ty), mask=rkmask
-            )
-        tl.store(db + row0 * K + row[:, None] * K + kk[None, :], db_t.to(db.dtype.element_ty), mask=rkmask)
+            tl.store(da + row[:, None] * K + kk[None, :], da_t.to(da.dtype.element_ty), mask=rkmask)
+        tl.store(db + row[:, None] * K + kk[None, :], db_t.to(db.dtype.element_ty), mask=rkmask)
     if BETA:
-        tl.store(dbeta + row0 + row, dbeta_r, mask=valid)
+        tl.store(dbeta + row, dbeta_r, mask=valid)
     if BETA and REUSE_DU:  # dv = beta du over the du stored above
         tl.debug_barrier()
         for v0 in range(0, v_len, BV):
             vv = v0 + tl.arange(0, BV)
             rvmask = valid[:, None] & (vv[None, :] < V)
-            du_t = tl.load(du + row0 * V + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(
-                tl.float32
-            )
+            du_t = tl.load(du + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
             tl.store(
-                du + row0 * V + row[:, None] * V + vv[None, :],
+                du + row[:, None] * V + vv[None, :],
                 (beta_r[:, None] * du_t).to(du.dtype.element_ty),
                 mask=rvmask,
             )

@@ -119,10 +119,10 @@ def _wu_kernel(
     n = tl.load(chunk_seq + g)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + n + 1)
-    t, row0, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
     beta_r = tl.zeros((CRP,), tl.float32)
     if BETA:
-        beta_r = tl.load(beta + row0 + row, mask=valid, other=0.0).to(tl.float32)
+        beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     j = tl.arange(0, CRP)
     scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
     if LOAD_T:  # T kept by an earlier launch: only W and U are formed
@@ -132,11 +132,11 @@ def _wu_kernel(
         for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
             kk = k0 + tl.arange(0, BKS)
             kmask = valid[:, None] & (kk[None, :] < K)
-            b_t = tl.load(b + row0 * K + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+            b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
             if BETA:
                 a_t = scale_rows(b_t, -beta_r)
             else:
-                a_t = tl.load(a + row0 * K + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+                a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
             gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
         tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
         tl.debug_barrier()
@@ -148,27 +148,25 @@ def _wu_kernel(
             kk = k0 + tl.arange(0, BKS)
             kmask = valid[:, None] & (kk[None, :] < K)
             if BETA:
-                a_t = scale_rows(
-                    tl.load(b + row0 * K + row[:, None] * K + kk[None, :], mask=kmask, other=0.0), -beta_r
-                )
+                a_t = scale_rows(tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0), -beta_r)
             else:
-                a_t = tl.load(a + row0 * K + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+                a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
             if LOW_DOTS:
                 w_t = tl.dot(t_inv.to(a_t.dtype), a_t)  # [CRP, BKS]
             else:
                 w_t = tl.dot(t_inv, a_t.to(tl.float32), input_precision=PREC)  # [CRP, BKS]
-            tl.store(w + row0 * K + row[:, None] * K + kk[None, :], w_t.to(w.dtype.element_ty), mask=kmask)
+            tl.store(w + row[:, None] * K + kk[None, :], w_t.to(w.dtype.element_ty), mask=kmask)
         for v0 in tl.static_range(0, V, BV):
             vv = v0 + tl.arange(0, BV)
             vmask = valid[:, None] & (vv[None, :] < V)
-            u_t = tl.load(u + row0 * V + row[:, None] * V + vv[None, :], mask=vmask, other=0.0)
+            u_t = tl.load(u + row[:, None] * V + vv[None, :], mask=vmask, other=0.0)
             if BETA:
                 u_t = scale_rows(u_t, beta_r)
             if LOW_DOTS:
                 uu_t = tl.dot(t_inv.to(u_t.dtype), u_t)
             else:
                 uu_t = tl.dot(t_inv, u_t.to(tl.float32), input_precision=PREC)
-            tl.store(uu + row0 * V + row[:, None] * V + vv[None, :], uu_t.to(uu.dtype.element_ty), mask=vmask)
+            tl.store(uu + row[:, None] * V + vv[None, :], uu_t.to(uu.dtype.element_ty), mask=vmask)
 
 
 @triton.jit
@@ -179,7 +177,6 @@ def local_scores(
     eos,
     h,
     t,
-    row0,
     row,
     valid,
     k_len,
@@ -195,19 +192,16 @@ def local_scores(
     from `chunk_rows`; K in tiles of BK up to the run-time bound k_len = K. Also returns the query rows [CQ]
     and their mask [CQ, 1]."""
     cidx = tl.arange(0, CQ)
-    qrow0 = t0.to(tl.int64) * H + h
-    qrow = cidx * H
+    qrow = (t0 + cidx).to(tl.int64) * H + h
     qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
     p = tl.zeros((CQ, CRP), tl.float32)
     for k0 in range(0, k_len, BK):
         kk = k0 + tl.arange(0, BK)
         kmask = kk < K
-        q_t = tl.load(q + qrow0 * K + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
-        b_t = tl.load(
-            b + row0 * K + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
-        )
+        q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         p += tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-    return tl.where(cidx[:, None] >= t[None, :], p, 0.0), qrow0, qrow, qmask
+    return tl.where(cidx[:, None] >= t[None, :], p, 0.0), qrow, qmask
 
 
 @triton.jit
@@ -233,8 +227,8 @@ def _fwd_local_p_kernel(
     h = tl.program_id(1)
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + tl.load(chunk_seq + g) + 1)
-    t, row0, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    p, _, _, _ = local_scores(q, b, t0, eos, h, t, row0, row, valid, k_len, H, K, C, CQ, CRP, BK, PREC)
+    t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+    p, _, _ = local_scores(q, b, t0, eos, h, t, row, valid, k_len, H, K, C, CQ, CRP, BK, PREC)
     cidx = tl.arange(0, CQ)
     j = tl.arange(0, CRP)
     tl.store(
@@ -299,31 +293,20 @@ def _fwd_scan_kernel(
         if STORE_STATES:
             st_ptr = states + ((g0 + i).to(tl.int64) * H + h) * K * V + hv_off
             tl.store(st_ptr, state.to(states.dtype.element_ty), mask=hv_mask)
-        t, row0, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-        w_t = tl.load(
-            w + row0 * K + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
-        )
-        b_t = tl.load(
-            b + row0 * K + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0
-        )
-        u_t = tl.load(
-            uu + row0 * V + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0
-        )
+        t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
+        w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        u_t = tl.load(uu + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
         s_in = state.to(w_t.dtype)
         x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)  # corrected values [CRP, BV]
         x_in = x.to(w_t.dtype)
         if STORE_STATES:
-            tl.store(
-                xs + row0 * V + row[:, None] * V + vv[None, :], x_in, mask=valid[:, None] & vmask[None, :]
-            )
+            tl.store(xs + row[:, None] * V + vv[None, :], x_in, mask=valid[:, None] & vmask[None, :])
         if WRITE_O:
             qtok = t0 + cidx
-            qrow0 = t0.to(tl.int64) * H + h
-            qrow = cidx * H
+            qrow = qtok.to(tl.int64) * H + h
             qmask = ((qtok < eos) & (cidx < C))[:, None]
-            q_t = tl.load(
-                q + qrow0 * K + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0
-            )
+            q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
             if LOAD_P:
                 jj = tl.arange(0, CRP)
                 p_off = (((g0 + i).to(tl.int64) * H + h) * CQ + cidx[:, None]) * CRP + jj[None, :]
@@ -333,7 +316,7 @@ def _fwd_scan_kernel(
                 p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
             o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
             tl.store(
-                o + qrow0 * V + qrow[:, None] * V + vv[None, :],
+                o + qrow[:, None] * V + vv[None, :],
                 (o_t * scale).to(o.dtype.element_ty),
                 mask=qmask & vmask[None, :],
             )

@@ -26,9 +26,8 @@ TUNE = {
     "wu_warps": 4,
     "scan_warps": 4,  # 8: R = 1 fwd+bwd 3.62 -> 3.85 ms
     "scan_stages": 2,
-    # largest V block of the sequential kernels (scan_block_v). 32 halves their fp32 state tile (R = 1 spills
-    # at 4 warps: benchmarks/README.md) but doubles the V blocks that recompute P, unless fwd_local_p and
-    # bwd_local_dx take P out of the scans.
+    # largest V block of the sequential kernels (scan_block_v). 32 halves their fp32 state tile but doubles
+    # the V blocks that recompute P, unless fwd_local_p and bwd_local_dx take P out of the scans.
     "scan_bv": 64,
     # scan_block_v halves the V block (down to 16) until the sequential kernels run this many programs. At
     # 16384 x 2, H = 16 (32 (sequence, head) pairs) 256 gives V blocks of 16, and each block loads W and B of
@@ -185,17 +184,15 @@ def chunk_map(cu: torch.Tensor, total_tokens: int, chunk: int, n_seq: int, seq_l
 def chunk_rows(t0, eos, h, H: tl.constexpr, R: tl.constexpr, C: tl.constexpr, CRP: tl.constexpr):
     """Rows (t, r) of the chunk starting at token t0, flattened t-major: j = t * R + r, padded to CRP.
 
-    Returns the token-in-chunk of each row [CRP]; the chunk's first row in a [TT, H, R, *] tensor (int64
-    scalar, row0) and each row's offset from it (int32 [CRP]: address a row as x + row0 * N + row * N); and
-    the validity mask (inside the chunk and before the sequence end eos). 32-bit tile offsets on a 64-bit
-    scalar base keep the kernels' registers down: compiled for sm_90a, the forward scan's spills drop from
-    852 to 156 bytes per thread at V blocks of 64 (benchmarks/compile_report.py).
+    Returns the token-in-chunk of each row [CRP], the row offset into a [TT, H, R, *] tensor (int64)
+    and the validity mask (inside the chunk and before the sequence end eos).
     """
     j = tl.arange(0, CRP)
     t = j // R
-    valid = (j < C * R) & (t0 + t < eos)
-    row0 = (t0.to(tl.int64) * H + h) * R
-    return t, row0, t * (H * R) + j % R, valid
+    tok = t0 + t
+    valid = (j < C * R) & (tok < eos)
+    row = (tok.to(tl.int64) * H + h) * R + j % R
+    return t, row, valid
 
 
 @triton.jit
