@@ -104,11 +104,11 @@ def main():
                 num_warps=warps,
             )
     report("_bwd_local_dx_kernel", triton_chunk_bwd._bwd_local_dx_kernel, dict(base, BK=64, BV=64))
-    for bk, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):
+    for bk, warps, first in ((64, 4, None), (64, 4, 1), (64, 8, None), (128, 4, None), (128, 8, None)):
         report(
-            f"_bwd_chunk_kernel BK={bk}",
+            f"_bwd_chunk_kernel BK={bk} FIRST_STAGES={first}",
             triton_chunk_bwd._bwd_chunk_kernel,
-            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True, REUSE_DU=True),
+            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True, REUSE_DU=True, FIRST_STAGES=first),
             num_warps=warps,
         )
 

@@ -42,6 +42,8 @@ VARIANTS = {
     "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
     "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
     "reuse_du": {"bwd_reuse_du": 1},
+    "first_stages1": {"par_first_stages": 1},
+    "first_stages1_par_stages3": {"par_first_stages": 1, "par_stages": 3},
     "keep_wu": {"recompute_wu": 0},
     "reuse_du_keep_wu": {"bwd_reuse_du": 1, "recompute_wu": 0},
     "min128": {"scan_min_programs": 128},

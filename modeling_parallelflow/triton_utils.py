@@ -52,6 +52,11 @@ TUNE = {
     # keeps o in it). H200 at 16d3764, 16384 x 2: R = 1 fwd 1.29 -> 1.92 ms; R = 4 fwd+bwd 13.62 -> 13.25.
     "fwd_local_p": int(os.environ.get("PFLOW_FWD_LOCAL_P", "0")),
     "par_stages": 2,
+    # pipeline stages of the backward chunk kernel's first (K-free) V loop; 0: par_stages, as the rest of the
+    # kernel. Pipelined, that loop makes ptxas serialize all of the kernel's wgmma (C7514: a non-wgmma
+    # instruction reads an accumulator of a wgmma in flight); at 1 it does not, and the K loop's loads stay
+    # pipelined (benchmarks/compile_report.py, Triton 3.6). Not yet timed on a GPU.
+    "par_first_stages": int(os.environ.get("PFLOW_PAR_FIRST_STAGES", "0")),
     # 1: the backward chunk kernel computes du = T^T dX once per V tile and reads it back (input dtype) for
     # each K tile, instead of computing it again there (a quarter of that loop's dots, and its dX reads); in
     # beta form dv = beta du then rounds twice. H200 at a3b8d7f, R = 1 / R = 4 fwd+bwd: 2048 x 16
