@@ -14,6 +14,8 @@
 #                                          # defaults (and fla) and with the fastest settings
 #   bash benchmarks/gpu_calls.sh opcheck   # after a kernel change: the sweep subset, then the op at 16384 x 2 and
 #                                          # 2048 x 16 with fla beside
+#   bash benchmarks/gpu_calls.sh wgmma     # par_first_stages = 1 (no wgmma serialization in the backward chunk
+#                                          # kernel): sweep subset with it, the op at both shapes against fla
 #   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' pipeline stages and V block at 16384 x 2
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
@@ -21,7 +23,7 @@
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, scancfg or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, wgmma, scancfg or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -125,6 +127,21 @@ opcheck)
     tail -n 2 runs/sweep_subset.log
     grep -h '"fwdbwd"' runs/profile_*.log | cut -c 1-90
     tar czf "$OUT/opcheck.tgz" runs/sweep_subset.* runs/profile_*
+    ;;
+wgmma)
+    # TUNE["par_first_stages"] = 1 (the backward chunk kernel's first loop not pipelined: compiles without
+    # ptxas's wgmma serialization, C7514): the sweep subset with it on, then the op at both shapes, fla beside
+    box 200 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
+        --tune par_first_stages=1 --out runs/sweep_first1.json > runs/sweep_first1.log 2>&1
+    for shape in 2048x16 16384x2; do
+        box 130 python3 $B/profile_kernels.py --shape $shape --kernels-for base,first_stages1 \
+            --variants base,first_stages1,first_stages1_par_stages3 \
+            --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_wgmma_$shape.json \
+            > runs/profile_wgmma_$shape.log 2>&1
+    done
+    tail -n 2 runs/sweep_first1.log
+    grep -h '"fwdbwd"' runs/profile_wgmma_*.log | cut -c 1-90
+    tar czf "$OUT/wgmma.tgz" runs/sweep_first1.* runs/profile_wgmma_*
     ;;
 scancfg)
     # the sequential kernels' launch settings at the long shape (32 (sequence, head) pairs), where their
