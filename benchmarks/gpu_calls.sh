@@ -12,10 +12,10 @@
 #   bash benchmarks/gpu_calls.sh fusions   # b019b45's training glue against --ablate of it, fla beside (1.3B)
 #   bash benchmarks/gpu_calls.sh convtune  # the conv backward's launch settings, then the 1.3B step with the
 #                                          # defaults (and fla) and with the fastest settings
-#   bash benchmarks/gpu_calls.sh opcheck   # after a kernel change: the sweep subset, then the op at 16384 x 2 and
-#                                          # 2048 x 16 with fla beside
-#   bash benchmarks/gpu_calls.sh wgmma     # par_first_stages = 1 (no wgmma serialization in the backward chunk
-#                                          # kernel): sweep subset with it, the op at both shapes against fla
+#   bash benchmarks/gpu_calls.sh opcheck   # after a kernel change: the sweep subset, then the op at 2048 x 16 and
+#                                          # 16384 x 2 with fla beside. The chunk kernel's first loop unpipelined:
+#                                          # SWEEP_TUNE=par_first_stages=1 KERNELS_FOR=base,first_stages1
+#                                          # VARIANTS=base,first_stages1,first_stages1_par_stages3
 #   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' pipeline stages and V block at 16384 x 2
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
@@ -23,7 +23,7 @@
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, wgmma, scancfg or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, scancfg or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -115,33 +115,19 @@ convtune)
     tar czf "$OUT/convtune.tgz" runs/gpu_glue_tests.log runs/conv_sweep.* runs/model13b_*
     ;;
 opcheck)
-    # after a kernel change: the sweep subset (float64 loop, gradients, head widths 16-256, R 1 / 3 / 8), then the
-    # op at the long and the short shape with fla beside, per-kernel times of the defaults
+    # after a kernel change: the sweep subset (float64 loop, gradients, head widths 16-256, R 1 / 3 / 8) with
+    # SWEEP_TUNE (TUNE overrides, key=int), then the op at the long and the short shape, VARIANTS of
+    # profile_kernels.py (per-kernel times for KERNELS_FOR), fla beside
     box 200 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
-        --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
-    for shape in 16384x2 2048x16; do
-        box 120 python3 $B/profile_kernels.py --shape $shape --variants base,keep_wu --kernels-for base \
-            --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_$shape.json \
-            > runs/profile_$shape.log 2>&1
+        --tune ${SWEEP_TUNE:-} --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
+    for shape in 2048x16 16384x2; do
+        box 130 python3 $B/profile_kernels.py --shape $shape --variants "${VARIANTS:-base,keep_wu}" \
+            --kernels-for "${KERNELS_FOR:-base}" --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 \
+            --out runs/profile_$shape.json > runs/profile_$shape.log 2>&1
     done
     tail -n 2 runs/sweep_subset.log
     grep -h '"fwdbwd"' runs/profile_*.log | cut -c 1-90
     tar czf "$OUT/opcheck.tgz" runs/sweep_subset.* runs/profile_*
-    ;;
-wgmma)
-    # TUNE["par_first_stages"] = 1 (the backward chunk kernel's first loop not pipelined: compiles without
-    # ptxas's wgmma serialization, C7514): the sweep subset with it on, then the op at both shapes, fla beside
-    box 200 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
-        --tune par_first_stages=1 --out runs/sweep_first1.json > runs/sweep_first1.log 2>&1
-    for shape in 2048x16 16384x2; do
-        box 130 python3 $B/profile_kernels.py --shape $shape --kernels-for base,first_stages1 \
-            --variants base,first_stages1,first_stages1_par_stages3 \
-            --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 --out runs/profile_wgmma_$shape.json \
-            > runs/profile_wgmma_$shape.log 2>&1
-    done
-    tail -n 2 runs/sweep_first1.log
-    grep -h '"fwdbwd"' runs/profile_wgmma_*.log | cut -c 1-90
-    tar czf "$OUT/wgmma.tgz" runs/sweep_first1.* runs/profile_wgmma_*
     ;;
 scancfg)
     # the sequential kernels' launch settings at the long shape (32 (sequence, head) pairs), where their
