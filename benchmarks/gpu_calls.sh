@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_calls.sh opcheck   # after a kernel change: the sweep subset, then the op at 2048 x 16 and
 #                                          # 16384 x 2 with fla beside. The chunk kernel's first loop unpipelined:
 #                                          # SWEEP_TUNE=par_first_stages=1 KERNELS_FOR=base,first_stages1
-#                                          # VARIANTS=base,first_stages1,first_stages1_par_stages3
+#                                          # VARIANTS=base,first_stages1,first_stages1_par_stages3,
+#                                          # first_stages1_par_warps8
 #   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' pipeline stages and V block at 16384 x 2
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows

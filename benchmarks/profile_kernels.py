@@ -44,6 +44,7 @@ VARIANTS = {
     "reuse_du": {"bwd_reuse_du": 1},
     "first_stages1": {"par_first_stages": 1},
     "first_stages1_par_stages3": {"par_first_stages": 1, "par_stages": 3},
+    "first_stages1_par_warps8": {"par_first_stages": 1, "par_warps": 8},
     "keep_wu": {"recompute_wu": 0},
     "reuse_du_keep_wu": {"bwd_reuse_du": 1, "recompute_wu": 0},
     "min128": {"scan_min_programs": 128},
