@@ -41,12 +41,11 @@ VARIANTS = {
     "fwd_local_p": {"fwd_local_p": 1},
     "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
     "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
-    "reuse_du": {"bwd_reuse_du": 1},
+    "recompute_du": {"bwd_reuse_du": 0},  # the backward before fb7510f (du formed again per K tile)
     "first_stages1": {"par_first_stages": 1},
     "first_stages1_par_stages3": {"par_first_stages": 1, "par_stages": 3},
     "first_stages1_par_warps8": {"par_first_stages": 1, "par_warps": 8},
     "keep_wu": {"recompute_wu": 0},
-    "reuse_du_keep_wu": {"bwd_reuse_du": 1, "recompute_wu": 0},
     "min128": {"scan_min_programs": 128},
     "min64": {"scan_min_programs": 64},
 }
