@@ -134,7 +134,7 @@ scancfg)
     # the sequential kernels' launch settings at the long shape (32 (sequence, head) pairs), where their
     # per-chunk latency bounds the op (a3b8d7f: 2.5 us a chunk against fla's 1.0)
     box 170 python3 $B/profile_kernels.py --shape 16384x2 --kernels-for base \
-        --variants base,stages1,stages3,stages4,min128 --providers ours_R1_sum,ours_R4_sum \
+        --variants base,stages1,stages3,stages4,min128,min128_stages3 --providers ours_R1_sum,ours_R4_sum \
         --out runs/profile_scancfg_16384x2.json > runs/profile_scancfg_16384x2.log 2>&1
     grep -h '"fwdbwd"' runs/profile_scancfg_*.log | cut -c 1-90
     tar czf "$OUT/scancfg.tgz" runs/profile_scancfg_*

@@ -48,6 +48,7 @@ VARIANTS = {
     "keep_wu": {"recompute_wu": 0},
     "min128": {"scan_min_programs": 128},
     "min64": {"scan_min_programs": 64},
+    "min128_stages3": {"scan_min_programs": 128, "scan_stages": 3},
 }
 
 
