@@ -18,13 +18,15 @@
 #                                          # VARIANTS=base,first_stages1,first_stages1_par_stages3,
 #                                          # first_stages1_par_warps8
 #   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' pipeline stages and V block at 16384 x 2
+#   bash benchmarks/gpu_calls.sh ncu       # Nsight Compute counters of every kernel of one fwd+bwd (ours, fla) at
+#                                          # SHAPE (16384 x 2): bound by L2, DRAM, or latency (Firecracker only)
 #   bash benchmarks/gpu_calls.sh offsets   # the glue kernels' GPU tests (tensors past 2**31 elements), the
 #                                          # B = 64 x 32K generate rows that hit them, and fla's 512 rows
 #
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, scancfg or offsets}
+stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, scancfg, ncu or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -138,6 +140,19 @@ scancfg)
         --out runs/profile_scancfg_16384x2.json > runs/profile_scancfg_16384x2.log 2>&1
     grep -h '"fwdbwd"' runs/profile_scancfg_*.log | cut -c 1-90
     tar czf "$OUT/scancfg.tgz" runs/profile_scancfg_*
+    ;;
+ncu)
+    # Nsight Compute's counters (throughput against peak, L2 and DRAM traffic, occupancy, warp stalls) for every
+    # kernel of one fwd+bwd at SHAPE (default 16384 x 2), ours R = 1 and fla. Needs a Firecracker machine: on
+    # gVisor ncu cannot read the counters (/work/.library/device/H200.md), and the log says so.
+    ncu --version > runs/ncu.log 2>&1
+    box 420 ncu --clock-control none --profile-from-start off --csv --page details \
+        --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SchedulerStats \
+        python3 $B/ncu_kernels.py --shape ${SHAPE:-16384x2} --providers ours_R1_sum,fla_delta_rule_R1 \
+        > runs/ncu_${SHAPE:-16384x2}.csv 2>> runs/ncu.log
+    tail -n 5 runs/ncu.log
+    tar czf "$OUT/ncu.tgz" runs/ncu*
     ;;
 offsets)
     box 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_triton_glue.py > runs/gpu_glue_tests.log 2>&1
