@@ -1,4 +1,4 @@
-"""One forward + backward of each provider inside a CUDA profiler range, for Nsight Compute's hardware counters.
+"""One forward + backward of each provider inside a CUDA profiler range, for Nsight Compute's counters.
 
     ncu --clock-control none --profile-from-start off --csv --page details \
         python benchmarks/ncu_kernels.py --shape 16384x2 --providers ours_R1_sum,fla_delta_rule_R1 > ncu.csv
