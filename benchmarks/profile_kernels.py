@@ -32,6 +32,7 @@ VARIANTS = {
     "cr128": {"cr_target": 128},
     "par_bv64": {"par_bv": 64},
     "par_stages1": {"par_stages": 1},
+    "par_stages3": {"par_stages": 3},
     "wu_tf32": {"wu_low_dots": 0},
     "recompute_t": {"recompute_inverses": 1},
     "recompute_wu": {"recompute_wu": 1},
@@ -44,6 +45,7 @@ VARIANTS = {
     "recompute_du": {"bwd_reuse_du": 0},  # the backward before fb7510f (du formed again per K tile)
     "first_stages1": {"par_first_stages": 1},
     "first_stages1_par_stages3": {"par_first_stages": 1, "par_stages": 3},
+    "first_stages1_par_stages4": {"par_first_stages": 1, "par_stages": 4},
     "first_stages1_par_warps8": {"par_first_stages": 1, "par_warps": 8},
     "keep_wu": {"recompute_wu": 0},
     "min128": {"scan_min_programs": 128},
