@@ -14,12 +14,14 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd  # noqa: E402
+from modeling_parallelflow.triton_utils import TUNE, scan_stages  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 INT_ARGS = {"chunk_seq", "chunk_tok", "cu", "chunk_off"}
@@ -84,6 +86,7 @@ def main():
     wu.update(LOAD_T=False, BETA=True, INV_PREC="tf32", LOW_DOTS=True)
     del wu["CQ"]
     report("_wu_kernel", triton_chunk_fwd._wu_kernel, wu)
+    seq_stages = scan_stages(crp, chunk, 128, torch.bfloat16)  # the sequential kernels' pipeline, as launched
     scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2
         for load_p in (False, True):
@@ -92,6 +95,7 @@ def main():
                 triton_chunk_fwd._fwd_scan_kernel,
                 dict(scan, BV=bv, LOAD_P=load_p),
                 num_warps=warps,
+                num_stages=seq_stages,
             )
     local_p = {k: base[k] for k in ("H", "K", "R", "C", "CQ", "CRP", "PREC")}
     report("_fwd_local_p_kernel", triton_chunk_fwd._fwd_local_p_kernel, dict(local_p, BK=64))
@@ -102,14 +106,16 @@ def main():
                 triton_chunk_bwd._bwd_dh_kernel,
                 dict(base, BV=bv, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=local),
                 num_warps=warps,
+                num_stages=seq_stages,
             )
     report("_bwd_local_dx_kernel", triton_chunk_bwd._bwd_local_dx_kernel, dict(base, BK=64, BV=64))
-    for bk, warps, first in ((64, 4, None), (64, 4, 1), (64, 8, None), (128, 4, None), (128, 8, None)):
+    for bk, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):
         report(
-            f"_bwd_chunk_kernel BK={bk} FIRST_STAGES={first}",
+            f"_bwd_chunk_kernel BK={bk}",
             triton_chunk_bwd._bwd_chunk_kernel,
-            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True, REUSE_DU=True, FIRST_STAGES=first),
+            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True, REUSE_DU=True),
             num_warps=warps,
+            num_stages=TUNE["par_stages"],
         )
 
 

@@ -2,8 +2,7 @@
 # The device calls behind the speed results (issues #11, #12, #15), one stage per call; run from the repository
 # root on the GPU machine with .whl/ carried (fla, liger-kernel: benchmarks/README.md says how to fetch them).
 #
-#   bash benchmarks/gpu_calls.sh kernels   # the public op against fla and SDPA (4 shapes), per-kernel profile,
-#                                          # the sweep subset (at 16d3764 this stage timed the launch variants)
+#   bash benchmarks/gpu_calls.sh kernels   # per-kernel profile, the sweep subset, then the `table` stage
 #   bash benchmarks/gpu_calls.sh model     # training step tokens/s and memory, 340M, both shapes, one process
 #   bash benchmarks/gpu_calls.sh model13b  # the same at the 1.3B shape (PFlow R = 1, fla, Llama)
 #   bash benchmarks/gpu_calls.sh generate  # decode-kernel GPU tests, fused vs unfused A/B, PFlow's generate()
@@ -13,10 +12,8 @@
 #   bash benchmarks/gpu_calls.sh convtune  # the conv backward's launch settings, then the 1.3B step with the
 #                                          # defaults (and fla) and with the fastest settings
 #   bash benchmarks/gpu_calls.sh opcheck   # after a kernel change: the sweep subset, then the op at 2048 x 16 and
-#                                          # 16384 x 2 with fla beside. The chunk kernel's first loop unpipelined:
-#                                          # SWEEP_TUNE=par_first_stages=1 KERNELS_FOR=base,first_stages1
-#                                          # VARIANTS=base,first_stages1,first_stages1_par_stages3,
-#                                          # first_stages1_par_warps8
+#                                          # 16384 x 2 with fla beside (VARIANTS, KERNELS_FOR, SWEEP_TUNE)
+#   bash benchmarks/gpu_calls.sh table     # the public op against fla and SDPA: 4 shapes, R 1 / 2 / 4
 #   bash benchmarks/gpu_calls.sh scancfg   # the sequential kernels' pipeline stages and V block at 16384 x 2
 #   bash benchmarks/gpu_calls.sh ncu       # Nsight Compute counters of every kernel of one fwd+bwd (ours, fla) at
 #                                          # SHAPE (16384 x 2): bound by L2, DRAM, or latency (Firecracker only)
@@ -26,7 +23,7 @@
 # Each step is time-boxed (`timeout`), and every script writes its JSON as rows come in, so a cut call keeps
 # what it measured. What comes back is one tar per stage in $OUT (a device call returns at most 8 files).
 set -uo pipefail
-stage=${1:?stage: kernels, model, model13b, generate, llama13b, fusions, convtune, opcheck, scancfg, ncu or offsets}
+stage=${1:?stage: kernels, table, model, model13b, generate, llama13b, fusions, convtune, opcheck, scancfg, ncu or offsets}
 OUT=${OUT:-runs/out}
 mkdir -p runs "$OUT"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -38,15 +35,20 @@ nvidia-smi --query-gpu=name,clocks.max.sm,power.limit --format=csv,noheader
 
 case $stage in
 kernels)
-    box 300 python3 $B/bench_delta_rule.py --only check,bench --shapes 2048x16,4096x8,8192x4,16384x2 \
-        --providers ours_R1_sum,ours_R2_sum,ours_R4_sum,fla_delta_rule_R1,fla_delta_product_R2,fla_delta_product_R4,sdpa_causal \
-        --out runs/op.json > runs/op.log 2>&1
     box 90 python3 $B/profile_kernels.py --shape 2048x16 --variants base --providers ours_R1_sum,fla_delta_rule_R1 \
         --out runs/profile_2048x16.json > runs/profile_2048x16.log 2>&1
     box 150 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
         --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
     tail -n 3 runs/*.log
-    tar czf "$OUT/kernels.tgz" runs/op.* runs/profile_* runs/sweep_subset.*
+    tar czf "$OUT/kernels.tgz" runs/profile_* runs/sweep_subset.*
+    ;&
+table)
+    # the public op: accuracy against the float64 loop (fla's error beside ours), then the timing table
+    box ${TABLE_WALL:-300} python3 $B/bench_delta_rule.py --only check,bench --shapes 2048x16,4096x8,8192x4,16384x2 \
+        --providers ours_R1_sum,ours_R2_sum,ours_R4_sum,fla_delta_rule_R1,fla_delta_product_R2,fla_delta_product_R4,sdpa_causal \
+        --out runs/op.json > runs/op.log 2>&1
+    tail -n 30 runs/op.log
+    tar czf "$OUT/table.tgz" runs/op.*
     ;;
 model)
     box 390 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \

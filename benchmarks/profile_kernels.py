@@ -25,6 +25,7 @@ VARIANTS = {
     "stages1": {"scan_stages": 1},
     "stages3": {"scan_stages": 3},
     "stages4": {"scan_stages": 4},
+    "scan_stages2": {"scan_stages": 2},
     "scan_warps8": {"scan_warps": 8},
     "wu_warps8": {"wu_warps": 8},
     "par_warps4": {"par_warps": 4},
@@ -43,10 +44,8 @@ VARIANTS = {
     "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
     "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
     "recompute_du": {"bwd_reuse_du": 0},  # the backward before fb7510f (du formed again per K tile)
-    "first_stages1": {"par_first_stages": 1},
-    "first_stages1_par_stages3": {"par_first_stages": 1, "par_stages": 3},
-    "first_stages1_par_stages4": {"par_first_stages": 1, "par_stages": 4},
-    "first_stages1_par_warps8": {"par_first_stages": 1, "par_warps": 8},
+    # the launch settings before 63f9fc0 (2-stage pipelines; scans in V blocks of 16 below 256 programs)
+    "old_defaults": {"par_stages": 2, "scan_stages": 2, "scan_min_programs": 256},
     "keep_wu": {"recompute_wu": 0},
     "min128": {"scan_min_programs": 128},
     "min64": {"scan_min_programs": 64},

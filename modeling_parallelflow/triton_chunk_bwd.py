@@ -192,12 +192,8 @@ def _bwd_chunk_kernel(
     PRODUCT: tl.constexpr,
     BETA: tl.constexpr,
     REUSE_DU: tl.constexpr,
-    FIRST_STAGES: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # FIRST_STAGES: software-pipeline stages of the first (K-free) V loop (None: the launch's). Pipelined,
-    # its loop-carried dots make ptxas serialize every wgmma of the kernel (C7514,
-    # `benchmarks/compile_report.py`); at 1 they do not, and the K loop's loads stay pipelined.
     # REUSE_DU: du = T^T dX, computed once per V tile in the first loop, is stored (input dtype) and read back
     # for every K tile instead of computed again there; in beta form a last pass turns it into dv = beta du.
     # BETA: beta form (b = k, v and beta [TT, H, R] given, a = -beta k rebuilt in registers): writes
@@ -223,7 +219,7 @@ def _bwd_chunk_kernel(
     dbeta_r = tl.zeros((CRP,), tl.float32)
     if BETA:
         beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
-    for v0 in tl.range(0, v_len, BV, num_stages=FIRST_STAGES):  # K-free part: du, dO X^T, dU X^T
+    for v0 in tl.range(0, v_len, BV):  # K-free part: du, dO X^T, dU X^T
         vv = v0 + tl.arange(0, BV)
         rvmask = valid[:, None] & (vv[None, :] < V)
         x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
@@ -432,7 +428,6 @@ def launch_chunk_bwd(
         PRODUCT=product,
         BETA=with_beta,
         REUSE_DU=bool(TUNE["bwd_reuse_du"]),
-        FIRST_STAGES=TUNE["par_first_stages"] or None,  # None: the launch's num_stages
         PREC=prec,
         num_warps=TUNE["par_warps"],
         num_stages=TUNE["par_stages"],

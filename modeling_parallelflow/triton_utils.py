@@ -25,16 +25,19 @@ TUNE = {
     "cr_target": 64,  # C * R rows per chunk (cr128 measured 3x slower at R = 4)
     "wu_warps": 4,
     "scan_warps": 4,  # 8: R = 1 fwd+bwd 3.62 -> 3.85 ms
-    "scan_stages": 2,
+    # pipeline stages of the sequential scans, where shared memory allows (scan_stages). H200 at 0457324,
+    # 16384 x 2 fwd+bwd: with V blocks of 32 (scan_min_programs 128) 2 -> 3 takes R = 1 from 3.860 to 3.427 ms
+    # and R = 4 from 13.66 to 12.19; with V blocks of 16 (256 programs) it is slower (3.806 -> 4.186).
+    "scan_stages": int(os.environ.get("PFLOW_SCAN_STAGES", "3")),
     # largest V block of the sequential kernels (scan_block_v). 32 halves their fp32 state tile but doubles
     # the V blocks that recompute P, unless fwd_local_p and bwd_local_dx take P out of the scans.
     "scan_bv": 64,
     # scan_block_v halves the V block (down to 16) until the sequential kernels run this many programs. At
     # 16384 x 2, H = 16 (32 (sequence, head) pairs) 256 gives V blocks of 16, and each block loads W and B of
     # every chunk again: H200 at 432dfee, a states-only scan took 0.56 ms there against 0.27 at 2048 x 16.
-    # At a3b8d7f (16384 x 2, fwd+bwd, R = 1 / R = 4): 256 3.875 / 14.33 ms, 128 3.891 / 13.73, 64 4.065 /
-    # 14.33.
-    "scan_min_programs": int(os.environ.get("PFLOW_SCAN_MIN_PROGRAMS", "256")),
+    # At a3b8d7f (16384 x 2, fwd+bwd, R = 1 / R = 4, 2-stage scans): 256 3.875 / 14.33 ms, 128 3.891 / 13.73,
+    # 64 4.065 / 14.33; 128 with 3-stage scans: above at scan_stages.
+    "scan_min_programs": int(os.environ.get("PFLOW_SCAN_MIN_PROGRAMS", "128")),
     "par_warps": 4,  # 8: R = 1 fwd+bwd 3.31 -> 3.62 ms, R = 4 9.76 -> 12.09 ms
     "par_bv": 32,
     # K tile of the backward chunk kernel (at least 32, at most K rounded up). At K = 128, 64 computes du and
@@ -51,12 +54,11 @@ TUNE = {
     # every V block (the same redundancy; the measured split of e109a40 moved all of o out of the scan, this
     # keeps o in it). H200 at 16d3764, 16384 x 2: R = 1 fwd 1.29 -> 1.92 ms; R = 4 fwd+bwd 13.62 -> 13.25.
     "fwd_local_p": int(os.environ.get("PFLOW_FWD_LOCAL_P", "0")),
-    "par_stages": 2,
-    # pipeline stages of the backward chunk kernel's first (K-free) V loop; 0: par_stages, as the rest of the
-    # kernel. Pipelined, that loop makes ptxas serialize all of the kernel's wgmma (C7514: a non-wgmma
-    # instruction reads an accumulator of a wgmma in flight); at 1 it does not, and the K loop's loads stay
-    # pipelined (benchmarks/compile_report.py, Triton 3.6). Not yet timed on a GPU.
-    "par_first_stages": int(os.environ.get("PFLOW_PAR_FIRST_STAGES", "0")),
+    # pipeline stages of the backward chunk kernel. H200 at 0457324, 2048 x 16 / 16384 x 2 fwd+bwd: 2 -> 3 takes
+    # R = 1 from 2.988 to 2.819 / 3.808 to 3.628 ms (the kernel 1.066 -> 0.904), R = 4 9.69 -> 9.08 / 14.11 ->
+    # 13.52. ptxas serializes its wgmma either way (C7514, benchmarks/compile_report.py); leaving the first V
+    # loop unpipelined removes that but measured slower (2.877 / 3.685 ms, R = 4 9.54 / 13.97), and is gone.
+    "par_stages": int(os.environ.get("PFLOW_PAR_STAGES", "3")),
     # 1: the backward chunk kernel computes du = T^T dX once per V tile and reads it back (input dtype) for
     # each K tile, instead of computing it again there (a quarter of that loop's dots, and its dX reads); in
     # beta form dv = beta du then rounds twice. H200 at a3b8d7f, R = 1 / R = 4 fwd+bwd: 2048 x 16
@@ -120,14 +122,18 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
 
 
 def scan_stages(rows: int, chunk: int, k_block: int, dtype: torch.dtype) -> int:
-    """Pipeline depth of the sequential scans: TUNE["scan_stages"], or 1 for float32 inputs where one stage
-    of a chunk's W, B and Q tiles ((2 * rows + query rows) x k_block) reaches 96 KB, since two stages pass
-    the 227 KB of shared memory of an sm_90 GPU (K = 128 at R = 1, K = 256). Measured with Triton 3.6 on an
-    H200: one stage is correct for fp32 there, but for bf16 / fp16 at K = 256 it is compiled into wgmma
-    reads past shared memory, so those keep two stages (and `needs_fp32` keeps them off 128-row chunks).
+    """Pipeline depth of the sequential scans: TUNE["scan_stages"] where that many stages of a chunk's W, B
+    and Q tiles ((2 * rows + query rows) x k_block) fit in 180 KB, else 2; 1 for float32 inputs where one
+    stage reaches 96 KB, since two pass the 227 KB of shared memory of an sm_90 GPU (K = 128 at R = 1,
+    K = 256). Measured with Triton 3.6 on an H200: one stage is correct for fp32 there, but for bf16 / fp16
+    it is compiled into illegal accesses (K = 256; at 0457324 also K = 128, 16384 x 2), so those keep at least
+    two stages (and `needs_fp32` keeps them off 128-row chunks at K > 128).
     """
-    per_stage = (2 * rows + max(16, chunk)) * k_block * 4
-    return 1 if dtype == torch.float32 and per_stage >= 96 * 1024 else TUNE["scan_stages"]
+    per_stage = (2 * rows + max(16, chunk)) * k_block * dtype.itemsize
+    if dtype == torch.float32 and per_stage >= 96 * 1024:
+        return 1
+    stages = TUNE["scan_stages"]
+    return stages if stages * per_stage <= 180 * 1024 else min(stages, 2)
 
 
 def needs_fp32(rank: int, k_dim: int, dtype: torch.dtype) -> bool:

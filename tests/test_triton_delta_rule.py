@@ -462,7 +462,8 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
         {"fwd_local_p": 1},
         {"scan_bv": 16},
         {"bwd_reuse_du": 0},
-        {"par_first_stages": 1},
+        {"par_stages": 2},
+        {"scan_stages": 2, "scan_min_programs": 256},
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
 )
@@ -471,7 +472,8 @@ def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, 
     TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel kernel, not the sequential scan) and
     TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel kernel), TUNE["scan_bv"] = 16 (more V
     blocks in the sequential kernels), TUNE["bwd_reuse_du"] = 0 (du computed again per K tile, not read
-    back), TUNE["par_first_stages"] = 1 (the chunk kernel's first loop not pipelined). Output, final state and
+    back), TUNE["par_stages"] = 2 and TUNE["scan_stages"] = 2 (shallower pipelines: the defaults before
+    63f9fc0). Output, final state and
     every gradient equal the float64 loop's and the default launches'."""
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
