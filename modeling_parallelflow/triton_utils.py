@@ -54,10 +54,11 @@ TUNE = {
     # every V block (the same redundancy; the measured split of e109a40 moved all of o out of the scan, this
     # keeps o in it). H200 at 16d3764, 16384 x 2: R = 1 fwd 1.29 -> 1.92 ms; R = 4 fwd+bwd 13.62 -> 13.25.
     "fwd_local_p": int(os.environ.get("PFLOW_FWD_LOCAL_P", "0")),
-    # pipeline stages of the backward chunk kernel. H200 at 0457324, 2048 x 16 / 16384 x 2 fwd+bwd: 2 -> 3 takes
-    # R = 1 from 2.988 to 2.819 / 3.808 to 3.628 ms (the kernel 1.066 -> 0.904), R = 4 9.69 -> 9.08 / 14.11 ->
-    # 13.52. ptxas serializes its wgmma either way (C7514, benchmarks/compile_report.py); leaving the first V
-    # loop unpipelined removes that but measured slower (2.877 / 3.685 ms, R = 4 9.54 / 13.97), and is gone.
+    # pipeline stages of the backward chunk kernel. H200 at 0457324, 2048 x 16 / 16384 x 2 fwd+bwd: 2 -> 3
+    # takes R = 1 from 2.988 to 2.819 / 3.808 to 3.628 ms (the kernel 1.066 -> 0.904), R = 4 9.69 -> 9.08 /
+    # 14.11 -> 13.52. ptxas serializes its wgmma either way (C7514, benchmarks/compile_report.py); leaving
+    # the first V loop unpipelined removes that but measured slower (2.877 / 3.685 ms, R = 4 9.54 / 13.97),
+    # and is gone.
     "par_stages": int(os.environ.get("PFLOW_PAR_STAGES", "3")),
     # 1: the backward chunk kernel computes du = T^T dX once per V tile and reads it back (input dtype) for
     # each K tile, instead of computing it again there (a quarter of that loop's dots, and its dX reads); in
