@@ -86,7 +86,8 @@ def main():
     wu.update(LOAD_T=False, BETA=True, INV_PREC="tf32", LOW_DOTS=True)
     del wu["CQ"]
     report("_wu_kernel", triton_chunk_fwd._wu_kernel, wu)
-    seq_stages = scan_stages(crp, chunk, 128, torch.bfloat16)  # the sequential kernels' pipeline, as launched
+    # the sequential kernels' pipeline as launched at 16384 x 2 (128 programs)
+    seq_stages = scan_stages(crp, chunk, 128, torch.bfloat16, programs=128, sms=132)
     scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2
         for load_p in (False, True):

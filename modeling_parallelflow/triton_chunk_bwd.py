@@ -26,6 +26,7 @@ from .triton_utils import (
     TUNE,
     chunk_rows,
     dot_precision,
+    multiprocessors,
     new_like,
     new_tensor,
     next_pow2,
@@ -362,6 +363,7 @@ def launch_chunk_bwd(
             PREC=prec,
             num_warps=TUNE["par_warps"],
         )
+    programs = triton.cdiv(v_dim, bv) * n_seq * n_heads
     _bwd_dh_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
         q,
         b,
@@ -388,7 +390,7 @@ def launch_chunk_bwd(
         LOCAL_DX=local_dx,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, b.dtype),
+        num_stages=scan_stages(crp, chunk, bk, b.dtype, programs, multiprocessors(b.device)),
     )
     with_beta = beta is not None
     dq, db, du = (new_like(x) for x in (q, b, xs))

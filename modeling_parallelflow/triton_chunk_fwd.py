@@ -23,6 +23,7 @@ from .triton_utils import (
     TUNE,
     chunk_rows,
     dot_precision,
+    multiprocessors,
     new_like,
     new_tensor,
     next_pow2,
@@ -447,6 +448,7 @@ def launch_fwd_scan(
             PREC=dot_precision(w.dtype),
             num_warps=TUNE["par_warps"],
         )
+    programs = triton.cdiv(v_dim, bv) * n_seq * n_heads
     _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
         q,
         b,
@@ -477,7 +479,7 @@ def launch_fwd_scan(
         LOAD_P=load_p,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, w.dtype),
+        num_stages=scan_stages(crp, chunk, bk, w.dtype, programs, multiprocessors(w.device)),
     )
     return o, ht, states, xs
 
