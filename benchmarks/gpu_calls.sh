@@ -150,12 +150,13 @@ ncu)
     # Nsight Compute's counters (throughput against peak, L2 and DRAM traffic, occupancy, warp stalls) for every
     # kernel of one fwd+bwd at SHAPE (default 16384 x 2), ours R = 1 and fla. Needs a Firecracker machine: on
     # gVisor ncu cannot read the counters (/work/.library/device/H200.md), and the log says so.
+    shape=${SHAPE:-16384x2}
     ncu --version > runs/ncu.log 2>&1
-    box 420 ncu --clock-control none --profile-from-start off --csv --page details \
+    box 420 ncu --clock-control none --profile-from-start off --force-overwrite --export runs/ncu_$shape \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \
-        python3 $B/ncu_kernels.py --shape ${SHAPE:-16384x2} --providers ours_R1_sum,fla_delta_rule_R1 \
-        > runs/ncu_${SHAPE:-16384x2}.csv 2>> runs/ncu.log
+        python3 $B/ncu_kernels.py --shape $shape --providers ours_R1_sum,fla_delta_rule_R1 >> runs/ncu.log 2>&1
+    ncu --import runs/ncu_$shape.ncu-rep --csv --page details > runs/ncu_$shape.csv 2>> runs/ncu.log
     tail -n 5 runs/ncu.log
     tar czf "$OUT/ncu.tgz" runs/ncu*
     ;;

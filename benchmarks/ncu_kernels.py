@@ -1,7 +1,8 @@
 """One forward + backward of each provider inside a CUDA profiler range, for Nsight Compute's counters.
 
-    ncu --clock-control none --profile-from-start off --csv --page details \
-        python benchmarks/ncu_kernels.py --shape 16384x2 --providers ours_R1_sum,fla_delta_rule_R1 > ncu.csv
+    ncu --clock-control none --profile-from-start off --export report \
+        python benchmarks/ncu_kernels.py --shape 16384x2 --providers ours_R1_sum,fla_delta_rule_R1
+    ncu --import report.ncu-rep --csv --page details > ncu.csv   # (benchmarks/gpu_calls.sh ncu: both)
 
 Each provider first runs warm-up steps outside the range (Triton compiles, fla autotunes), so ncu replays only
 the kernels of the step inside it. Providers and shapes are bench_delta_rule.py's (H = 16, K = V = 128, bf16).
