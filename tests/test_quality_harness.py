@@ -112,6 +112,7 @@ def test_smoke_grid_runs_on_cpu_and_resumes(tmp_path):
     assert json.loads(out.read_text())["runs"] == data["runs"]
 
 
+@pytest.mark.slow  # trains small models (~4-8 s)
 def test_task_subset_accuracy_curve_and_early_stop(tmp_path):
     """--tasks trains on a subset, --eval-every records held-out accuracy along the run, --stop-at ends a run
     once every task reaches it (at 0.0: the first evaluation)."""

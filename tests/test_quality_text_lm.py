@@ -48,6 +48,7 @@ ARGS = ["--size", "tiny", "--seq-len", "32", "--batch-tokens", "512", "--tokens"
 ARGS += ["--eval-every", "20", "--val-windows", "16", "--threads", "1"]
 
 
+@pytest.mark.slow  # trains small models (~4-8 s)
 def test_every_model_sees_the_same_windows_and_learns(tmp_path):
     corpus = _corpus(tmp_path / "corpus")
     out = tmp_path / "text.json"

@@ -362,7 +362,14 @@ def test_chunk_varlen_gpu(rank, mode):
     ids=["R1-sum", "R3-product-varlen", "R2-sigdelta"],
 )
 @pytest.mark.parametrize(
-    "flag", ["recompute_states", "recompute_inverses", "recompute_wu", "recompute_wu+recompute_inverses"]
+    "flag",
+    [
+        "recompute_states",
+        "recompute_wu",
+        # off by default: ~6 s each under the interpreter, so with the slow tests
+        pytest.param("recompute_inverses", marks=pytest.mark.slow),
+        pytest.param("recompute_wu+recompute_inverses", marks=pytest.mark.slow),
+    ],
 )
 def test_recomputed_states_give_the_same_gradients_and_keep_less(
     monkeypatch, flag, rank, mode, algorithm, cu
@@ -446,12 +453,10 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
 
 
 @pytest.mark.triton_interpret
+@pytest.mark.slow  # settings off by default, ~4 s each under the interpreter
 @pytest.mark.parametrize(
     "rank,mode,k_dim,v_dim,cu",
-    [
-        (1, "sum", 96, 32, None),
-        pytest.param(3, "product", 32, 16, [0, 5, 21, 40], marks=pytest.mark.slow),  # ~4 s a setting
-    ],
+    [(1, "sum", 96, 32, None), (3, "product", 32, 16, [0, 5, 21, 40])],
     ids=["R1-K96", "R3-product-varlen"],
 )
 @pytest.mark.parametrize(
@@ -462,8 +467,6 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
         {"fwd_local_p": 1},
         {"scan_bv": 16},
         {"bwd_reuse_du": 0},
-        {"par_stages": 2},
-        {"scan_stages": 2, "scan_min_programs": 256},
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
 )
@@ -472,9 +475,7 @@ def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, 
     TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel kernel, not the sequential scan) and
     TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel kernel), TUNE["scan_bv"] = 16 (more V
     blocks in the sequential kernels), TUNE["bwd_reuse_du"] = 0 (du computed again per K tile, not read
-    back), TUNE["par_stages"] = 2 and TUNE["scan_stages"] = 2 (shallower pipelines: the defaults before
-    63f9fc0). Output, final state and
-    every gradient equal the float64 loop's and the default launches'."""
+    back). Output, final state and every gradient equal the float64 loop's and the default launches'."""
     from modeling_parallelflow import triton_utils
     from modeling_parallelflow.ops import delta_rule
 
