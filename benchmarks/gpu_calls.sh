@@ -137,8 +137,9 @@ opcheck)
 scancfg)
     # the sequential kernels' launch settings at the long shape (32 (sequence, head) pairs), where their
     # per-chunk latency bounds the op (a3b8d7f: 2.5 us a chunk against fla's 1.0). One process per variant: an
-    # illegal access leaves the CUDA context broken (at 0457324 one-stage bf16 scans hit one at K = 128).
-    for variant in base stages3 stages4 min128 min128_stages3; do
+    # illegal access leaves the CUDA context broken (at 0457324 one-stage bf16 scans hit one at K = 128, and
+    # that variant is gone).
+    for variant in base scan_stages2 stages4 min256 min64; do
         box 60 python3 $B/profile_kernels.py --shape 16384x2 --kernels-for base --variants $variant \
             --providers ours_R1_sum,ours_R4_sum --out runs/profile_scancfg_$variant.json \
             > runs/profile_scancfg_$variant.log 2>&1

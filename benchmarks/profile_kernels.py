@@ -22,21 +22,17 @@ from modeling_parallelflow.triton_utils import TUNE  # noqa: E402
 
 VARIANTS = {
     "base": {},
-    "stages1": {"scan_stages": 1},
-    "stages3": {"scan_stages": 3},
-    "stages4": {"scan_stages": 4},
     "scan_stages2": {"scan_stages": 2},
+    "stages4": {"scan_stages": 4},
     "scan_warps8": {"scan_warps": 8},
     "wu_warps8": {"wu_warps": 8},
-    "par_warps4": {"par_warps": 4},
     "par_warps8": {"par_warps": 8},
     "cr128": {"cr_target": 128},
     "par_bv64": {"par_bv": 64},
     "par_stages1": {"par_stages": 1},
-    "par_stages3": {"par_stages": 3},
+    "par_stages2": {"par_stages": 2},
     "wu_tf32": {"wu_low_dots": 0},
     "recompute_t": {"recompute_inverses": 1},
-    "recompute_wu": {"recompute_wu": 1},
     "par_bk128": {"par_bk": 128},
     "par_bk128_warps8": {"par_bk": 128, "par_warps": 8},
     "bwd_local_dx": {"bwd_local_dx": 1},
@@ -47,9 +43,8 @@ VARIANTS = {
     # the launch settings before 63f9fc0 (2-stage pipelines; scans in V blocks of 16 below 256 programs)
     "old_defaults": {"par_stages": 2, "scan_stages": 2, "scan_min_programs": 256},
     "keep_wu": {"recompute_wu": 0},
-    "min128": {"scan_min_programs": 128},
+    "min256": {"scan_min_programs": 256},
     "min64": {"scan_min_programs": 64},
-    "min128_stages3": {"scan_min_programs": 128, "scan_stages": 3},
 }
 
 

@@ -363,8 +363,8 @@ def launch_chunk_bwd(
             PREC=prec,
             num_warps=TUNE["par_warps"],
         )
-    programs = triton.cdiv(v_dim, bv) * n_seq * n_heads
-    _bwd_dh_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
+    grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
+    _bwd_dh_kernel[grid](
         q,
         b,
         w,
@@ -390,7 +390,7 @@ def launch_chunk_bwd(
         LOCAL_DX=local_dx,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, b.dtype, programs, multiprocessors(b.device)),
+        num_stages=scan_stages(crp, chunk, bk, b.dtype, grid[0] * grid[1], multiprocessors(b.device)),
     )
     with_beta = beta is not None
     dq, db, du = (new_like(x) for x in (q, b, xs))

@@ -448,8 +448,8 @@ def launch_fwd_scan(
             PREC=dot_precision(w.dtype),
             num_warps=TUNE["par_warps"],
         )
-    programs = triton.cdiv(v_dim, bv) * n_seq * n_heads
-    _fwd_scan_kernel[(triton.cdiv(v_dim, bv), n_seq * n_heads)](
+    grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
+    _fwd_scan_kernel[grid](
         q,
         b,
         w,
@@ -479,7 +479,7 @@ def launch_fwd_scan(
         LOAD_P=load_p,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, w.dtype, programs, multiprocessors(w.device)),
+        num_stages=scan_stages(crp, chunk, bk, w.dtype, grid[0] * grid[1], multiprocessors(w.device)),
     )
     return o, ht, states, xs
 
