@@ -87,7 +87,11 @@ def main():
     del wu["CQ"]
     report("_wu_kernel", triton_chunk_fwd._wu_kernel, wu)
     # the sequential kernels' pipeline as launched at 16384 x 2 (128 programs)
-    seq_stages = scan_stages(crp, chunk, 128, torch.bfloat16, programs=128, sms=132)
+    cq = max(16, chunk)
+
+    def seq_stages(bv, v_rows):  # W, B and Q tiles; v_rows: dO in the dh kernel
+        return scan_stages(crp, 2 * crp + cq, v_rows, 128, bv, torch.bfloat16, programs=128, sms=132)
+
     scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2
         for load_p in (False, True):
@@ -96,7 +100,7 @@ def main():
                 triton_chunk_fwd._fwd_scan_kernel,
                 dict(scan, BV=bv, LOAD_P=load_p),
                 num_warps=warps,
-                num_stages=seq_stages,
+                num_stages=seq_stages(bv, 0),
             )
     local_p = {k: base[k] for k in ("H", "K", "R", "C", "CQ", "CRP", "PREC")}
     report("_fwd_local_p_kernel", triton_chunk_fwd._fwd_local_p_kernel, dict(local_p, BK=64))
@@ -107,7 +111,7 @@ def main():
                 triton_chunk_bwd._bwd_dh_kernel,
                 dict(base, BV=bv, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=local),
                 num_warps=warps,
-                num_stages=seq_stages,
+                num_stages=seq_stages(bv, cq),
             )
     report("_bwd_local_dx_kernel", triton_chunk_bwd._bwd_local_dx_kernel, dict(base, BK=64, BV=64))
     for bk, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):

@@ -153,7 +153,7 @@ ncu)
     # gVisor ncu cannot read the counters (/work/.library/device/H200.md), and the log says so.
     shape=${SHAPE:-16384x2}
     ncu --version > runs/ncu.log 2>&1
-    box 420 ncu --clock-control none --profile-from-start off --force-overwrite --export runs/ncu_$shape \
+    box ${NCU_WALL:-420} ncu --clock-control none --profile-from-start off --force-overwrite --export runs/ncu_$shape \
         --section SpeedOfLight --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SchedulerStats \
         python3 $B/ncu_kernels.py --shape $shape --providers ours_R1_sum,fla_delta_rule_R1 >> runs/ncu.log 2>&1

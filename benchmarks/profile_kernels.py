@@ -43,8 +43,10 @@ VARIANTS = {
     # the launch settings before 63f9fc0 (2-stage pipelines; scans in V blocks of 16 below 256 programs)
     "old_defaults": {"par_stages": 2, "scan_stages": 2, "scan_min_programs": 256},
     "keep_wu": {"recompute_wu": 0},
+    "keep_states": {"recompute_states": 0},  # chunk states, X, W and U kept: no recompute in the backward
     "min256": {"scan_min_programs": 256},
     "min64": {"scan_min_programs": 64},
+    "scan_bv32": {"scan_bv": 32},  # twice the V blocks; with 2 stages two scans with o fit per multiprocessor
 }
 
 
@@ -67,6 +69,16 @@ def kernel_times(run, leaves, reps=3):
     return dict(sorted(out.items(), key=lambda kv: -kv[1])[:14])
 
 
+def held_mib(run):
+    """MiB allocated by one forward and held until its backward (the output and what autograd saved)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    out = run()
+    held = torch.cuda.memory_allocated() - before
+    del out
+    return round(held / 2**20, 1)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -80,7 +92,7 @@ def main():
     result = {"env": bench.environment(), "shape": args.shape}
     for variant in args.variants.split(","):
         for name in args.providers.split(","):
-            if name.startswith("fla") and variant != "base":
+            if name.startswith(("fla", "sdpa")) and variant != "base":
                 continue
             TUNE.clear()
             TUNE.update(defaults, **VARIANTS.get(variant, {}))
@@ -88,9 +100,10 @@ def main():
             row = {}
             for mode in ("fwd", "fwdbwd"):
                 row[mode] = bench.guarded(bench.time_provider, name, args.shape, mode)
-            if variant in args.kernels_for.split(",") or name.startswith("fla"):
+            if variant in args.kernels_for.split(",") or name.startswith(("fla", "sdpa")):
                 run, leaves = bench.PROVIDERS[name](batch, seq_len, torch.bfloat16, True)
                 row["kernels_ms"] = bench.guarded(kernel_times, run, leaves)
+                row["held_mib"] = bench.guarded(held_mib, run)
                 del run, leaves
             result[key] = row
             print(key, json.dumps(row), flush=True)

@@ -390,7 +390,16 @@ def launch_chunk_bwd(
         LOCAL_DX=local_dx,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, b.dtype, grid[0] * grid[1], multiprocessors(b.device)),
+        num_stages=scan_stages(
+            crp,
+            2 * crp + max(16, chunk),  # W, B and Q
+            max(16, chunk),  # dO
+            bk,
+            bv,
+            b.dtype,
+            grid[0] * grid[1],
+            multiprocessors(b.device),
+        ),
     )
     with_beta = beta is not None
     dq, db, du = (new_like(x) for x in (q, b, xs))

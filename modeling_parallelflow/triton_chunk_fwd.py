@@ -479,7 +479,16 @@ def launch_fwd_scan(
         LOAD_P=load_p,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(crp, chunk, bk, w.dtype, grid[0] * grid[1], multiprocessors(w.device)),
+        num_stages=scan_stages(
+            crp,
+            2 * crp + (max(16, chunk) if write_o else 0),  # W, B and (for o) Q
+            0,
+            bk,
+            bv,
+            w.dtype,
+            grid[0] * grid[1],
+            multiprocessors(w.device),
+        ),
     )
     return o, ht, states, xs
 

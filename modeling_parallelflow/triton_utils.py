@@ -20,10 +20,9 @@ MAX_RANK = 8
 # element a kernel forgets to write shows up as a NaN instead of stale memory.
 POISON_ENV = "PFLOW_TRITON_POISON"
 MAX_HEAD_DIM = 256
-# sm_90 shared memory per multiprocessor, and what a sequential scan holds beside its pipelined W, B and Q
-# tiles (the bf16 state and X tiles; benchmarks/compile_report.py: 20-25 KB at K = 128) (scan_stages)
+# sm_90 shared memory per multiprocessor, and what the driver reserves per resident program (scan_stages)
 SHARED_PER_SM = 228 * 1024
-SCAN_FIXED_SHARED = 24 * 1024
+SHARED_RESERVED_PER_PROGRAM = 1024
 # Launch settings; benchmarks/profile_kernels.py overrides entries to compare variants. Defaults measured
 # on an H100 (benchmarks/README.md).
 TUNE = {
@@ -127,28 +126,44 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
     return min(chunk_size, by_rank)
 
 
-def scan_stages(rows: int, chunk: int, k_block: int, dtype: torch.dtype, programs: int, sms: int) -> int:
-    """Pipeline depth of the sequential scans (grid of `programs` on `sms` multiprocessors).
+def scan_stages(
+    rows: int,
+    k_rows: int,
+    v_rows: int,
+    k_block: int,
+    v_block: int,
+    dtype: torch.dtype,
+    programs: int,
+    sms: int,
+) -> int:
+    """Pipeline depth of a sequential scan (grid of `programs` on `sms` multiprocessors).
 
-    TUNE["scan_stages"] (3), unless that many stages of a chunk's W, B and Q tiles ((2 * rows + query rows)
-    x k_block) pass 180 KB, or the grid has more programs than fit on the GPU at once with them while 2
-    stages would fit more: then 2. H200, fwd+bwd, 2 against 3 stages:
+    Its shared memory, as Triton 3.6 lays it out for sm_90 (benchmarks/compile_report.py, exact at K = 128,
+    R = 1 and 4, V blocks of 32 and 64): each stage holds the chunk's dot operands, `k_rows` rows of [k_block]
+    (W and B [rows], and Q [C] where the kernel reads it) and `v_rows` rows of [v_block] (dO in the dh
+    kernel); beside the stages sit the state and X operands, (k_block + rows) x v_block.
+
+    TUNE["scan_stages"] (3), unless 3 stages pass 180 KB, or the grid has more programs than fit on the GPU
+    at once with them while 2 stages would fit more: then 2. H200, fwd+bwd, 2 against 3 stages:
     - R = 4 at 2048 x 16 (512 programs; 94 against 131 KB of shared memory, 2 against 1 per multiprocessor):
       9.08 ms (0457324) against 9.68 (6075f75);
     - R = 4 at 16384 x 2 (128 programs): 12.86 against 11.52 (6075f75, one run);
-    - R = 1 at 2048 x 16 (one program per multiprocessor either way): 2.819 (0457324) against 2.744 (6075f75).
+    - R = 1 at 2048 x 16, the scan that writes o (one program per multiprocessor either way): 2.819
+      (0457324) against 2.744 (6075f75). The backward's states-only scan reads no Q: 90 KB at 2 stages, two
+      programs per multiprocessor, against 123 KB at 3.
     Float32 inputs where one stage reaches 96 KB take 1, since two pass the 227 KB of shared memory of an
     sm_90 GPU (K = 128 at R = 1, K = 256). Measured with Triton 3.6 on an H200: one stage is correct for
     fp32 there, but for bf16 / fp16 it is compiled into illegal accesses (K = 256; at 0457324 also K = 128,
     16384 x 2), so those keep at least two (and `needs_fp32` keeps them off 128-row chunks at K > 128).
     """
-    per_stage = (2 * rows + max(16, chunk)) * k_block * dtype.itemsize
+    per_stage = (k_rows * k_block + v_rows * v_block) * dtype.itemsize
     if dtype == torch.float32 and per_stage >= 96 * 1024:
         return 1
     stages = TUNE["scan_stages"]
     if stages <= 2:
         return stages
-    resident = [SHARED_PER_SM // (n * per_stage + SCAN_FIXED_SHARED) for n in (2, stages)]
+    fixed = (k_block + rows) * v_block * dtype.itemsize + SHARED_RESERVED_PER_PROGRAM
+    resident = [SHARED_PER_SM // (n * per_stage + fixed) for n in (2, stages)]
     if stages * per_stage > 180 * 1024 or (programs > sms * resident[1] and resident[1] < resident[0]):
         return 2
     return stages

@@ -159,21 +159,28 @@ def test_limits_match_the_triton_kernels():
 
 
 def test_scan_stages_follow_shared_memory_and_occupancy(monkeypatch):
-    """The sequential scans' pipeline depth (triton_utils.scan_stages), rows = C * R padded, K = 128 unless
-    named: 3 stages where they fit and do not lower the programs resident per multiprocessor on a grid that
-    would use them (the H200 measurements in its docstring); 2 past 180 KB; 1 for large fp32 tiles."""
+    """The sequential scans' pipeline depth (triton_utils.scan_stages), K = 128 and rows = C * R padded to 64
+    unless named: 3 stages where they fit and do not lower the programs resident per multiprocessor on a grid
+    that would use them (the H200 measurements in its docstring); 2 past 180 KB; 1 for large fp32 tiles."""
     triton_utils = pytest.importorskip("modeling_parallelflow.triton_utils")
 
-    def stages(rows, chunk, dtype=torch.bfloat16, k_block=128, programs=128):
-        return triton_utils.scan_stages(rows, chunk, k_block, dtype, programs, sms=132)
+    def stages(
+        chunk, reads_q=True, v_rows=0, rows=64, dtype=torch.bfloat16, k_block=128, bv=64, programs=128
+    ):  # noqa: E501
+        k_rows = 2 * rows + (max(16, chunk) if reads_q else 0)
+        return triton_utils.scan_stages(rows, k_rows, v_rows, k_block, bv, dtype, programs, sms=132)
 
-    assert stages(64, 64) == 3  # R = 1, 16384 x 2: 128 programs
-    assert stages(64, 64, programs=512) == 3  # R = 1, 2048 x 16: one program per SM at 2 or 3 stages
-    assert stages(64, 16) == 3  # R = 4, 16384 x 2: fewer programs than SMs
-    assert stages(64, 16, programs=512) == 2  # R = 4, 2048 x 16: 3 stages would halve the resident programs
-    assert stages(64, 64, k_block=256) == 2  # 3 x 96 KB does not fit
-    assert stages(128, 16) == 2  # R = 8: 3 x 68 KB passes 180 KB
-    assert stages(64, 64, dtype=torch.float32) == 1  # fp32, K = 128, R = 1: one 96 KB stage
-    assert stages(16, 16, dtype=torch.float32, k_block=32) == 3
+    assert stages(64) == 3  # R = 1, 16384 x 2: 128 programs
+    assert stages(64, programs=512) == 3  # R = 1, 2048 x 16, the scan with o: one program per SM either way
+    assert stages(64, reads_q=False, programs=512) == 2  # its states-only rerun: 90 KB fit twice, 123 do not
+    assert stages(64, reads_q=False) == 3  # the same at 16384 x 2: fewer programs than SMs
+    assert stages(64, v_rows=64, programs=512) == 3  # R = 1, 2048 x 16, dh kernel: 137 KB at 2 stages
+    assert stages(64, bv=32, programs=1024) == 2  # V blocks of 32: 110 KB at 2 stages fit twice
+    assert stages(16) == 3  # R = 4, 16384 x 2: fewer programs than SMs
+    assert stages(16, programs=512) == 2  # R = 4, 2048 x 16: 3 stages would halve the resident programs
+    assert stages(64, k_block=256) == 2  # 3 x 96 KB does not fit
+    assert stages(16, rows=128) == 2  # R = 8: 3 x 68 KB passes 180 KB
+    assert stages(64, dtype=torch.float32) == 1  # fp32, K = 128, R = 1: one 96 KB stage
+    assert stages(16, rows=16, dtype=torch.float32, k_block=32, bv=32) == 3
     monkeypatch.setitem(triton_utils.TUNE, "scan_stages", 2)
-    assert stages(64, 64) == stages(64, 16, programs=512) == 2
+    assert stages(64) == stages(16, programs=512) == 2
