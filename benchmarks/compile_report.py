@@ -90,7 +90,7 @@ def main():
     cq = max(16, chunk)
 
     def seq_stages(bv, v_rows):  # W, B and Q tiles; v_rows: dO in the dh kernel
-        return scan_stages(crp, 2 * crp + cq, v_rows, 128, bv, torch.bfloat16, programs=128, sms=132)
+        return scan_stages(crp, cq, v_rows, 128, bv, torch.bfloat16, programs=128, sms=132)
 
     scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2

@@ -392,7 +392,7 @@ def launch_chunk_bwd(
         num_warps=TUNE["scan_warps"],
         num_stages=scan_stages(
             crp,
-            2 * crp + max(16, chunk),  # W, B and Q
+            max(16, chunk),  # Q
             max(16, chunk),  # dO
             bk,
             bv,

@@ -481,7 +481,7 @@ def launch_fwd_scan(
         num_warps=TUNE["scan_warps"],
         num_stages=scan_stages(
             crp,
-            2 * crp + (max(16, chunk) if write_o else 0),  # W, B and (for o) Q
+            max(16, chunk) if write_o else 0,  # Q, read for o
             0,
             bk,
             bv,

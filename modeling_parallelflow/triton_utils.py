@@ -128,7 +128,7 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
 
 def scan_stages(
     rows: int,
-    k_rows: int,
+    query_rows: int,
     v_rows: int,
     k_block: int,
     v_block: int,
@@ -139,8 +139,8 @@ def scan_stages(
     """Pipeline depth of a sequential scan (grid of `programs` on `sms` multiprocessors).
 
     Its shared memory, as Triton 3.6 lays it out for sm_90 (benchmarks/compile_report.py, exact at K = 128,
-    R = 1 and 4, V blocks of 32 and 64): each stage holds the chunk's dot operands, `k_rows` rows of [k_block]
-    (W and B [rows], and Q [C] where the kernel reads it) and `v_rows` rows of [v_block] (dO in the dh
+    R = 1 and 4, V blocks of 32 and 64): each stage holds the chunk's dot operands of [k_block]: W and B
+    [rows], and Q [query_rows] (0 where the kernel reads no Q), and `v_rows` rows of [v_block] (dO in the dh
     kernel); beside the stages sit the state and X operands, (k_block + rows) x v_block.
 
     TUNE["scan_stages"] (3), unless 3 stages pass 180 KB, or the grid has more programs than fit on the GPU
@@ -156,7 +156,7 @@ def scan_stages(
     fp32 there, but for bf16 / fp16 it is compiled into illegal accesses (K = 256; at 0457324 also K = 128,
     16384 x 2), so those keep at least two (and `needs_fp32` keeps them off 128-row chunks at K > 128).
     """
-    per_stage = (k_rows * k_block + v_rows * v_block) * dtype.itemsize
+    per_stage = ((2 * rows + query_rows) * k_block + v_rows * v_block) * dtype.itemsize
     if dtype == torch.float32 and per_stage >= 96 * 1024:
         return 1
     stages = TUNE["scan_stages"]

@@ -166,9 +166,9 @@ def test_scan_stages_follow_shared_memory_and_occupancy(monkeypatch):
 
     def stages(
         chunk, reads_q=True, v_rows=0, rows=64, dtype=torch.bfloat16, k_block=128, bv=64, programs=128
-    ):  # noqa: E501
-        k_rows = 2 * rows + (max(16, chunk) if reads_q else 0)
-        return triton_utils.scan_stages(rows, k_rows, v_rows, k_block, bv, dtype, programs, sms=132)
+    ):
+        query_rows = max(16, chunk) if reads_q else 0
+        return triton_utils.scan_stages(rows, query_rows, v_rows, k_block, bv, dtype, programs, sms=132)
 
     assert stages(64) == 3  # R = 1, 16384 x 2: 128 programs
     assert stages(64, programs=512) == 3  # R = 1, 2048 x 16, the scan with o: one program per SM either way
