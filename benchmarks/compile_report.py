@@ -3,6 +3,7 @@
 triton_utils (par_bk, bwd_local_dx, fwd_local_p), bf16, K = V = 128.
 
     python benchmarks/compile_report.py [R]
+    python benchmarks/compile_report.py --scan-model   # triton_utils.scan_shared against the compiler
 
 Uses Triton's bundled ptxas (`ptxas-blackwell` understands the PTX version recent Triton emits). The local
 Triton may be newer than the GPU image's, so counts can differ there: run it with the image's Triton 3.6.
@@ -21,15 +22,16 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd  # noqa: E402
-from modeling_parallelflow.triton_utils import TUNE, scan_stages  # noqa: E402
+from modeling_parallelflow.triton_utils import TUNE, scan_launch, scan_shared  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 INT_ARGS = {"chunk_seq", "chunk_tok", "cu", "chunk_off"}
 SCALAR_INT_ARGS = {"k_len", "v_len"}
+TRITON_TYPE = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 FP32_ARGS = {"tmat", "ht", "h0", "dh0", "dht", "dbeta"}
 
 
-def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16"):
+def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16", dtype="bf16"):
     """Compile fn as a launch would: every pointer (and the integer scalars, 128 here) specialized as
     divisible by 16, which Triton does for torch's allocations. Without that the loads are neither vectorized
     nor pipelined, and the counts are those of another program (up to 2.5 KB of spills per thread that the
@@ -51,7 +53,7 @@ def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16"):
         elif name in ("states", "dstates"):
             sig[name] = f"*{states}"
         else:
-            sig[name] = "*bf16"
+            sig[name] = f"*{dtype}"
         attrs[(i,)] = [["tt.divisibility", 16]]
     kernel = triton.compile(
         ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
@@ -75,9 +77,52 @@ def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16"):
         f"{label:34s} warps={num_warps} shared={kernel.metadata.shared:6d} async copies={copies:2d} "
         f"wgmma serialized={int(serialized)} | " + " | ".join(spills)
     )
+    return kernel.metadata.shared
+
+
+def check_scan_model():
+    """triton_utils.scan_shared against the compiler, for the three sequential scans (the forward's with o,
+    its states-only rerun, dh) at the launch settings scan_launch picks (stages, query tiles ahead) for the
+    given V block and grid size."""
+    for dtype, k_dim, rank, bv, programs in (
+        (torch.bfloat16, 128, 1, 64, 512),
+        (torch.bfloat16, 128, 1, 32, 128),
+        (torch.bfloat16, 128, 4, 64, 512),
+        (torch.bfloat16, 64, 2, 64, 256),
+        (torch.bfloat16, 256, 1, 32, 512),
+        (torch.float32, 128, 1, 64, 512),
+        (torch.float32, 128, 1, 16, 32),
+        (torch.float32, 64, 1, 64, 256),
+    ):
+        chunk = max(16, 64 // rank)
+        crp, cq = max(16, triton.next_power_of_2(chunk * rank)), max(16, chunk)
+        base = dict(H=16, K=k_dim, V=k_dim, R=rank, C=chunk, CQ=cq, CRP=crp, BK=k_dim, BV=bv, PREC="tf32")
+        fwd = dict(base, HAS_H0=False, STORE_HT=True, LOAD_P=False)
+        scans = (
+            ("fwd", "o", dict(fwd, STORE_STATES=False, WRITE_O=True), cq, 0),
+            ("fwd", "st", dict(fwd, STORE_STATES=True, WRITE_O=False), 0, 0),
+            ("dh", "--", dict(base, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=False), cq, cq),
+        )
+        for kernel, what, consts, query_rows, v_rows in scans:  # what: o, states only (st), -- (dh)
+            stages, ahead = scan_launch(
+                crp, query_rows, v_rows, k_dim, bv, dtype, programs, 132, kernel == "fwd"
+            )
+            if stages < 2:
+                continue  # one stage: nothing pipelined, the model does not apply
+            model = scan_shared(stages, crp, query_rows, v_rows, k_dim, bv, dtype, ahead)
+            name = TRITON_TYPE[dtype]
+            label = f"{kernel} {what} {name} K={k_dim} R={rank} BV={bv} stages={stages} ahead={ahead:d}"
+            fn = triton_chunk_fwd._fwd_scan_kernel if kernel == "fwd" else triton_chunk_bwd._bwd_dh_kernel
+            consts = dict(consts, QUERY_AHEAD=ahead) if kernel == "fwd" else consts
+            compiled = report(label, fn, consts, num_stages=stages, dtype=TRITON_TYPE[dtype])
+            print(
+                f"    model {model} bytes, compiled {compiled}" + ("" if model == compiled else " (differs)")
+            )
 
 
 def main():
+    if sys.argv[1:] == ["--scan-model"]:
+        return check_scan_model()
     rank = int(sys.argv[1]) if len(sys.argv) > 1 else 1
     chunk = max(16, 64 // rank)
     crp = max(16, triton.next_power_of_2(chunk * rank))
@@ -89,29 +134,31 @@ def main():
     # the sequential kernels' pipeline as launched at 16384 x 2 (128 programs)
     cq = max(16, chunk)
 
-    def seq_stages(bv, v_rows):  # W, B and Q tiles; v_rows: dO in the dh kernel
-        return scan_stages(crp, cq, v_rows, 128, bv, torch.bfloat16, programs=128, sms=132)
+    def seq_launch(bv, v_rows):  # (stages, ahead); W, B and Q tiles; v_rows: dO in the dh kernel
+        return scan_launch(crp, cq, v_rows, 128, bv, torch.bfloat16, 128, 132, may_load_ahead=v_rows == 0)
 
     scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2
+        stages, ahead = seq_launch(bv, 0)
         for load_p in (False, True):
             report(
                 f"_fwd_scan_kernel BV={bv} LOAD_P={int(load_p)}",
                 triton_chunk_fwd._fwd_scan_kernel,
-                dict(scan, BV=bv, LOAD_P=load_p),
+                dict(scan, BV=bv, LOAD_P=load_p, QUERY_AHEAD=ahead),
                 num_warps=warps,
-                num_stages=seq_stages(bv, 0),
+                num_stages=stages,
             )
     local_p = {k: base[k] for k in ("H", "K", "R", "C", "CQ", "CRP", "PREC")}
     report("_fwd_local_p_kernel", triton_chunk_fwd._fwd_local_p_kernel, dict(local_p, BK=64))
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):
+        stages, _ = seq_launch(bv, cq)
         for local in (False, True):
             report(
                 f"_bwd_dh_kernel BV={bv} LOCAL_DX={int(local)}",
                 triton_chunk_bwd._bwd_dh_kernel,
                 dict(base, BV=bv, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=local),
                 num_warps=warps,
-                num_stages=seq_stages(bv, cq),
+                num_stages=stages,
             )
     report("_bwd_local_dx_kernel", triton_chunk_bwd._bwd_local_dx_kernel, dict(base, BK=64, BV=64))
     for bk, warps in ((64, 4), (64, 8), (128, 4), (128, 8)):

@@ -106,6 +106,8 @@ def full_cases() -> list[dict]:
         (64, 16, 8, 256, "bfloat16"),
         (64, 16, 1, 256, "float32"),
         (64, 40, 8, 128, "bfloat16"),
+        (48, 72, 1, 128, "bfloat16"),  # more programs than the GPU holds: query tiles ahead (scan_launch),
+        (80, 100, 1, 48, "float32"),  # over two chunks
     ):
         cases.append(case(B=b, T=t, R=r, K=k, dtype=dtype))  # many programs: the scans' widest V blocks
     for dtype in ("float32", "bfloat16"):  # the 8-token fp32 chunks (R >= 5; bf16 runs them at K > 128)

@@ -47,6 +47,7 @@ VARIANTS = {
     "min256": {"scan_min_programs": 256},
     "min64": {"scan_min_programs": 64},
     "scan_bv32": {"scan_bv": 32},  # twice the V blocks; with 2 stages two scans with o fit per multiprocessor
+    "no_ahead": {"scan_ahead": 0},  # the forward scan's Q through its pipeline everywhere (scan_launch)
 }
 
 

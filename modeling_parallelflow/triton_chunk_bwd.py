@@ -31,7 +31,7 @@ from .triton_utils import (
     new_tensor,
     next_pow2,
     scale_rows,
-    scan_stages,
+    scan_launch,
 )
 
 
@@ -63,6 +63,9 @@ def _bwd_dh_kernel(
     PREC: tl.constexpr,
 ):
     # LOCAL_DX: dx holds scale P^T dO already (`_bwd_local_dx_kernel`); this kernel adds B dh1 to it.
+    # Q and dO go through the pipeline. Loaded one chunk ahead into registers, as the forward scan's Q can be
+    # (`scan_launch`), at 2048 x 16 they took its shared memory from 139 to 113 KB (two programs per
+    # multiprocessor) but spilled registers: 0.30 -> 0.42 ms (H200, benchmarks/results/h200_query_ahead).
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -364,6 +367,8 @@ def launch_chunk_bwd(
             num_warps=TUNE["par_warps"],
         )
     grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
+    cq = max(16, chunk)  # Q and dO rows
+    stages, _ = scan_launch(crp, cq, cq, bk, bv, b.dtype, grid[0] * grid[1], multiprocessors(b.device))
     _bwd_dh_kernel[grid](
         q,
         b,
@@ -390,16 +395,7 @@ def launch_chunk_bwd(
         LOCAL_DX=local_dx,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(
-            crp,
-            max(16, chunk),  # Q
-            max(16, chunk),  # dO
-            bk,
-            bv,
-            b.dtype,
-            grid[0] * grid[1],
-            multiprocessors(b.device),
-        ),
+        num_stages=stages,
     )
     with_beta = beta is not None
     dq, db, du = (new_like(x) for x in (q, b, xs))

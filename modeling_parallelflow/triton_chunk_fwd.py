@@ -28,7 +28,8 @@ from .triton_utils import (
     new_tensor,
     next_pow2,
     scale_rows,
-    scan_stages,
+    scan_launch,
+    token_tile,
     varlen_layout,
 )
 
@@ -266,11 +267,13 @@ def _fwd_scan_kernel(
     STORE_STATES: tl.constexpr,
     WRITE_O: tl.constexpr,
     LOAD_P: tl.constexpr,
+    QUERY_AHEAD: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """One (V block, sequence, head), sequential over its chunks: X = W h + U, h += B^T X; writes the
     entering state of every chunk and X with STORE_STATES, o = scale (Q h + P X) with WRITE_O, P read
-    from pmat (`_fwd_local_p_kernel`) with LOAD_P instead of computed here for every V block."""
+    from pmat (`_fwd_local_p_kernel`) with LOAD_P instead of computed here for every V block.
+    QUERY_AHEAD: Q is loaded one chunk ahead into registers, not through the pipeline (`scan_launch`)."""
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -289,8 +292,13 @@ def _fwd_scan_kernel(
     else:
         state = tl.zeros((BK, BV), tl.float32)
     cidx = tl.arange(0, CQ)  # query rows, padded to 16 for tl.dot when C = 8
+    if WRITE_O and QUERY_AHEAD:
+        q_next = token_tile(q, bos, eos, h, kk, kmask, H, K, C, CQ)
     for i in range(tl.cdiv(eos - bos, C)):
         t0 = bos + i * C
+        if WRITE_O and QUERY_AHEAD:  # Q one chunk ahead, in registers
+            q_t = q_next
+            q_next = token_tile(q, t0 + C, eos, h, kk, kmask, H, K, C, CQ)
         if STORE_STATES:
             st_ptr = states + ((g0 + i).to(tl.int64) * H + h) * K * V + hv_off
             tl.store(st_ptr, state.to(states.dtype.element_ty), mask=hv_mask)
@@ -307,7 +315,8 @@ def _fwd_scan_kernel(
             qtok = t0 + cidx
             qrow = qtok.to(tl.int64) * H + h
             qmask = ((qtok < eos) & (cidx < C))[:, None]
-            q_t = tl.load(q + qrow[:, None] * K + kk[None, :], mask=qmask & kmask[None, :], other=0.0)
+            if not QUERY_AHEAD:
+                q_t = token_tile(q, t0, eos, h, kk, kmask, H, K, C, CQ)
             if LOAD_P:
                 jj = tl.arange(0, CRP)
                 p_off = (((g0 + i).to(tl.int64) * H + h) * CQ + cidx[:, None]) * CRP + jj[None, :]
@@ -449,6 +458,10 @@ def launch_fwd_scan(
             num_warps=TUNE["par_warps"],
         )
     grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
+    query_rows = max(16, chunk) if write_o else 0  # Q, read for o
+    stages, ahead = scan_launch(
+        crp, query_rows, 0, bk, bv, w.dtype, grid[0] * grid[1], multiprocessors(w.device), TUNE["scan_ahead"]
+    )
     _fwd_scan_kernel[grid](
         q,
         b,
@@ -477,18 +490,10 @@ def launch_fwd_scan(
         STORE_STATES=store_states,
         WRITE_O=write_o,
         LOAD_P=load_p,
+        QUERY_AHEAD=ahead,
         PREC=dot_precision(w.dtype),
         num_warps=TUNE["scan_warps"],
-        num_stages=scan_stages(
-            crp,
-            max(16, chunk) if write_o else 0,  # Q, read for o
-            0,
-            bk,
-            bv,
-            w.dtype,
-            grid[0] * grid[1],
-            multiprocessors(w.device),
-        ),
+        num_stages=stages,
     )
     return o, ht, states, xs
 

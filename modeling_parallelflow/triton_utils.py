@@ -20,7 +20,7 @@ MAX_RANK = 8
 # element a kernel forgets to write shows up as a NaN instead of stale memory.
 POISON_ENV = "PFLOW_TRITON_POISON"
 MAX_HEAD_DIM = 256
-# sm_90 shared memory per multiprocessor, and what the driver reserves per resident program (scan_stages)
+# sm_90 shared memory per multiprocessor, and what the driver reserves per resident program (scan_launch)
 SHARED_PER_SM = 228 * 1024
 SHARED_RESERVED_PER_PROGRAM = 1024
 # Launch settings; benchmarks/profile_kernels.py overrides entries to compare variants. Defaults measured
@@ -33,6 +33,8 @@ TUNE = {
     # 16384 x 2 fwd+bwd: with V blocks of 32 (scan_min_programs 128) 2 -> 3 takes R = 1 from 3.860 to 3.427 ms
     # and R = 4 from 13.66 to 12.19; with V blocks of 16 (256 programs) it is slower (3.806 -> 4.186).
     "scan_stages": int(os.environ.get("PFLOW_SCAN_STAGES", "3")),
+    # 1: the forward scan may load its Q tiles one chunk ahead, into registers (scan_launch)
+    "scan_ahead": int(os.environ.get("PFLOW_SCAN_AHEAD", "1")),
     # largest V block of the sequential kernels (scan_block_v). 32 halves their fp32 state tile but doubles
     # the V blocks that recompute P, unless fwd_local_p and bwd_local_dx take P out of the scans.
     "scan_bv": 64,
@@ -126,7 +128,30 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
     return min(chunk_size, by_rank)
 
 
-def scan_stages(
+def scan_shared(
+    stages: int,
+    rows: int,
+    query_rows: int,
+    v_rows: int,
+    k_block: int,
+    v_block: int,
+    dtype: torch.dtype,
+    ahead: bool = False,
+) -> int:
+    """Bytes of shared memory of a sequential scan at `stages` >= 2 pipeline stages, as Triton 3.6 lays it out
+    for sm_90 (`benchmarks/compile_report.py --scan-model` checks it against the compiler).
+
+    Each stage holds the chunk's W and B [rows, k_block], and its query-side tiles, Q [query_rows, k_block] (0
+    where the kernel reads no Q) and `v_rows` rows of [v_block] (dO in the dh kernel); with `ahead` those are
+    loaded one chunk ahead into registers (`token_tile`) instead and held once. Beside the stages sit the
+    state and X operands, (k_block + rows) x v_block."""
+    query = query_rows * k_block + v_rows * v_block
+    per_stage = 2 * rows * k_block + (0 if ahead else query)
+    once = (k_block + rows) * v_block + (query if ahead else 0)
+    return (stages * per_stage + once) * dtype.itemsize
+
+
+def scan_launch(
     rows: int,
     query_rows: int,
     v_rows: int,
@@ -135,38 +160,47 @@ def scan_stages(
     dtype: torch.dtype,
     programs: int,
     sms: int,
-) -> int:
-    """Pipeline depth of a sequential scan (grid of `programs` on `sms` multiprocessors).
+    may_load_ahead: bool = False,
+) -> tuple[int, bool]:
+    """(pipeline stages, query tiles ahead) of a sequential scan on a grid of `programs` on `sms`
+    multiprocessors; tiles as `scan_shared`.
 
-    Its shared memory, as Triton 3.6 lays it out for sm_90 (benchmarks/compile_report.py, exact at K = 128,
-    R = 1 and 4, V blocks of 32 and 64): each stage holds the chunk's dot operands of [k_block]: W and B
-    [rows], and Q [query_rows] (0 where the kernel reads no Q), and `v_rows` rows of [v_block] (dO in the dh
-    kernel); beside the stages sit the state and X operands, (k_block + rows) x v_block.
-
-    TUNE["scan_stages"] (3), unless 3 stages pass 180 KB, or the grid has more programs than fit on the GPU
-    at once with them while 2 stages would fit more: then 2. H200, fwd+bwd, 2 against 3 stages:
+    Stages: TUNE["scan_stages"] (3), unless 3 stages pass 180 KB, or the grid has more programs than fit on
+    the GPU at once with them while 2 stages would fit more: then 2. H200, fwd+bwd, 2 against 3 stages:
     - R = 4 at 2048 x 16 (512 programs; 94 against 131 KB of shared memory, 2 against 1 per multiprocessor):
       9.08 ms (0457324) against 9.68 (6075f75);
     - R = 4 at 16384 x 2 (128 programs): 12.86 against 11.52 (6075f75, one run);
-    - R = 1 at 2048 x 16, the scan that writes o (one program per multiprocessor either way): 2.819
-      (0457324) against 2.744 (6075f75). The backward's states-only scan reads no Q: 90 KB at 2 stages, two
-      programs per multiprocessor, against 123 KB at 3.
+    - R = 1 at 2048 x 16, the backward's states-only scan (no Q): 90 KB at 2 stages, two programs per
+      multiprocessor, against 123 KB at 3 (ef6dd95: fwd+bwd 2.755 -> 2.639 ms).
     Float32 inputs where one stage reaches 96 KB take 1, since two pass the 227 KB of shared memory of an
     sm_90 GPU (K = 128 at R = 1, K = 256). Measured with Triton 3.6 on an H200: one stage is correct for
     fp32 there, but for bf16 / fp16 it is compiled into illegal accesses (K = 256; at 0457324 also K = 128,
     16384 x 2), so those keep at least two (and `needs_fp32` keeps them off 128-row chunks at K > 128).
+
+    Ahead (`may_load_ahead`: the forward scan, with TUNE["scan_ahead"]): 2 stages with the query tiles loaded
+    one chunk ahead, where the grid has more programs than fit at once and that fits more per multiprocessor.
+    R = 1, K = 128 at 2048 x 16: the scan with o 123 -> 105 KB, one program per multiprocessor -> two, 0.612
+    -> 0.554 ms (H200). Only there: it costs registers, and where tiles are large (K = 256, fp32) ptxas
+    spills them.
     """
-    per_stage = ((2 * rows + query_rows) * k_block + v_rows * v_block) * dtype.itemsize
+
+    def held(n, ahead=False):  # one program's shared memory at n stages
+        shared = scan_shared(n, rows, query_rows, v_rows, k_block, v_block, dtype, ahead)
+        return shared + SHARED_RESERVED_PER_PROGRAM
+
+    per_stage = held(1) - held(0)
     if dtype == torch.float32 and per_stage >= 96 * 1024:
-        return 1
+        return 1, False
     stages = TUNE["scan_stages"]
-    if stages <= 2:
-        return stages
-    fixed = (k_block + rows) * v_block * dtype.itemsize + SHARED_RESERVED_PER_PROGRAM
-    resident = [SHARED_PER_SM // (n * per_stage + fixed) for n in (2, stages)]
-    if stages * per_stage > 180 * 1024 or (programs > sms * resident[1] and resident[1] < resident[0]):
-        return 2
-    return stages
+    if stages > 2:
+        resident = [SHARED_PER_SM // held(n) for n in (2, stages)]
+        if stages * per_stage > 180 * 1024 or (programs > sms * resident[1] and resident[1] < resident[0]):
+            stages = 2
+    resident = SHARED_PER_SM // held(stages)
+    if may_load_ahead and query_rows and programs > sms * resident:
+        if SHARED_PER_SM // held(2, ahead=True) > resident:
+            return 2, True
+    return stages, False
 
 
 @functools.cache
@@ -252,3 +286,17 @@ def scale_rows(x, col):
     """x [ROWS, N] times col [ROWS] (fp32) per row, in x's dtype: the drivers a = -beta k and u = beta v of
     the beta form, built in registers (rounded as `ops.beta_drivers` rounds them)."""
     return (col[:, None] * x.to(tl.float32)).to(x.dtype)
+
+
+@triton.jit
+def token_tile(
+    x, t0, eos, h, cols, col_mask, H: tl.constexpr, D: tl.constexpr, C: tl.constexpr, CQ: tl.constexpr
+):
+    """x [TT, H, D] rows of the C tokens from t0, columns cols: a [CQ, len(cols)] tile, zero at padding rows
+    (CQ > C) and at tokens from eos on. The forward scan can load its Q tiles one chunk ahead with it, into
+    registers, outside its pipeline stages (`scan_launch`)."""
+    cidx = tl.arange(0, CQ)
+    tok = t0 + cidx
+    rows = tok.to(tl.int64) * H + h
+    mask = ((tok < eos) & (cidx < C))[:, None] & col_mask[None, :]
+    return tl.load(x + rows[:, None] * D + cols[None, :], mask=mask, other=0.0)

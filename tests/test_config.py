@@ -158,29 +158,41 @@ def test_limits_match_the_triton_kernels():
                     triton_utils.pick_chunk(chunk_size, rank)
 
 
-def test_scan_stages_follow_shared_memory_and_occupancy(monkeypatch):
-    """The sequential scans' pipeline depth (triton_utils.scan_stages), K = 128 and rows = C * R padded to 64
-    unless named: 3 stages where they fit and do not lower the programs resident per multiprocessor on a grid
-    that would use them (the H200 measurements in its docstring); 2 past 180 KB; 1 for large fp32 tiles."""
+def test_scan_launch_follows_shared_memory_and_occupancy(monkeypatch):
+    """The sequential scans' launch settings (triton_utils.scan_launch: pipeline stages, Q tiles ahead),
+    K = 128 and rows = C * R padded to 64 unless named: 3 stages where they fit and do not lower the programs
+    resident per multiprocessor on a grid that would use them (the H200 measurements in its docstring); 2 past
+    180 KB; 1 for large fp32 tiles; the forward scan's Q loaded ahead, at 2 stages, only where that fits more
+    programs on a grid larger than the GPU holds. The shared memory model against Triton 3.6's sm_90 layout
+    (`benchmarks/compile_report.py --scan-model`)."""
     triton_utils = pytest.importorskip("modeling_parallelflow.triton_utils")
 
-    def stages(
+    def launch(
         chunk, reads_q=True, v_rows=0, rows=64, dtype=torch.bfloat16, k_block=128, bv=64, programs=128
     ):
         query_rows = max(16, chunk) if reads_q else 0
-        return triton_utils.scan_stages(rows, query_rows, v_rows, k_block, bv, dtype, programs, sms=132)
+        ahead = v_rows == 0 and triton_utils.TUNE["scan_ahead"]  # the forward scan's, as launched
+        return triton_utils.scan_launch(rows, query_rows, v_rows, k_block, bv, dtype, programs, 132, ahead)
 
-    assert stages(64) == 3  # R = 1, 16384 x 2: 128 programs
-    assert stages(64, programs=512) == 3  # R = 1, 2048 x 16, the scan with o: one program per SM either way
-    assert stages(64, reads_q=False, programs=512) == 2  # its states-only rerun: 90 KB fit twice, 123 do not
-    assert stages(64, reads_q=False) == 3  # the same at 16384 x 2: fewer programs than SMs
-    assert stages(64, v_rows=64, programs=512) == 3  # R = 1, 2048 x 16, dh kernel: 137 KB at 2 stages
-    assert stages(64, bv=32, programs=1024) == 2  # V blocks of 32: 110 KB at 2 stages fit twice
-    assert stages(16) == 3  # R = 4, 16384 x 2: fewer programs than SMs
-    assert stages(16, programs=512) == 2  # R = 4, 2048 x 16: 3 stages would halve the resident programs
-    assert stages(64, k_block=256) == 2  # 3 x 96 KB does not fit
-    assert stages(16, rows=128) == 2  # R = 8: 3 x 68 KB passes 180 KB
-    assert stages(64, dtype=torch.float32) == 1  # fp32, K = 128, R = 1: one 96 KB stage
-    assert stages(16, rows=16, dtype=torch.float32, k_block=32, bv=32) == 3
+    r4_grid = dict(programs=512)  # R = 4, 2048 x 16
+    assert launch(64) == (3, False)  # R = 1, 16384 x 2: 128 programs
+    assert launch(64, programs=512) == (2, True)  # R = 1, 2048 x 16, the scan with o: 123 -> 105 KB, 2 per SM
+    assert launch(64, reads_q=False, programs=512) == (2, False)  # its states-only rerun: 90 KB fit twice
+    assert launch(64, reads_q=False) == (3, False)  # the same at 16384 x 2: fewer programs than SMs
+    assert launch(64, v_rows=64, programs=512) == (3, False)  # R = 1, 2048 x 16, dh: 137 KB at 2 stages
+    assert launch(64, bv=32, programs=1024) == (2, False)  # V blocks of 32: 110 KB at 2 stages fit twice
+    assert launch(16) == (3, False)  # R = 4, 16384 x 2: fewer programs than SMs
+    assert launch(16, **r4_grid) == (2, False)  # 3 stages would halve the resident programs; ahead: no more
+    assert launch(64, k_block=256, bv=32) == (2, False)  # 3 x 96 KB does not fit
+    assert launch(16, rows=128) == (2, False)  # R = 8: 3 x 68 KB passes 180 KB
+    assert launch(64, dtype=torch.float32) == (1, False)  # fp32, K = 128, R = 1: one 96 KB stage
+    assert launch(16, rows=16, dtype=torch.float32, k_block=32, bv=32) == (3, False)
     monkeypatch.setitem(triton_utils.TUNE, "scan_stages", 2)
-    assert stages(64) == stages(16, programs=512) == 2
+    assert launch(64) == launch(16, **r4_grid) == (2, False)
+    assert launch(64, programs=512) == (2, True)
+    monkeypatch.setitem(triton_utils.TUNE, "scan_ahead", 0)
+    assert launch(64, programs=512) == (2, False)
+    bf16 = torch.bfloat16  # bytes as compiled by Triton 3.6 for sm_90 (R = 1, K = 128, V blocks of 64)
+    assert triton_utils.scan_shared(2, 64, 64, 0, 128, 64, bf16, ahead=True) == 106496  # with o
+    assert triton_utils.scan_shared(3, 64, 64, 0, 128, 64, bf16) == 172032
+    assert triton_utils.scan_shared(2, 64, 0, 0, 128, 64, bf16) == 90112  # states only

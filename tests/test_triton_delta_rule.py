@@ -452,8 +452,11 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
         assert rel_err(x.cpu(), y.cpu()) < 4e-3, rel_err(x.cpu(), y.cpu())
 
 
+def _slow(setting):  # settings off by default, ~4 s each under the interpreter
+    return pytest.param(setting, marks=pytest.mark.slow)
+
+
 @pytest.mark.triton_interpret
-@pytest.mark.slow  # settings off by default, ~4 s each under the interpreter
 @pytest.mark.parametrize(
     "rank,mode,k_dim,v_dim,cu",
     [(1, "sum", 96, 32, None), (3, "product", 32, 16, [0, 5, 21, 40])],
@@ -462,21 +465,24 @@ def test_half_precision_w_u_dots_match_loop_and_tf32_path(monkeypatch):
 @pytest.mark.parametrize(
     "setting",
     [
-        {"par_bk": 128},
-        {"bwd_local_dx": 1},
-        {"fwd_local_p": 1},
-        {"scan_bv": 16},
-        {"bwd_reuse_du": 0},
+        {"query_ahead": True},
+        _slow({"par_bk": 128}),
+        _slow({"bwd_local_dx": 1}),
+        _slow({"fwd_local_p": 1}),
+        _slow({"scan_bv": 16}),
+        _slow({"bwd_reuse_du": 0}),
     ],
     ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()),
 )
 def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, mode, k_dim, v_dim, cu):
-    """Launch variants: TUNE["par_bk"] = 128 (the backward chunk kernel in one K tile; K = 96 masked),
-    TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel kernel, not the sequential scan) and
-    TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel kernel), TUNE["scan_bv"] = 16 (more V
-    blocks in the sequential kernels), TUNE["bwd_reuse_du"] = 0 (du computed again per K tile, not read
-    back). Output, final state and every gradient equal the float64 loop's and the default launches'."""
-    from modeling_parallelflow import triton_utils
+    """Launch variants: the sequential scans with their query-side tiles loaded one chunk ahead (what
+    `scan_launch` picks on grids larger than the GPU holds; forced here), TUNE["par_bk"] = 128 (the backward
+    chunk kernel in one K tile; K = 96 masked), TUNE["bwd_local_dx"] (dX's local part from a chunk-parallel
+    kernel, not the sequential scan) and TUNE["fwd_local_p"] (the forward scan reads P from a chunk-parallel
+    kernel), TUNE["scan_bv"] = 16 (more V blocks in the sequential kernels), TUNE["bwd_reuse_du"] = 0 (du
+    computed again per K tile, not read back). Output, final state and every gradient equal the float64
+    loop's and the default launches'."""
+    from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd, triton_utils
     from modeling_parallelflow.ops import delta_rule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -500,7 +506,11 @@ def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, 
     reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
     default = run(leaves, algorithm="tensor_inv", backend="triton")
     for name, value in setting.items():
-        monkeypatch.setitem(triton_utils.TUNE, name, value)
+        if name == "query_ahead":
+            for module in (triton_chunk_fwd, triton_chunk_bwd):
+                monkeypatch.setattr(module, "scan_launch", lambda *args, ahead=value: (2, ahead))
+        else:
+            monkeypatch.setitem(triton_utils.TUNE, name, value)
     variant = run(leaves, algorithm="tensor_inv", backend="triton")
     for x, y, ref in zip(variant, default, reference, strict=True):
         assert rel_err(x.cpu(), ref.cpu()) < 2e-4, rel_err(x.cpu(), ref.cpu())
