@@ -3,7 +3,7 @@
 triton_utils (par_bk, bwd_local_dx, fwd_local_p), bf16, K = V = 128.
 
     python benchmarks/compile_report.py [R]
-    python benchmarks/compile_report.py --scan-model   # triton_utils.scan_shared against the compiler
+    python benchmarks/compile_report.py --scan-model   # triton_utils.ScanTiles.shared against the compiler
 
 Uses Triton's bundled ptxas (`ptxas-blackwell` understands the PTX version recent Triton emits). The local
 Triton may be newer than the GPU image's, so counts can differ there: run it with the image's Triton 3.6.
@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd  # noqa: E402
-from modeling_parallelflow.triton_utils import TUNE, scan_launch, scan_shared  # noqa: E402
+from modeling_parallelflow.triton_utils import TUNE, ScanTiles, scan_launch  # noqa: E402
 
 PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas-blackwell")
 INT_ARGS = {"chunk_seq", "chunk_tok", "cu", "chunk_off"}
@@ -81,8 +81,8 @@ def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16", dtype="b
 
 
 def check_scan_model():
-    """triton_utils.scan_shared against the compiler, for the three sequential scans (the forward's with o,
-    its states-only rerun, dh) at the launch settings scan_launch picks (stages, query tiles ahead) for the
+    """triton_utils.ScanTiles.shared against the compiler, for the three sequential scans (the forward's with
+    o, its states-only rerun, dh) at the launch settings scan_launch picks (stages, query tiles ahead) for the
     given V block and grid size."""
     for dtype, k_dim, rank, bv, programs in (
         (torch.bfloat16, 128, 1, 64, 512),
@@ -104,12 +104,11 @@ def check_scan_model():
             ("dh", "--", dict(base, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=False), cq, cq),
         )
         for kernel, what, consts, query_rows, v_rows in scans:  # what: o, states only (st), -- (dh)
-            stages, ahead = scan_launch(
-                crp, query_rows, v_rows, k_dim, bv, dtype, programs, 132, kernel == "fwd"
-            )
+            tiles = ScanTiles(crp, query_rows, v_rows, k_dim, bv, dtype)
+            stages, ahead = scan_launch(tiles, programs, 132, may_load_ahead=kernel == "fwd")
             if stages < 2:
                 continue  # one stage: nothing pipelined, the model does not apply
-            model = scan_shared(stages, crp, query_rows, v_rows, k_dim, bv, dtype, ahead)
+            model = tiles.shared(stages, ahead)
             name = TRITON_TYPE[dtype]
             label = f"{kernel} {what} {name} K={k_dim} R={rank} BV={bv} stages={stages} ahead={ahead:d}"
             fn = triton_chunk_fwd._fwd_scan_kernel if kernel == "fwd" else triton_chunk_bwd._bwd_dh_kernel
@@ -135,7 +134,7 @@ def main():
     cq = max(16, chunk)
 
     def seq_launch(bv, v_rows):  # (stages, ahead); W, B and Q tiles; v_rows: dO in the dh kernel
-        return scan_launch(crp, cq, v_rows, 128, bv, torch.bfloat16, 128, 132, may_load_ahead=v_rows == 0)
+        return scan_launch(ScanTiles(crp, cq, v_rows, 128, bv, torch.bfloat16), 128, 132, v_rows == 0)
 
     scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2

@@ -24,6 +24,7 @@ import triton.language as tl
 from .triton_chunk_fwd import local_scores, scan_block_v, solve_mask
 from .triton_utils import (
     TUNE,
+    ScanTiles,
     chunk_rows,
     dot_precision,
     multiprocessors,
@@ -368,7 +369,9 @@ def launch_chunk_bwd(
         )
     grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
     cq = max(16, chunk)  # Q and dO rows
-    stages, _ = scan_launch(crp, cq, cq, bk, bv, b.dtype, grid[0] * grid[1], multiprocessors(b.device))
+    stages, _ = scan_launch(
+        ScanTiles(crp, cq, cq, bk, bv, b.dtype), grid[0] * grid[1], multiprocessors(b.device)
+    )
     _bwd_dh_kernel[grid](
         q,
         b,

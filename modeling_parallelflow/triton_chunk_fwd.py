@@ -21,6 +21,7 @@ import triton.language as tl
 
 from .triton_utils import (
     TUNE,
+    ScanTiles,
     chunk_rows,
     dot_precision,
     multiprocessors,
@@ -459,9 +460,8 @@ def launch_fwd_scan(
         )
     grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
     query_rows = max(16, chunk) if write_o else 0  # Q, read for o
-    stages, ahead = scan_launch(
-        crp, query_rows, 0, bk, bv, w.dtype, grid[0] * grid[1], multiprocessors(w.device), TUNE["scan_ahead"]
-    )
+    tiles = ScanTiles(crp, query_rows, 0, bk, bv, w.dtype)
+    stages, ahead = scan_launch(tiles, grid[0] * grid[1], multiprocessors(w.device), TUNE["scan_ahead"])
     _fwd_scan_kernel[grid](
         q,
         b,

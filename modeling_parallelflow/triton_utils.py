@@ -6,6 +6,7 @@ Chunks never straddle a sequence boundary; global chunk g of sequence n, local c
 g = chunk_off[n] + i, and per-chunk buffers (states, inverses) are indexed by g.
 """
 
+import dataclasses
 import functools
 import os
 
@@ -128,42 +129,35 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
     return min(chunk_size, by_rank)
 
 
-def scan_shared(
-    stages: int,
-    rows: int,
-    query_rows: int,
-    v_rows: int,
-    k_block: int,
-    v_block: int,
-    dtype: torch.dtype,
-    ahead: bool = False,
-) -> int:
-    """Bytes of shared memory of a sequential scan at `stages` >= 2 pipeline stages, as Triton 3.6 lays it out
-    for sm_90 (`benchmarks/compile_report.py --scan-model` checks it against the compiler).
+@dataclasses.dataclass(frozen=True)
+class ScanTiles:
+    """What a sequential scan holds in shared memory, per chunk: W and B [rows, k_block]; Q [query_rows,
+    k_block] (0 where the kernel reads no Q); `v_rows` rows of [v_block] (dO in the dh kernel); beside them
+    the state and X operands, (k_block + rows) x v_block. Elements of `dtype`."""
 
-    Each stage holds the chunk's W and B [rows, k_block], and its query-side tiles, Q [query_rows, k_block] (0
-    where the kernel reads no Q) and `v_rows` rows of [v_block] (dO in the dh kernel); with `ahead` those are
-    loaded one chunk ahead into registers (`token_tile`) instead and held once. Beside the stages sit the
-    state and X operands, (k_block + rows) x v_block."""
-    query = query_rows * k_block + v_rows * v_block
-    per_stage = 2 * rows * k_block + (0 if ahead else query)
-    once = (k_block + rows) * v_block + (query if ahead else 0)
-    return (stages * per_stage + once) * dtype.itemsize
+    rows: int
+    query_rows: int
+    v_rows: int
+    k_block: int
+    v_block: int
+    dtype: torch.dtype
+
+    def shared(self, stages: int, ahead: bool = False) -> int:
+        """Bytes of shared memory at `stages` >= 2 pipeline stages, as Triton 3.6 lays them out for sm_90:
+        each stage holds W, B and the query-side tiles (Q, the v_rows); with `ahead` those are loaded one
+        chunk ahead into registers (`token_tile`) instead and held once, as are the state and X operands.
+        `benchmarks/compile_report.py --scan-model` compares it with the compiler's: exact for the forward
+        scans (R = 1 and 2, bf16 and fp32, K 64-256; 4 KB over at R = 4), the dh kernel's 4 KB under to 20 KB
+        over."""
+        query = self.query_rows * self.k_block + self.v_rows * self.v_block
+        per_stage = 2 * self.rows * self.k_block + (0 if ahead else query)
+        once = (self.k_block + self.rows) * self.v_block + (query if ahead else 0)
+        return (stages * per_stage + once) * self.dtype.itemsize
 
 
-def scan_launch(
-    rows: int,
-    query_rows: int,
-    v_rows: int,
-    k_block: int,
-    v_block: int,
-    dtype: torch.dtype,
-    programs: int,
-    sms: int,
-    may_load_ahead: bool = False,
-) -> tuple[int, bool]:
-    """(pipeline stages, query tiles ahead) of a sequential scan on a grid of `programs` on `sms`
-    multiprocessors; tiles as `scan_shared`.
+def scan_launch(tiles: ScanTiles, programs: int, sms: int, may_load_ahead: bool = False) -> tuple[int, bool]:
+    """(pipeline stages, query tiles ahead) of a sequential scan with `tiles` on a grid of `programs` on `sms`
+    multiprocessors.
 
     Stages: TUNE["scan_stages"] (3), unless 3 stages pass 180 KB, or the grid has more programs than fit on
     the GPU at once with them while 2 stages would fit more: then 2. H200, fwd+bwd, 2 against 3 stages:
@@ -185,11 +179,10 @@ def scan_launch(
     """
 
     def held(n, ahead=False):  # one program's shared memory at n stages
-        shared = scan_shared(n, rows, query_rows, v_rows, k_block, v_block, dtype, ahead)
-        return shared + SHARED_RESERVED_PER_PROGRAM
+        return tiles.shared(n, ahead) + SHARED_RESERVED_PER_PROGRAM
 
     per_stage = held(1) - held(0)
-    if dtype == torch.float32 and per_stage >= 96 * 1024:
+    if tiles.dtype == torch.float32 and per_stage >= 96 * 1024:
         return 1, False
     stages = TUNE["scan_stages"]
     if stages > 2:
@@ -197,7 +190,7 @@ def scan_launch(
         if stages * per_stage > 180 * 1024 or (programs > sms * resident[1] and resident[1] < resident[0]):
             stages = 2
     resident = SHARED_PER_SM // held(stages)
-    if may_load_ahead and query_rows and programs > sms * resident:
+    if may_load_ahead and tiles.query_rows and programs > sms * resident:
         if SHARED_PER_SM // held(2, ahead=True) > resident:
             return 2, True
     return stages, False

@@ -172,7 +172,8 @@ def test_scan_launch_follows_shared_memory_and_occupancy(monkeypatch):
     ):
         query_rows = max(16, chunk) if reads_q else 0
         ahead = v_rows == 0 and triton_utils.TUNE["scan_ahead"]  # the forward scan's, as launched
-        return triton_utils.scan_launch(rows, query_rows, v_rows, k_block, bv, dtype, programs, 132, ahead)
+        tiles = triton_utils.ScanTiles(rows, query_rows, v_rows, k_block, bv, dtype)
+        return triton_utils.scan_launch(tiles, programs, 132, ahead)
 
     r4_grid = dict(programs=512)  # R = 4, 2048 x 16
     assert launch(64) == (3, False)  # R = 1, 16384 x 2: 128 programs
@@ -193,6 +194,10 @@ def test_scan_launch_follows_shared_memory_and_occupancy(monkeypatch):
     monkeypatch.setitem(triton_utils.TUNE, "scan_ahead", 0)
     assert launch(64, programs=512) == (2, False)
     bf16 = torch.bfloat16  # bytes as compiled by Triton 3.6 for sm_90 (R = 1, K = 128, V blocks of 64)
-    assert triton_utils.scan_shared(2, 64, 64, 0, 128, 64, bf16, ahead=True) == 106496  # with o
-    assert triton_utils.scan_shared(3, 64, 64, 0, 128, 64, bf16) == 172032
-    assert triton_utils.scan_shared(2, 64, 0, 0, 128, 64, bf16) == 90112  # states only
+    with_o, states_only = (
+        triton_utils.ScanTiles(64, 64, 0, 128, 64, bf16),
+        triton_utils.ScanTiles(64, 0, 0, 128, 64, bf16),
+    )
+    assert with_o.shared(2, ahead=True) == 106496
+    assert with_o.shared(3) == 172032
+    assert states_only.shared(2) == 90112
