@@ -60,6 +60,16 @@ def test_generator_is_seeded_and_heldout_is_apart_from_training():
         mqar.mqar_batch(mqar.Task(32, 16), 1, torch.Generator(), 64)
 
 
+def test_tasks_are_named_on_the_command_line_in_any_mix():
+    """--tasks takes any kvN_tM (a Zoology-style mix of easier tasks, not only the grid's); bad names are
+    refused with the expected form."""
+    args = mqar.parse_args(["--grid", "full", "--tasks", "kv4_t64,kv16_t256", "--out", "r.json"])
+    assert args.tasks == [mqar.Task(64, 4), mqar.Task(256, 16)]
+    assert [mqar.Task.from_name(t.name) for t in mqar.GRIDS["full"].tasks] == list(mqar.GRIDS["full"].tasks)
+    with pytest.raises(SystemExit):
+        mqar.parse_args(["--grid", "full", "--tasks", "kv4-t64", "--out", "r.json"])
+
+
 @pytest.mark.slow  # builds 7 models (on the meta device): about 10 s with the imports
 def test_models_are_matched_in_non_embedding_parameters():
     grid = mqar.GRIDS["full"]

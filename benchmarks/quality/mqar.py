@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,14 @@ class Task:
     @property
     def name(self) -> str:
         return f"kv{self.kv_pairs}_t{self.seq_len}"
+
+    @classmethod
+    def from_name(cls, name: str) -> Task:
+        """kvN_tM: N key-value pairs in M tokens."""
+        match = re.fullmatch(r"kv(\d+)_t(\d+)", name)
+        if not match:
+            raise ValueError(f"task names read kvN_tM (N pairs in M tokens), got {name!r}")
+        return cls(seq_len=int(match[2]), kv_pairs=int(match[1]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -463,7 +472,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="override the grid's training steps")
     p.add_argument("--tokens-per-step", type=int, help="override the grid's tokens per step")
     p.add_argument("--vocab-size", type=int, help="override the grid's vocabulary (keys and values halves)")
-    p.add_argument("--tasks", type=_list, help="subset of the grid's tasks, by name (e.g. kv64_t512)")
+    p.add_argument(
+        "--tasks",
+        type=_list,
+        help="tasks trained together, kvN_tM (N pairs in M tokens); default: the grid's",
+    )
     p.add_argument("--eval-every", type=int, help="held-out accuracy every N steps (an accuracy curve)")
     p.add_argument(
         "--seed", type=int, help="override the grid's seed (init, training stream, held-out draw); own --out"
@@ -499,11 +512,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.shard_k, args.shard_n = k, n
     if args.stop_at is not None and not args.eval_every:
         p.error("--stop-at needs --eval-every")
-    known = [t.name for t in GRIDS[args.grid].tasks]
-    if args.tasks and set(args.tasks) - set(known):
-        p.error(
-            f"unknown tasks {sorted(set(args.tasks) - set(known))} in grid {args.grid}; choose from {known}"
-        )
+    try:
+        args.tasks = [Task.from_name(name) for name in args.tasks or []]
+    except ValueError as err:
+        p.error(str(err))
     return args
 
 
@@ -534,7 +546,7 @@ def main(argv=None) -> int:
         "steps": args.steps,
         "tokens_per_step": args.tokens_per_step,
         "vocab_size": args.vocab_size,
-        "tasks": tuple(t for t in grid.tasks if t.name in args.tasks) if args.tasks else None,
+        "tasks": tuple(args.tasks) or None,
         "eval_every": args.eval_every,
         "stop_at": args.stop_at,
         "seed": args.seed,
