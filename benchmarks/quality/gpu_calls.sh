@@ -160,10 +160,11 @@ target1)
 seeds)
     # one cell, several seeds and models: target 1 parted from 98.1 % to 11.6 % with the schedule length alone
     # (b76ce2f), so a cell is its seeds' spread. One process per (model, seed), all at once, --cuda-graph, the
-    # 17,000-step schedule of the 98.1 %. MODELS (default pflow-r1), WIDTH (128), TASK (kv64_t512), SEEDS (0-3).
+    # 17,000-step schedule of the 98.1 %. MODELS (default pflow-r1), WIDTH (128), TASK (kv64_t512, or a mix
+    # trained together: kv4_t64,kv16_t256,kv64_t512), LR (3e-3), SEEDS (0-3).
     for model in ${MODELS:-pflow-r1}; do
         for seed in ${SEEDS:-0 1 2 3}; do
-            tag=${model}_w${WIDTH:-128}_${TASK:-kv64_t512}_seed$seed
+            tag=${model}_w${WIDTH:-128}_$(echo "${TASK:-kv64_t512}" | tr , +)_seed$seed
             python3 $Q/mqar.py --grid full --widths "${WIDTH:-128}" --tasks "${TASK:-kv64_t512}" --models $model \
                 --lrs "${LR:-3e-3}" --steps "${STEPS:-17000}" --eval-every 1000 --stop-at 0.99 --cuda-graph \
                 --seed $seed --run-wall "${RUN_WALL:-470}" --out runs/seeds_$tag.json > runs/seeds_$tag.log 2>&1 &

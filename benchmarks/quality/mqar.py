@@ -69,11 +69,14 @@ class Task:
 
     @classmethod
     def from_name(cls, name: str) -> Task:
-        """kvN_tM: N key-value pairs in M tokens."""
+        """kvN_tM: N key-value pairs in M tokens (M + 1 >= 4 N: the pairs, then a query slot for each)."""
         match = re.fullmatch(r"kv(\d+)_t(\d+)", name)
         if not match:
             raise ValueError(f"task names read kvN_tM (N pairs in M tokens), got {name!r}")
-        return cls(seq_len=int(match[2]), kv_pairs=int(match[1]))
+        pairs, length = int(match[1]), int(match[2])
+        if pairs < 1 or length + 1 < 4 * pairs:
+            raise ValueError(f"{name}: needs seq_len + 1 >= 4 * kv_pairs >= 4")
+        return cls(seq_len=length, kv_pairs=pairs)
 
 
 @dataclasses.dataclass(frozen=True)

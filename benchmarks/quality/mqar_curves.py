@@ -23,8 +23,17 @@ def load_runs(paths: list[Path]) -> list[dict]:
             if not run.get("eval_curve"):
                 raise SystemExit(f"{path}: run {key} has no accuracy curve (made without --eval-every)")
             config = data["config"]
-            seed = config.get("seed", 0)
-            runs.append(run | {"key": key, "grid_steps": config["steps"], "seed": seed, "file": path.name})
+            runs.append(
+                run
+                | {
+                    "key": key,
+                    "grid_steps": config["steps"],
+                    "seed": config.get("seed", 0),
+                    "vocab": config["vocab_size"],
+                    "trained": [task["name"] for task in config["tasks"]],
+                    "file": path.name,
+                }
+            )
     if not runs:
         raise SystemExit("no runs in " + ", ".join(map(str, paths)))
     return runs
@@ -32,12 +41,14 @@ def load_runs(paths: list[Path]) -> list[dict]:
 
 def label(run: dict) -> str:
     schedule = f"{run['grid_steps']:,}-step schedule"
-    return f"{run['model']} w{run['width']} lr {run['lr']:g} seed {run['seed']} ({schedule})"
+    mix = f", trained on {' + '.join(run['trained'])}" if len(run["trained"]) > 1 else ""
+    model = f"{run['model']} w{run['width']} vocab {run['vocab']}"
+    return f"{model} lr {run['lr']:g} seed {run['seed']} ({schedule}{mix})"
 
 
 def table(runs: list[dict]) -> str:
     lines = [
-        "run | task | accuracy % at each 1,000 steps | final % | steps | ended by",
+        "run | task | accuracy % at each evaluation | final % | steps | ended by",
         "--- | --- | --- | --- | --- | ---",
     ]
     for run in runs:
@@ -57,21 +68,26 @@ def plot(runs: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     tasks = list(dict.fromkeys(task for run in runs for task in run["accuracy"]))
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    columns = 1 if len(tasks) < 2 else 2  # of the legend, below the panels
+    legend_rows = -(-len(runs) // columns)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4 + 0.22 * legend_rows), squeeze=False)
+    colors = plt.get_cmap("tab10" if len(runs) <= 10 else "tab20").colors
+    lines = {}  # one color per run in every panel, one legend for the figure
     for ax, task in zip(axes[0], tasks, strict=True):
-        for run in (r for r in runs if task in r["accuracy"]):
+        for i, run in enumerate(runs):
+            if task not in run["accuracy"]:
+                continue
             steps = [step for step, _ in run["eval_curve"]]
-            ax.plot(
-                steps, [100 * acc[task] for _, acc in run["eval_curve"]], marker="o", ms=3, label=label(run)
-            )
+            accuracy = [100 * acc[task] for _, acc in run["eval_curve"]]
+            (lines[label(run)],) = ax.plot(steps, accuracy, marker="o", ms=3, color=colors[i % len(colors)])
         ax.axhline(99, color="grey", ls=":", lw=1)
         ax.set_title(task)
         ax.set_xlabel("training step")
         ax.set_ylabel("held-out accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.legend(lines.values(), lines.keys(), loc="lower center", fontsize=8, ncol=columns)
+    fig.tight_layout(rect=(0, 0.22 * legend_rows / (4 + 0.22 * legend_rows) + 0.02, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.stem + ".tmp" + out.suffix)
     fig.savefig(tmp, dpi=120)
