@@ -28,7 +28,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 INT_ARGS = {"chunk_seq", "chunk_tok", "cu", "chunk_off"}
 SCALAR_INT_ARGS = {"k_len", "v_len"}
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-FP32_ARGS = {"tmat", "ht", "h0", "dh0", "dht", "dbeta"}
+FP32_ARGS = {"scratch", "ht", "h0", "dh0", "dht", "dbeta"}
 
 
 def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16", dtype="bf16"):

@@ -118,7 +118,9 @@ def _bwd_dh_kernel(
             p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(b_t.dtype)
             dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
         dx_t += tl.dot(b_t, dstate.to(b_t.dtype), input_precision=PREC)  # [CRP, BV]
-        du_t = tl.dot(tl.trans(t_mat), dx_t, input_precision=PREC)
+        # T in the input dtype: a tf32 dot on a pipelined fp32 T, transposed, read garbage (NaN dk, dv, dbeta,
+        # dh0 for bf16 at C * R = 64, K = 48 and 128: Triton 3.6, H200 sweep at a286d9a) and was slow
+        du_t = tl.dot(tl.trans(t_mat), dx_t.to(b_t.dtype), input_precision=PREC)
         tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rv_mask)
         dstate += scale * tl.dot(tl.trans(q_t), do_t, input_precision=PREC)
         if BETA:
@@ -319,7 +321,7 @@ def launch_chunk_bwd(
     v=None,
 ):
     """Gradients of the chunked forward. Shapes as in the forward ([TT, H, ...] flattened tokens);
-    xs = X [TT, H, R, V] and states [G, H, K, V] as saved by the forward scan, tmat = T [G, H, CRP, CRP] fp32.
+    xs = X [TT, H, R, V] and states [G, H, K, V] as saved by the forward scan, tmat = T [G, H, CRP, CRP].
 
     Returns (dq, da, db, du, dh0): input dtype, dh0 [N, H, K, V] fp32 or None. Beta form (a None, b = k,
     v [TT, H, R, V] and beta [TT, H, R] given): (dq, dk, dv, dbeta, dh0), dbeta fp32.

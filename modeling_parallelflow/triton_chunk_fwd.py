@@ -2,11 +2,12 @@
 
 1. `_wu_kernel`, one program per (chunk, head), all chunks in parallel: Gram N = M * (A B^T) and the
    inverse T = (I - N)^-1 (16 x 16 diagonal blocks by forward substitution, then block doubling with
-   tensor-core dots), written to HBM (fp32). W = T A and U = T U~ are formed only for `tensor_inv_wu`.
+   tensor-core dots) in fp32, written to HBM in the input dtype. W = T A and U = T U~ are formed only for
+   `tensor_inv_wu` and where a chunk has 128 rows.
 2. `_fwd_scan_kernel`, one program per (sequence, head, V block), sequential over chunks: the fp32
    state h [K, BV] stays in registers; each chunk computes X = T (A h + U~) (= W h + U; in beta form
    A h + U~ = beta (v - k h), from k, v and beta as given), o = scale (Q h + P X) with P = (Q B^T) * M_out,
-   then h += B^T X. Reading T [CRP, CRP] instead of W [CRP, K] costs no more bytes at K >= 64 and saves
+   then h += B^T X. Reading T [CRP, CRP] instead of W [CRP, K] costs no more bytes at K >= CRP and saves
    writing W and U and reading them back, in the forward and in the backward's rerun. Outputs are written in
    the same pass, so per-chunk states and X go to HBM only when the backward asks for them (STORE_STATES).
    The backward's rerun of the scan (recomputed states) skips o (WRITE_O off).
@@ -93,6 +94,7 @@ def _wu_kernel(
     beta,
     w,
     uu,
+    scratch,
     tmat,
     chunk_seq,
     chunk_tok,
@@ -114,8 +116,9 @@ def _wu_kernel(
     INV_PREC: tl.constexpr,
     LOW_DOTS: tl.constexpr,
 ):
-    """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1 (kept in tmat) -> with COMPUTE_WU, W = T A and
-    U = T U~ (the forward scan forms X from T itself: `_fwd_scan_kernel` FROM_T).
+    """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1, formed in fp32 through `scratch` and kept in
+    tmat (input dtype; tmat may be scratch) -> with COMPUTE_WU, W = T A and U = T U~ (the forward scan forms
+    X from T itself: `_fwd_scan_kernel` FROM_T).
 
     BETA: the drivers come as b = k, u = v and beta [TT, H, R]; a = -beta k and U~ = beta v are built
     in registers (`scale_rows`), never in HBM. LOW_DOTS: W and U dots in the input dtype (bf16 / fp16)."""
@@ -129,7 +132,8 @@ def _wu_kernel(
     if BETA:
         beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     j = tl.arange(0, CRP)
-    scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
+    tile = (g.to(tl.int64) * H + h) * CRP * CRP
+    scr = scratch + tile
     gram = tl.zeros((CRP, CRP), tl.float32)
     for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
         kk = k0 + tl.arange(0, BKS)
@@ -144,7 +148,7 @@ def _wu_kernel(
     tl.debug_barrier()
     t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
     tl.debug_barrier()
-    tl.store(scr + j[:, None] * CRP + j[None, :], t_inv)
+    tl.store(tmat + tile + j[:, None] * CRP + j[None, :], t_inv.to(tmat.dtype.element_ty))
     if COMPUTE_WU:
         for k0 in tl.static_range(0, BK, BKS):
             kk = k0 + tl.arange(0, BKS)
@@ -278,7 +282,7 @@ def _fwd_scan_kernel(
     entering state of every chunk and X with STORE_STATES, o = scale (Q h + P X) with WRITE_O, P read
     from pmat (`_fwd_local_p_kernel`) with LOAD_P instead of computed here for every V block.
     QUERY_AHEAD: Q is loaded one chunk ahead into registers, not through the pipeline (`scan_launch`).
-    FROM_T: X = T (A h + U~) from the inverses T [G, H, CRP, CRP] (fp32) of `_wu_kernel`, so W and U are never
+    FROM_T: X = T (A h + U~) from the inverses T [G, H, CRP, CRP] of `_wu_kernel`, so W and U are never
     formed: w holds A and uu holds U~; BETA: a = -beta k is not read (w unused, uu = v, beta [TT, H, R]) and
     A h + U~ = beta (v - k h)."""
     vb = tl.program_id(0)
@@ -323,8 +327,7 @@ def _fwd_scan_kernel(
             else:
                 a_t = tl.load(w + row[:, None] * K + kk[None, :], mask=rk_mask, other=0.0)
                 y = tl.dot(a_t, s_in, input_precision=PREC) + u_t.to(tl.float32)
-            # corrected values [CRP, BV]
-            x = tl.dot(t_mat.to(b_t.dtype), y.to(b_t.dtype), input_precision=PREC)
+            x = tl.dot(t_mat, y.to(b_t.dtype), input_precision=PREC)  # corrected values [CRP, BV]
         else:
             w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=rk_mask, other=0.0)
             x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)
@@ -370,7 +373,8 @@ def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
 
 
 def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False, beta=None):
-    """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t) with t [G, H, CRP, CRP] fp32 or None.
+    """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t), t = T [G, H, CRP, CRP] (input dtype,
+    rounded from fp32) or None.
 
     Beta form: a None, b = k, u = v and beta [TT, H, R] (a = -beta k and U~ = beta v built in the kernel).
     compute_wu False: only T (w and uu None; u may be None)."""
@@ -380,7 +384,8 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
     seq, tok, _ = cmap
     w = new_like(b) if compute_wu else None
     uu = new_like(u) if compute_wu else None
-    tmat = new_tensor((seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=b.device)  # T; scratch
+    scratch = new_tensor((seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=b.device)
+    tmat = scratch if b.dtype == torch.float32 else new_tensor(scratch.shape, dtype=b.dtype, device=b.device)
     _wu_kernel[(seq.numel(), n_heads)](
         b if a is None else a,
         b,
@@ -388,6 +393,7 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
         b if beta is None else beta,
         w if compute_wu else b,
         uu if compute_wu else b,
+        scratch,
         tmat,
         seq,
         tok,
@@ -438,7 +444,7 @@ def launch_fwd_scan(
     state of every chunk [G, H, K, V] and X [TT, H, R, V]. With TUNE["fwd_local_p"] and write_o, P comes
     from one chunk-parallel launch first (`_fwd_local_p_kernel`).
 
-    With tmat (the inverses T [G, H, CRP, CRP] fp32 of `launch_wu`): w and uu are the drivers A and U~, and
+    With tmat (the inverses T [G, H, CRP, CRP] of `launch_wu`): w and uu are the drivers A and U~, and
     X = T (A h + U~); with beta [TT, H, R] too, w is None and uu = v (a = -beta k, U~ = beta v)."""
     total, n_heads, rank, k_dim = b.shape
     v_dim = uu.shape[-1]

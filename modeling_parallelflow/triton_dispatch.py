@@ -4,7 +4,7 @@ Layers: @triton.jit kernels (triton_chunk_fwd / triton_chunk_bwd / triton_recurr
 (tensors in, tensors out) -> `_ChunkDeltaRule` (autograd.Function) -> `run_drivers` (what ops.py calls,
 after validating) and `triton_delta_rule_drivers` (direct entry: cheap option checks, then `run_drivers`).
 
-Recompute vs save: under autograd the forward keeps the fp32 inverses T (no solve in the backward; with
+Recompute vs save: under autograd the forward keeps the inverses T (no solve in the backward; with
 TUNE["recompute_inverses"] they are formed again there) and, by default (TUNE["recompute_states"]), u and
 h0, from which the backward reruns the scan for the state entering every chunk ([G, H, K, V], bf16 for bf16
 inputs, else fp32) and the corrected values X [B, T, H, R, V]; with it off the forward writes those instead.
@@ -83,8 +83,8 @@ class _Plan:
         self.cu, self.cmap = varlen_layout(batch, seq_len, cu_seqlens, self.chunk, b.device)
         self.n_seq = self.cu.numel() - 1
         # tensorInv's scans form X from T where a chunk has at most 64 rows (C * R padded). At 128 (R >= 5)
-        # T [128, 128] fp32 has twice W's bytes and those scans spill registers (compile_report.py), so W
-        # and U are formed, as for another solver.
+        # the scan with o spills registers at V blocks of 64 (176 bytes, compile_report.py), so W and U are
+        # formed, as for another solver.
         self.x_from_t = next_pow2(self.chunk * self.rank) <= 64
 
     def flat(self, x):

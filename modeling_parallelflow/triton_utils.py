@@ -118,7 +118,7 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
 @dataclasses.dataclass(frozen=True)
 class ScanTiles:
     """What a sequential scan holds in shared memory, per chunk: W and B [rows, k_block], or with `from_t`
-    B and the inverse T [rows, rows] (fp32); Q [query_rows, k_block] (0 where the kernel reads no Q);
+    B and the inverse T [rows, rows]; Q [query_rows, k_block] (0 where the kernel reads no Q);
     `v_rows` rows of [v_block] (dO in the dh kernel); beside them the state and X operands,
     (k_block + rows) x v_block. Elements of `dtype`."""
 
@@ -134,19 +134,18 @@ class ScanTiles:
         """Bytes of shared memory at `stages` >= 2 pipeline stages, as Triton 3.6 lays them out for sm_90:
         each stage holds W, B and the query-side tiles (Q, the v_rows); with `ahead` those are loaded one
         chunk ahead into registers (`token_tile`) instead and held once, as are the state and X operands.
-        With `from_t` a stage holds B, T (fp32) and the [rows, v_block] tile of U~ or v instead of W; the
-        forward scans then hold only T's fp32 right operand (A h + U~) once, and only for fp32 inputs.
-        `benchmarks/compile_report.py --scan-model` compares it with the compiler's: the from-T forward scans
-        within 10 KB over to 4 KB under (exact at R = 1, K = 128, V blocks of 64), dh up to 45 KB over."""
+        With `from_t` a stage holds B, T and the [rows, v_block] tile of U~ or v instead of W, and the
+        forward scans hold the operands (A h + U~) and X once. `benchmarks/compile_report.py --scan-model`
+        compares it with the compiler's: bf16 exact at R = 1, K = 128 (V blocks of 64) and from 4 KB under
+        to 20 KB over elsewhere; fp32 from 4 KB under to 48 KB over."""
         query = self.query_rows * self.k_block + self.v_rows * self.v_block
         item = self.dtype.itemsize
         if self.from_t:
-            pipelined = (self.rows * (self.k_block + self.v_block) + (0 if ahead else query)) * item
-            per_stage = pipelined + self.rows * self.rows * 4
-            if self.v_rows:  # the dh kernel
-                operands = (self.k_block + self.rows) * self.v_block
-            else:
-                operands = self.rows * self.v_block if self.dtype == torch.float32 else 0
+            # B and T, and the forward scans' U~ or v
+            tiles = self.rows * (self.k_block + self.rows + (0 if self.v_rows else self.v_block))
+            per_stage = (tiles + (0 if ahead else query)) * item
+            # the dh kernel's state and du operands; the forward scans' (A h + U~) and X
+            operands = (self.k_block + self.rows if self.v_rows else 2 * self.rows) * self.v_block
             return stages * per_stage + (operands + (query if ahead else 0)) * item
         per_stage = 2 * self.rows * self.k_block + (0 if ahead else query)
         once = (self.k_block + self.rows) * self.v_block + (query if ahead else 0)

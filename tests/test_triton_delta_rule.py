@@ -288,7 +288,8 @@ def test_tensor_inv_wu_solves_the_chunk_system(mode):
 
 @pytest.mark.triton_interpret
 def test_sigdelta_selects_its_solver_or_says_it_is_missing():
-    (q, a, b, u), _ = make_inputs(1, 16, 1, 1, 16, 16, dtype=torch.float32, device="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    (q, a, b, u), _ = make_inputs(1, 16, 1, 1, 16, 16, dtype=torch.float32, device=device)
     if importlib.util.find_spec("modeling_parallelflow.triton_sigdelta") is None:
         with pytest.raises(NotImplementedError, match="sigdelta"):
             triton_dispatch.triton_delta_rule_drivers(q, a, b, u, algorithm="sigdelta")
