@@ -28,7 +28,7 @@ PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bi
 INT_ARGS = {"chunk_seq", "chunk_tok", "cu", "chunk_off"}
 SCALAR_INT_ARGS = {"k_len", "v_len"}
 TRITON_TYPE = {torch.bfloat16: "bf16", torch.float32: "fp32"}
-FP32_ARGS = {"tmat", "ht", "h0", "dh0", "dht", "dbeta"}
+FP32_ARGS = {"scratch", "ht", "h0", "dh0", "dht", "dbeta"}
 
 
 def report(label, fn, consts, num_warps=4, num_stages=2, states="bf16", dtype="bf16"):
@@ -97,14 +97,14 @@ def check_scan_model():
         chunk = max(16, 64 // rank)
         crp, cq = max(16, triton.next_power_of_2(chunk * rank)), max(16, chunk)
         base = dict(H=16, K=k_dim, V=k_dim, R=rank, C=chunk, CQ=cq, CRP=crp, BK=k_dim, BV=bv, PREC="tf32")
-        fwd = dict(base, HAS_H0=False, STORE_HT=True, LOAD_P=False)
+        fwd = dict(base, HAS_H0=False, STORE_HT=True, LOAD_P=False, FROM_T=True, BETA=True)
         scans = (
             ("fwd", "o", dict(fwd, STORE_STATES=False, WRITE_O=True), cq, 0),
             ("fwd", "st", dict(fwd, STORE_STATES=True, WRITE_O=False), 0, 0),
-            ("dh", "--", dict(base, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=False), cq, cq),
+            ("dh", "--", dict(base, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=False, BETA=True), cq, cq),
         )
         for kernel, what, consts, query_rows, v_rows in scans:  # what: o, states only (st), -- (dh)
-            tiles = ScanTiles(crp, query_rows, v_rows, k_dim, bv, dtype)
+            tiles = ScanTiles(crp, query_rows, v_rows, k_dim, bv, dtype, from_t=True)
             stages, ahead = scan_launch(tiles, programs, 132, may_load_ahead=kernel == "fwd")
             if stages < 2:
                 continue  # one stage: nothing pipelined, the model does not apply
@@ -127,16 +127,17 @@ def main():
     crp = max(16, triton.next_power_of_2(chunk * rank))
     base = dict(H=16, K=128, V=128, R=rank, C=chunk, CQ=max(16, chunk), CRP=crp, BK=128, PREC="tf32")
     wu = dict(base, BV=32, BKS=32, LOG_NB=(crp // 16).bit_length() - 1, PRODUCT=False, COMPUTE_WU=True)
-    wu.update(LOAD_T=False, BETA=True, INV_PREC="tf32", LOW_DOTS=True)
+    wu.update(BETA=True, INV_PREC="tf32", LOW_DOTS=True)
     del wu["CQ"]
     report("_wu_kernel", triton_chunk_fwd._wu_kernel, wu)
     # the sequential kernels' pipeline as launched at 16384 x 2 (128 programs)
     cq = max(16, chunk)
 
     def seq_launch(bv, v_rows):  # (stages, ahead); W, B and Q tiles; v_rows: dO in the dh kernel
-        return scan_launch(ScanTiles(crp, cq, v_rows, 128, bv, torch.bfloat16), 128, 132, v_rows == 0)
+        tiles = ScanTiles(crp, cq, v_rows, 128, bv, torch.bfloat16, from_t=True)
+        return scan_launch(tiles, 128, 132, v_rows == 0)
 
-    scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True)
+    scan = dict(base, HAS_H0=False, STORE_HT=True, STORE_STATES=False, WRITE_O=True, FROM_T=True, BETA=True)
     for bv, warps in ((64, 4), (64, 8), (32, 4), (16, 4)):  # BV 16: few (sequence, head) pairs, 16384 x 2
         stages, ahead = seq_launch(bv, 0)
         for load_p in (False, True):
@@ -155,7 +156,7 @@ def main():
             report(
                 f"_bwd_dh_kernel BV={bv} LOCAL_DX={int(local)}",
                 triton_chunk_bwd._bwd_dh_kernel,
-                dict(base, BV=bv, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=local),
+                dict(base, BV=bv, HAS_DH0=True, HAS_DHT=False, LOCAL_DX=local, BETA=True),
                 num_warps=warps,
                 num_stages=stages,
             )
@@ -164,7 +165,7 @@ def main():
         report(
             f"_bwd_chunk_kernel BK={bk}",
             triton_chunk_bwd._bwd_chunk_kernel,
-            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True, REUSE_DU=True),
+            dict(base, BK=bk, BV=32, PRODUCT=False, BETA=True),
             num_warps=warps,
             num_stages=TUNE["par_stages"],
         )

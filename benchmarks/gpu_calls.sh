@@ -53,9 +53,6 @@ table)
 model)
     box 390 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
         --models pflow_r1,fla_deltanet,llama_sdpa,pflow_r2,pflow_r4 --out runs/model.json > runs/model.log 2>&1
-    # the W/U-keeping path against the default that recomputes them (15fa54e)
-    PFLOW_RECOMPUTE_WU=0 box 90 python3 $B/bench_model.py --sizes 340m --shapes 2048x16,8192x4 \
-        --models pflow_r1 --out runs/model_keep_wu.json > runs/model_keep_wu.log 2>&1
     grep -h '340m/' runs/model*.log
     tar czf "$OUT/model.tgz" runs/model*
     ;;
@@ -126,7 +123,7 @@ opcheck)
     box 200 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
         --tune ${SWEEP_TUNE:-} --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
     for shape in 2048x16 16384x2; do
-        box 130 python3 $B/profile_kernels.py --shape $shape --variants "${VARIANTS:-base,keep_wu}" \
+        box 130 python3 $B/profile_kernels.py --shape $shape --variants "${VARIANTS:-base}" \
             --kernels-for "${KERNELS_FOR:-base}" --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 \
             --out runs/profile_$shape.json > runs/profile_$shape.log 2>&1
     done

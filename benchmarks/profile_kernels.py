@@ -31,7 +31,6 @@ VARIANTS = {
     "par_bv64": {"par_bv": 64},
     "par_stages1": {"par_stages": 1},
     "par_stages2": {"par_stages": 2},
-    "wu_tf32": {"wu_low_dots": 0},
     "recompute_t": {"recompute_inverses": 1},
     "par_bk128": {"par_bk": 128},
     "par_bk128_warps8": {"par_bk": 128, "par_warps": 8},
@@ -39,10 +38,8 @@ VARIANTS = {
     "fwd_local_p": {"fwd_local_p": 1},
     "local_both": {"bwd_local_dx": 1, "fwd_local_p": 1},
     "local_both_bv32": {"bwd_local_dx": 1, "fwd_local_p": 1, "scan_bv": 32},
-    "recompute_du": {"bwd_reuse_du": 0},  # the backward before fb7510f (du formed again per K tile)
     # the launch settings before 63f9fc0 (2-stage pipelines; scans in V blocks of 16 below 256 programs)
     "old_defaults": {"par_stages": 2, "scan_stages": 2, "scan_min_programs": 256},
-    "keep_wu": {"recompute_wu": 0},
     "keep_states": {"recompute_states": 0},  # chunk states, X, W and U kept: no recompute in the backward
     "min256": {"scan_min_programs": 256},
     "min64": {"scan_min_programs": 64},

@@ -2,16 +2,17 @@
 
 Per chunk (h0 entering state, h1 leaving state, T = (I - N)^-1, X = W h0 + U saved by the forward,
 P = (Q B^T) * M_out):
-    dX = scale P^T dO + B dh1             dh0 = dh1 + scale Q^T dO + W^T dX
+    dX = scale P^T dO + B dh1             dh0 = dh1 + scale Q^T dO + W^T dX  (W^T dX = A^T dU)
     dU = T^T dX  (= du)                   dP  = scale (dO X^T) * M_out
     dN = M * (dU X^T)                     dQ  = scale dO h0^T + dP B
     dA = dU h0^T + dN B                   dB  = dP^T Q + X dh1^T + dN^T A
 (dN: the solve's gradient M * (T^T dW W^T + dU U^T) with dW = dX h0^T collapses to M * (dU X^T)
-because W h0 + U = X; so the backward needs neither W h0 nor U.)
+because W h0 + U = X; so the backward needs neither W h0 nor U, nor W itself: W = T A.)
 
 1. `_bwd_dh_kernel`: sequential over chunks in reverse (per sequence, head, V block): dh in registers,
-   writes dh1 of every chunk and dX; returns the initial-state gradient.
-2. `_bwd_chunk_kernel`: chunk-parallel: du, dq, da, db, K and V in slices of BK2 / BV.
+   writes dh1 of every chunk and dU = T^T dX; returns the initial-state gradient.
+2. `_bwd_chunk_kernel`: chunk-parallel: dq, da, db (and dv = beta du, dbeta in beta form), K and V in
+   slices of BK / BV.
 With TUNE["bwd_local_dx"], a chunk-parallel `_bwd_local_dx_kernel` first writes dX's local part
 scale P^T dO, and the sequential kernel adds B dh1 to it: P = (Q B^T) * M_out, a [C, C*R] product over
 all of K, leaves the sequential loop, where every V block of a (sequence, head) recomputed it.
@@ -39,10 +40,13 @@ from .triton_utils import (
 @triton.jit
 def _bwd_dh_kernel(
     q,
+    a,
     b,
-    w,
+    beta,
+    tmat,
     do,
     dx,
+    du,
     dh0,
     dht,
     dstates,
@@ -61,9 +65,12 @@ def _bwd_dh_kernel(
     HAS_DH0: tl.constexpr,
     HAS_DHT: tl.constexpr,
     LOCAL_DX: tl.constexpr,
+    BETA: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # LOCAL_DX: dx holds scale P^T dO already (`_bwd_local_dx_kernel`); this kernel adds B dh1 to it.
+    # Writes du = T^T dX [CRP, BV] per chunk, not dX, and takes W^T dX as A^T du, so W is not needed
+    # (BETA: A^T du = -k^T (beta du), a unused). LOCAL_DX: dx holds scale P^T dO already
+    # (`_bwd_local_dx_kernel`); this kernel adds B dh1 to it.
     # Q and dO go through the pipeline. Loaded one chunk ahead into registers, as the forward scan's Q can be
     # (`scan_launch`), at 2048 x 16 they took its shared memory from 139 to 113 KB (two programs per
     # multiprocessor) but spilled registers: 0.30 -> 0.42 ms (H200, benchmarks/results/h200_query_ahead).
@@ -95,7 +102,8 @@ def _bwd_dh_kernel(
             mask=hv_mask,
         )
         t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-        w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        jj = tl.arange(0, CRP)
+        t_mat = tl.load(tmat + (((g0 + i).to(tl.int64) * H + h) * CRP + jj[:, None]) * CRP + jj[None, :])
         b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
         qtok = t0 + cidx
         qrow = qtok.to(tl.int64) * H + h
@@ -107,13 +115,20 @@ def _bwd_dh_kernel(
             dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rv_mask, other=0.0).to(tl.float32)
         else:
             p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-            p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)
+            p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(b_t.dtype)
             dx_t = scale * tl.dot(tl.trans(p), do_t, input_precision=PREC)
-        dx_t += tl.dot(b_t, dstate.to(w_t.dtype), input_precision=PREC)  # [CRP, BV]
-        dx_in = dx_t.to(w_t.dtype)
-        tl.store(dx + row[:, None] * V + vv[None, :], dx_in, mask=rv_mask)
+        dx_t += tl.dot(b_t, dstate.to(b_t.dtype), input_precision=PREC)  # [CRP, BV]
+        # T in the input dtype: a tf32 dot on a pipelined fp32 T, transposed, read garbage (NaN dk, dv, dbeta,
+        # dh0 for bf16 at C * R = 64, K = 48 and 128: Triton 3.6, H200 sweep at a286d9a) and was slow
+        du_t = tl.dot(tl.trans(t_mat), dx_t.to(b_t.dtype), input_precision=PREC)
+        tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rv_mask)
         dstate += scale * tl.dot(tl.trans(q_t), do_t, input_precision=PREC)
-        dstate += tl.dot(tl.trans(w_t), dx_in, input_precision=PREC)
+        if BETA:
+            beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
+            dstate -= tl.dot(tl.trans(b_t), (beta_r[:, None] * du_t).to(b_t.dtype), input_precision=PREC)
+        else:
+            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+            dstate += tl.dot(tl.trans(a_t), du_t.to(b_t.dtype), input_precision=PREC)
     if HAS_DH0:
         tl.store(dh0 + nh.to(tl.int64) * K * V + hv_off, dstate, mask=hv_mask)
 
@@ -171,14 +186,12 @@ def _bwd_chunk_kernel(
     beta,
     xs,
     do,
-    dx,
     states,
     dstates,
-    tmat,
+    du,
     dq,
     da,
     db,
-    du,
     dbeta,
     chunk_seq,
     chunk_tok,
@@ -196,11 +209,10 @@ def _bwd_chunk_kernel(
     BV: tl.constexpr,
     PRODUCT: tl.constexpr,
     BETA: tl.constexpr,
-    REUSE_DU: tl.constexpr,
     PREC: tl.constexpr,
 ):
-    # REUSE_DU: du = T^T dX, computed once per V tile in the first loop, is stored (input dtype) and read back
-    # for every K tile instead of computed again there; in beta form a last pass turns it into dv = beta du.
+    # du = T^T dX comes from `_bwd_dh_kernel` (input dtype) and is read in the first V loop and for every K
+    # tile; in beta form a last pass turns it into dv = beta du, in place.
     # BETA: beta form (b = k, v and beta [TT, H, R] given, a = -beta k rebuilt in registers): writes
     # dk = db - beta da into db, dv = beta du into du and dbeta = sum_V v du - sum_K k da; a and da unused.
     # v_len = V, a run-time bound, keeps the V loops as loops: with a constexpr bound a one-trip loop
@@ -212,8 +224,6 @@ def _bwd_chunk_kernel(
     t0 = tl.load(chunk_tok + g)
     eos = tl.load(cu + n + 1)
     t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-    j = tl.arange(0, CRP)
-    t_inv = tl.load(tmat + ((g.to(tl.int64) * H + h) * CRP + j[:, None]) * CRP + j[None, :])
     cidx = tl.arange(0, CQ)
     qrow = (t0 + cidx).to(tl.int64) * H + h
     qmask = ((t0 + cidx < eos) & (cidx < C))[:, None]
@@ -228,21 +238,13 @@ def _bwd_chunk_kernel(
         vv = v0 + tl.arange(0, BV)
         rvmask = valid[:, None] & (vv[None, :] < V)
         x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-        dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
+        du_t = tl.load(du + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)  # [CRP, BV]
         do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & (vv[None, :] < V), other=0.0)
-        du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC)  # [CRP, BV]
         if BETA:
             v_t = tl.load(v + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(tl.float32)
-            dbeta_r += tl.sum(v_t * du_t, axis=1)
-        if BETA and not REUSE_DU:
-            dv_t = (beta_r[:, None] * du_t).to(du.dtype.element_ty)
-            tl.store(du + row[:, None] * V + vv[None, :], dv_t, mask=rvmask)
-        else:
-            tl.store(du + row[:, None] * V + vv[None, :], du_t.to(du.dtype.element_ty), mask=rvmask)
+            dbeta_r += tl.sum(v_t * du_t.to(tl.float32), axis=1)
         dox += tl.dot(do_t, tl.trans(x_t), input_precision=PREC)
-        dn += tl.dot(du_t.to(x_t.dtype), tl.trans(x_t), input_precision=PREC)
-    if REUSE_DU:
-        tl.debug_barrier()  # du as stored above, read back by other threads below
+        dn += tl.dot(du_t, tl.trans(x_t), input_precision=PREC)
     dp = tl.where(cidx[:, None] >= t[None, :], dox * scale, 0.0).to(q.dtype.element_ty)
     dn = tl.where(solve_mask(t, CRP, PRODUCT), dn, 0.0).to(q.dtype.element_ty)
     for k0 in range(0, K, BK):
@@ -270,11 +272,7 @@ def _bwd_chunk_kernel(
             ds1 = tl.load(dstates + st_base + kk[:, None] * V + vv[None, :], mask=hv, other=0.0).to(a_t.dtype)
             x_t = tl.load(xs + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
             do_t = tl.load(do + qrow[:, None] * V + vv[None, :], mask=qmask & vmask[None, :], other=0.0)
-            if REUSE_DU:
-                du_t = tl.load(du + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(a_t.dtype)
-            else:
-                dx_t = tl.load(dx + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0)
-                du_t = tl.dot(tl.trans(t_inv), dx_t.to(tl.float32), input_precision=PREC).to(a_t.dtype)
+            du_t = tl.load(du + row[:, None] * V + vv[None, :], mask=rvmask, other=0.0).to(a_t.dtype)
             dq_t += tl.dot(do_t, tl.trans(s0), input_precision=PREC)
             da_t += tl.dot(du_t, tl.trans(s0), input_precision=PREC)
             db_t += tl.dot(x_t, tl.trans(ds1), input_precision=PREC)
@@ -290,7 +288,7 @@ def _bwd_chunk_kernel(
         tl.store(db + row[:, None] * K + kk[None, :], db_t.to(db.dtype.element_ty), mask=rkmask)
     if BETA:
         tl.store(dbeta + row, dbeta_r, mask=valid)
-    if BETA and REUSE_DU:  # dv = beta du over the du stored above
+    if BETA:  # dv = beta du over du, once every thread has read it above
         tl.debug_barrier()
         for v0 in range(0, v_len, BV):
             vv = v0 + tl.arange(0, BV)
@@ -307,7 +305,6 @@ def launch_chunk_bwd(
     q,
     a,
     b,
-    w,
     xs,
     do,
     states,
@@ -324,7 +321,7 @@ def launch_chunk_bwd(
     v=None,
 ):
     """Gradients of the chunked forward. Shapes as in the forward ([TT, H, ...] flattened tokens);
-    xs = X [TT, H, R, V] and states [G, H, K, V] as saved by the forward scan.
+    xs = X [TT, H, R, V] and states [G, H, K, V] as saved by the forward scan, tmat = T [G, H, CRP, CRP].
 
     Returns (dq, da, db, du, dh0): input dtype, dh0 [N, H, K, V] fp32 or None. Beta form (a None, b = k,
     v [TT, H, R, V] and beta [TT, H, R] given): (dq, dk, dv, dbeta, dh0), dbeta fp32.
@@ -337,12 +334,13 @@ def launch_chunk_bwd(
     bk = max(16, next_pow2(k_dim))
     prec = dot_precision(b.dtype)
     dstates = new_like(states)
-    dx = new_like(xs)
+    du = new_like(xs)  # du = T^T dX from the dh kernel; dv = beta du in beta form, from the chunk kernel
+    local_dx = bool(TUNE["bwd_local_dx"])
+    dx = new_like(xs) if local_dx else None  # its local part scale P^T dO
     dh0 = (
         new_tensor((n_seq, n_heads, k_dim, v_dim), dtype=torch.float32, device=q.device) if need_dh0 else None
     )
     bv = scan_block_v(n_seq * n_heads, v_dim, k_dim)
-    local_dx = bool(TUNE["bwd_local_dx"])
     if local_dx:
         _bwd_local_dx_kernel[(seq.numel(), n_heads)](
             q,
@@ -369,17 +367,21 @@ def launch_chunk_bwd(
         )
     grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
     cq = max(16, chunk)  # Q and dO rows
+    with_beta = beta is not None
     stages, _ = scan_launch(
-        ScanTiles(crp, cq, cq, bk, bv, b.dtype), grid[0] * grid[1], multiprocessors(b.device)
+        ScanTiles(crp, cq, cq, bk, bv, b.dtype, from_t=True), grid[0] * grid[1], multiprocessors(b.device)
     )
     _bwd_dh_kernel[grid](
         q,
+        b if a is None else a,
         b,
-        w,
+        beta if with_beta else b,
+        tmat,
         do,
-        dx,
-        dh0 if need_dh0 else dx,
-        dht if dht is not None else dx,
+        du if dx is None else dx,
+        du,
+        dh0 if need_dh0 else du,
+        dht if dht is not None else du,
         dstates,
         cu,
         off,
@@ -396,12 +398,12 @@ def launch_chunk_bwd(
         HAS_DH0=need_dh0,
         HAS_DHT=dht is not None,
         LOCAL_DX=local_dx,
+        BETA=with_beta,
         PREC=prec,
         num_warps=TUNE["scan_warps"],
         num_stages=stages,
     )
-    with_beta = beta is not None
-    dq, db, du = (new_like(x) for x in (q, b, xs))
+    dq, db = new_like(q), new_like(b)
     da = new_like(b) if not with_beta else None
     dbeta = new_tensor(beta.shape, dtype=torch.float32, device=b.device) if with_beta else None
     _bwd_chunk_kernel[(seq.numel(), n_heads)](
@@ -412,14 +414,12 @@ def launch_chunk_bwd(
         beta if with_beta else b,
         xs,
         do,
-        dx,
         states,
         dstates,
-        tmat,
+        du,
         dq,
         db if da is None else da,
         db,
-        du,
         dbeta if with_beta else db,
         seq,
         tok,
@@ -437,7 +437,6 @@ def launch_chunk_bwd(
         BV=max(32, min(TUNE["par_bv"], next_pow2(v_dim))),
         PRODUCT=product,
         BETA=with_beta,
-        REUSE_DU=bool(TUNE["bwd_reuse_du"]),
         PREC=prec,
         num_warps=TUNE["par_warps"],
         num_stages=TUNE["par_stages"],

@@ -1,18 +1,22 @@
 """Forward of the chunked tensorInv delta rule in Triton (algorithm.md section 3), two launches.
 
-1. `_wu_kernel`, one program per (chunk, head), all chunks in parallel: Gram N = M * (A B^T), the
+1. `_wu_kernel`, one program per (chunk, head), all chunks in parallel: Gram N = M * (A B^T) and the
    inverse T = (I - N)^-1 (16 x 16 diagonal blocks by forward substitution, then block doubling with
-   tensor-core dots), W = T A and U = T U~. T is kept (fp32) only when the backward needs it.
+   tensor-core dots) in fp32, written to HBM in the input dtype. W = T A and U = T U~ are formed only for
+   `tensor_inv_wu` and where a chunk has 128 rows.
 2. `_fwd_scan_kernel`, one program per (sequence, head, V block), sequential over chunks: the fp32
-   state h [K, BV] stays in registers; each chunk computes X = W h + U, o = scale (Q h + P X) with
-   P = (Q B^T) * M_out, then h += B^T X. Outputs are written in the same pass, so per-chunk states
-   and X go to HBM only when the backward asks for them (STORE_STATES). The backward's rerun of the
-   scan (recomputed states) skips o (WRITE_O off): two dots per chunk instead of five.
+   state h [K, BV] stays in registers; each chunk computes X = T (A h + U~) (= W h + U; in beta form
+   A h + U~ = beta (v - k h), from k, v and beta as given), o = scale (Q h + P X) with P = (Q B^T) * M_out,
+   then h += B^T X. Reading T [CRP, CRP] instead of W [CRP, K] costs no more bytes at K >= CRP and saves
+   writing W and U and reading them back, in the forward and in the backward's rerun. Outputs are written in
+   the same pass, so per-chunk states and X go to HBM only when the backward asks for them (STORE_STATES).
+   The backward's rerun of the scan (recomputed states) skips o (WRITE_O off).
    Measured against a split (a states-only scan, then a chunk-parallel output kernel, as fla does): on an
    H200 at 2048 x 16, H = 16, R = 1 the split scan took 0.53 ms and its output kernel 0.26, the fused
    scan 0.70; forward 1.63 ms split against 1.54 fused (benchmarks/results/h200_e109a40).
 
-The W/U stage is swappable: `tensor_inv_wu` here, `sigdelta_wu` in triton_sigdelta.py, same signature.
+The W/U stage is swappable: `tensor_inv_wu` here, `sigdelta_wu` in triton_sigdelta.py, same signature; the
+scan takes sigdelta's W and U as they come (FROM_T off).
 """
 
 import torch
@@ -90,6 +94,7 @@ def _wu_kernel(
     beta,
     w,
     uu,
+    scratch,
     tmat,
     chunk_seq,
     chunk_tok,
@@ -106,14 +111,14 @@ def _wu_kernel(
     LOG_NB: tl.constexpr,
     PRODUCT: tl.constexpr,
     COMPUTE_WU: tl.constexpr,
-    LOAD_T: tl.constexpr,
     BETA: tl.constexpr,
     PREC: tl.constexpr,
     INV_PREC: tl.constexpr,
     LOW_DOTS: tl.constexpr,
 ):
-    """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1 (kept in tmat) -> W = T A, U = T U~.
-    LOAD_T: T is read from tmat (written by an earlier launch) and only W and U are formed.
+    """One (chunk, head): N = M * (A B^T) -> T = (I - N)^-1, formed in fp32 through `scratch` and kept in
+    tmat (input dtype; tmat may be scratch) -> with COMPUTE_WU, W = T A and U = T U~ (the forward scan forms
+    X from T itself: `_fwd_scan_kernel` FROM_T).
 
     BETA: the drivers come as b = k, u = v and beta [TT, H, R]; a = -beta k and U~ = beta v are built
     in registers (`scale_rows`), never in HBM. LOW_DOTS: W and U dots in the input dtype (bf16 / fp16)."""
@@ -127,25 +132,23 @@ def _wu_kernel(
     if BETA:
         beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
     j = tl.arange(0, CRP)
-    scr = tmat + (g.to(tl.int64) * H + h) * CRP * CRP
-    if LOAD_T:  # T kept by an earlier launch: only W and U are formed
-        t_inv = tl.load(scr + j[:, None] * CRP + j[None, :])
-    else:
-        gram = tl.zeros((CRP, CRP), tl.float32)
-        for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
-            kk = k0 + tl.arange(0, BKS)
-            kmask = valid[:, None] & (kk[None, :] < K)
-            b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-            if BETA:
-                a_t = scale_rows(b_t, -beta_r)
-            else:
-                a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
-            gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
-        tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
-        tl.debug_barrier()
-        t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
-        tl.debug_barrier()
-        tl.store(scr + j[:, None] * CRP + j[None, :], t_inv)
+    tile = (g.to(tl.int64) * H + h) * CRP * CRP
+    scr = scratch + tile
+    gram = tl.zeros((CRP, CRP), tl.float32)
+    for k0 in tl.static_range(0, BK, BKS):  # K in slices keeps the register tiles small
+        kk = k0 + tl.arange(0, BKS)
+        kmask = valid[:, None] & (kk[None, :] < K)
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        if BETA:
+            a_t = scale_rows(b_t, -beta_r)
+        else:
+            a_t = tl.load(a + row[:, None] * K + kk[None, :], mask=kmask, other=0.0)
+        gram += tl.dot(a_t, tl.trans(b_t), input_precision=PREC)
+    tl.store(scr + j[:, None] * CRP + j[None, :], tl.where(solve_mask(t, CRP, PRODUCT), gram, 0.0))
+    tl.debug_barrier()
+    t_inv = unit_lower_inverse(scr, CRP, LOG_NB, INV_PREC)
+    tl.debug_barrier()
+    tl.store(tmat + tile + j[:, None] * CRP + j[None, :], t_inv.to(tmat.dtype.element_ty))
     if COMPUTE_WU:
         for k0 in tl.static_range(0, BK, BKS):
             kk = k0 + tl.arange(0, BKS)
@@ -245,6 +248,8 @@ def _fwd_scan_kernel(
     b,
     w,
     uu,
+    tmat,
+    beta,
     o,
     h0,
     ht,
@@ -269,12 +274,17 @@ def _fwd_scan_kernel(
     WRITE_O: tl.constexpr,
     LOAD_P: tl.constexpr,
     QUERY_AHEAD: tl.constexpr,
+    FROM_T: tl.constexpr,
+    BETA: tl.constexpr,
     PREC: tl.constexpr,
 ):
     """One (V block, sequence, head), sequential over its chunks: X = W h + U, h += B^T X; writes the
     entering state of every chunk and X with STORE_STATES, o = scale (Q h + P X) with WRITE_O, P read
     from pmat (`_fwd_local_p_kernel`) with LOAD_P instead of computed here for every V block.
-    QUERY_AHEAD: Q is loaded one chunk ahead into registers, not through the pipeline (`scan_launch`)."""
+    QUERY_AHEAD: Q is loaded one chunk ahead into registers, not through the pipeline (`scan_launch`).
+    FROM_T: X = T (A h + U~) from the inverses T [G, H, CRP, CRP] of `_wu_kernel`, so W and U are never
+    formed: w holds A and uu holds U~; BETA: a = -beta k is not read (w unused, uu = v, beta [TT, H, R]) and
+    A h + U~ = beta (v - k h)."""
     vb = tl.program_id(0)
     nh = tl.program_id(1)
     n = nh // H
@@ -304,12 +314,24 @@ def _fwd_scan_kernel(
             st_ptr = states + ((g0 + i).to(tl.int64) * H + h) * K * V + hv_off
             tl.store(st_ptr, state.to(states.dtype.element_ty), mask=hv_mask)
         t, row, valid = chunk_rows(t0, eos, h, H, R, C, CRP)
-        w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
-        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=valid[:, None] & kmask[None, :], other=0.0)
+        rk_mask = valid[:, None] & kmask[None, :]
+        b_t = tl.load(b + row[:, None] * K + kk[None, :], mask=rk_mask, other=0.0)
         u_t = tl.load(uu + row[:, None] * V + vv[None, :], mask=valid[:, None] & vmask[None, :], other=0.0)
-        s_in = state.to(w_t.dtype)
-        x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)  # corrected values [CRP, BV]
-        x_in = x.to(w_t.dtype)
+        s_in = state.to(b_t.dtype)
+        if FROM_T:
+            jj = tl.arange(0, CRP)
+            t_mat = tl.load(tmat + (((g0 + i).to(tl.int64) * H + h) * CRP + jj[:, None]) * CRP + jj[None, :])
+            if BETA:
+                beta_r = tl.load(beta + row, mask=valid, other=0.0).to(tl.float32)
+                y = beta_r[:, None] * (u_t.to(tl.float32) - tl.dot(b_t, s_in, input_precision=PREC))
+            else:
+                a_t = tl.load(w + row[:, None] * K + kk[None, :], mask=rk_mask, other=0.0)
+                y = tl.dot(a_t, s_in, input_precision=PREC) + u_t.to(tl.float32)
+            x = tl.dot(t_mat, y.to(b_t.dtype), input_precision=PREC)  # corrected values [CRP, BV]
+        else:
+            w_t = tl.load(w + row[:, None] * K + kk[None, :], mask=rk_mask, other=0.0)
+            x = tl.dot(w_t, s_in, input_precision=PREC) + u_t.to(tl.float32)
+        x_in = x.to(b_t.dtype)
         if STORE_STATES:
             tl.store(xs + row[:, None] * V + vv[None, :], x_in, mask=valid[:, None] & vmask[None, :])
         if WRITE_O:
@@ -321,10 +343,10 @@ def _fwd_scan_kernel(
             if LOAD_P:
                 jj = tl.arange(0, CRP)
                 p_off = (((g0 + i).to(tl.int64) * H + h) * CQ + cidx[:, None]) * CRP + jj[None, :]
-                p = tl.load(pmat + p_off).to(w_t.dtype)
+                p = tl.load(pmat + p_off).to(b_t.dtype)
             else:
                 p = tl.dot(q_t, tl.trans(b_t), input_precision=PREC)
-                p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(w_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
+                p = tl.where(cidx[:, None] >= t[None, :], p, 0.0).to(b_t.dtype)  # (Q B^T) * M_out [CQ, CRP]
             o_t = tl.dot(q_t, s_in, input_precision=PREC) + tl.dot(p, x_in, input_precision=PREC)
             tl.store(
                 o + qrow[:, None] * V + vv[None, :],
@@ -350,22 +372,20 @@ def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
     return min(bv, next_pow2(v_dim))
 
 
-def launch_wu(
-    a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False, beta=None, t_in=None
-):
-    """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t) with t [G, H, CRP, CRP] fp32 or None.
+def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False, beta=None):
+    """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t), t = T [G, H, CRP, CRP] (input dtype,
+    rounded from fp32) or None.
 
     Beta form: a None, b = k, u = v and beta [TT, H, R] (a = -beta k and U~ = beta v built in the kernel).
-    t_in: the T an earlier launch kept; then only W and U are formed (the same values as that launch's)."""
+    compute_wu False: only T (w and uu None; u may be None)."""
     total, n_heads, rank, k_dim = b.shape
     v_dim = u.shape[-1] if u is not None else k_dim
     crp = max(16, next_pow2(chunk * rank))
     seq, tok, _ = cmap
     w = new_like(b) if compute_wu else None
     uu = new_like(u) if compute_wu else None
-    tmat = t_in
-    if tmat is None:  # T, and scratch
-        tmat = new_tensor((seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=b.device)
+    scratch = new_tensor((seq.numel(), n_heads, crp, crp), dtype=torch.float32, device=b.device)
+    tmat = scratch if b.dtype == torch.float32 else new_tensor(scratch.shape, dtype=b.dtype, device=b.device)
     _wu_kernel[(seq.numel(), n_heads)](
         b if a is None else a,
         b,
@@ -373,6 +393,7 @@ def launch_wu(
         b if beta is None else beta,
         w if compute_wu else b,
         uu if compute_wu else b,
+        scratch,
         tmat,
         seq,
         tok,
@@ -389,11 +410,10 @@ def launch_wu(
         LOG_NB=(crp // 16).bit_length() - 1,
         PRODUCT=product,
         COMPUTE_WU=compute_wu,
-        LOAD_T=t_in is not None,
         BETA=beta is not None,
         PREC=dot_precision(b.dtype),
         INV_PREC=dot_precision(b.dtype),
-        LOW_DOTS=bool(TUNE["wu_low_dots"]) and low_dots_ok(b.dtype, k_dim, v_dim),
+        LOW_DOTS=low_dots_ok(b.dtype, k_dim, v_dim),
         num_warps=TUNE["wu_warps"] if crp <= 64 else 8,
     )
     return w, uu, tmat if store_t else None
@@ -416,12 +436,17 @@ def launch_fwd_scan(
     write_o: bool,
     n_chunks: int,
     states_dtype=None,
+    tmat=None,
+    beta=None,
 ):
     """q [TT, H, K]; b, w [TT, H, R, K]; uu [TT, H, R, V]; cmap = (chunk_seq, chunk_tok, chunk_off) ->
     o [TT, H, V] (None unless write_o), ht [N, H, K, V] fp32 or None, and with store_states the entering
     state of every chunk [G, H, K, V] and X [TT, H, R, V]. With TUNE["fwd_local_p"] and write_o, P comes
-    from one chunk-parallel launch first (`_fwd_local_p_kernel`)."""
-    total, n_heads, rank, k_dim = w.shape
+    from one chunk-parallel launch first (`_fwd_local_p_kernel`).
+
+    With tmat (the inverses T [G, H, CRP, CRP] of `launch_wu`): w and uu are the drivers A and U~, and
+    X = T (A h + U~); with beta [TT, H, R] too, w is None and uu = v (a = -beta k, U~ = beta v)."""
+    total, n_heads, rank, k_dim = b.shape
     v_dim = uu.shape[-1]
     n_seq = cu.numel() - 1
     o = new_tensor((total, n_heads, v_dim), dtype=out_dtype, device=q.device) if write_o else None
@@ -455,24 +480,26 @@ def launch_fwd_scan(
             CQ=cq,
             CRP=crp,
             BK=max(32, min(64, bk)),
-            PREC=dot_precision(w.dtype),
+            PREC=dot_precision(b.dtype),
             num_warps=TUNE["par_warps"],
         )
     grid = (triton.cdiv(v_dim, bv), n_seq * n_heads)
     query_rows = max(16, chunk) if write_o else 0  # Q, read for o
-    tiles = ScanTiles(crp, query_rows, 0, bk, bv, w.dtype)
-    stages, ahead = scan_launch(tiles, grid[0] * grid[1], multiprocessors(w.device), TUNE["scan_ahead"])
+    tiles = ScanTiles(crp, query_rows, 0, bk, bv, b.dtype, from_t=tmat is not None)
+    stages, ahead = scan_launch(tiles, grid[0] * grid[1], multiprocessors(b.device), TUNE["scan_ahead"])
     _fwd_scan_kernel[grid](
         q,
         b,
-        w,
+        b if w is None else w,
         uu,
-        o if write_o else w,
-        h0 if h0 is not None else w,
-        ht if store_ht else w,
-        states if store_states else w,
-        xs if store_states else w,
-        pmat if load_p else w,
+        b if tmat is None else tmat,
+        b if beta is None else beta,
+        o if write_o else b,
+        h0 if h0 is not None else b,
+        ht if store_ht else b,
+        states if store_states else b,
+        xs if store_states else b,
+        pmat if load_p else b,
         cu,
         chunk_off,
         scale,
@@ -491,7 +518,9 @@ def launch_fwd_scan(
         WRITE_O=write_o,
         LOAD_P=load_p,
         QUERY_AHEAD=ahead,
-        PREC=dot_precision(w.dtype),
+        FROM_T=tmat is not None,
+        BETA=beta is not None,
+        PREC=dot_precision(b.dtype),
         num_warps=TUNE["scan_warps"],
         num_stages=stages,
     )

@@ -4,11 +4,13 @@ Layers: @triton.jit kernels (triton_chunk_fwd / triton_chunk_bwd / triton_recurr
 (tensors in, tensors out) -> `_ChunkDeltaRule` (autograd.Function) -> `run_drivers` (what ops.py calls,
 after validating) and `triton_delta_rule_drivers` (direct entry: cheap option checks, then `run_drivers`).
 
-Recompute vs save: under autograd the forward keeps W and the fp32 inverses T (no solve in the backward)
-and, by default (TUNE["recompute_states"]), U and h0, from which the backward reruns the scan for the
-state entering every chunk ([G, H, K, V], bf16 for bf16 inputs, else fp32) and the corrected values
-X [B, T, H, R, V]; with it off the forward writes those instead. u is not kept (du = T^T dX). When W
-comes from another solver (sigdelta) the backward recomputes T with one chunk-parallel launch.
+Recompute vs save: under autograd the forward keeps the inverses T (no solve in the backward; with
+TUNE["recompute_inverses"] they are formed again there) and, by default (TUNE["recompute_states"]), u and
+h0, from which the backward reruns the scan for the state entering every chunk ([G, H, K, V], bf16 for bf16
+inputs, else fp32) and the corrected values X [B, T, H, R, V]; with it off the forward writes those instead.
+tensorInv forms neither W = T A nor U = T U~ (up to 64 rows a chunk, `_Plan.x_from_t`): the scans take T
+itself. Where W and U are formed (another solver, sigdelta; tensorInv at 128 rows) the forward keeps them for
+the rerun, and for another solver the backward forms T with one chunk-parallel launch.
 The public op's beta form (`run_drivers(..., beta=beta)`, from `ops.delta_rule`) goes to the kernels as
 k, v and beta: the W/U and backward kernels build a = -beta k and u = beta v in registers and the
 backward kernel returns dk, dv and dbeta, so the drivers and their gradients never reach HBM.
@@ -28,6 +30,7 @@ try:
         MAX_RANK,
         TUNE,
         needs_fp32,
+        next_pow2,
         pick_chunk,
         seq_offsets,
         varlen_layout,
@@ -79,6 +82,10 @@ class _Plan:
         self.cu_seqlens = cu_seqlens
         self.cu, self.cmap = varlen_layout(batch, seq_len, cu_seqlens, self.chunk, b.device)
         self.n_seq = self.cu.numel() - 1
+        # tensorInv's scans form X from T where a chunk has at most 64 rows (C * R padded). At 128 (R >= 5)
+        # the scan with o spills registers at V blocks of 64 (176 bytes, compile_report.py), so W and U are
+        # formed, as for another solver.
+        self.x_from_t = next_pow2(self.chunk * self.rank) <= 64
 
     def flat(self, x):
         return x.reshape(self.batch * self.seq_len, *x.shape[2:]).contiguous()
@@ -104,11 +111,13 @@ def _forward(
     keep_states: bool = True,
 ):
     """W/U stage, then the scan. Drivers (a, b, u) or the beta form (a None, b = k, u = v, beta [TT, H, R]:
-    the W/U kernel builds the drivers in registers; another solver gets them built here). for_backward keeps
-    T (tensor_inv) and, with keep_states, writes the chunk states and X; returns o, ht, (w, uu, xs, tmat,
-    states)."""
+    the kernels build the drivers in registers; another solver gets them built here). tensorInv forms only
+    the inverses T, from which the scan forms X itself; W and U of another solver (or of tensorInv at 128
+    rows a chunk) go to the scan as they are.
+    for_backward with keep_states writes the chunk states and X; returns o, ht, (w, uu, xs, tmat, states)
+    (w, uu None where the scan forms X from T: `_Plan.x_from_t`)."""
     if solver is None:
-        w, uu, tmat = _wu(a, b, u, beta, plan, store_t=for_backward and not TUNE["recompute_inverses"])
+        w, uu, tmat = _wu(a, b, u, beta, plan, compute_wu=not plan.x_from_t, store_t=True)
     else:
         if beta is not None:
             a, u = beta_drivers(b, u, beta)
@@ -123,30 +132,40 @@ def _forward(
         )
         w, uu, tmat = plan.flat(w), plan.flat(uu), None
     o, ht, states, xs = _scan(
-        q, b, w, uu, h0, plan, store_ht=store_ht, store_states=for_backward and keep_states
+        q,
+        b,
+        (a, u, beta, tmat) if w is None else (w, uu, None, None),
+        h0,
+        plan,
+        store_ht=store_ht,
+        store_states=for_backward and keep_states,
     )
     return o, ht, (w, uu, xs, tmat, states)
 
 
-def _scan(q, b, w, uu, h0, plan: _Plan, *, store_ht: bool, store_states: bool, need_o: bool = True):
-    """The sequential scan: o [TT, H, V] (uu's dtype; None unless need_o), ht, and with store_states the chunk
-    states [G, H, K, V] (bf16 for bf16 inputs, else fp32) and X [TT, H, R, V]."""
+def _scan(q, b, x_from, h0, plan: _Plan, *, store_ht: bool, store_states: bool, need_o: bool = True):
+    """The sequential scan: o [TT, H, V] (None unless need_o), ht, and with store_states the chunk states
+    [G, H, K, V] (bf16 for bf16 inputs, else fp32) and X [TT, H, R, V]. x_from: (a, u, beta, T), X formed from
+    the inverses T (a None in beta form, u = v), or (W, U, None, None)."""
+    lhs, rhs, beta, tmat = x_from
     return launch_fwd_scan(
         q,
         b,
-        w,
-        uu,
+        lhs,
+        rhs,
         plan.cu,
         plan.cmap,
         h0,
         chunk=plan.chunk,
         scale=plan.scale,
-        out_dtype=uu.dtype,
+        out_dtype=rhs.dtype,
         store_ht=store_ht,
         store_states=store_states,
         write_o=need_o,
         n_chunks=plan.cmap[0].numel(),
         states_dtype=torch.bfloat16 if b.dtype == torch.bfloat16 else torch.float32,
+        tmat=tmat,
+        beta=beta,
     )
 
 
@@ -154,8 +173,8 @@ class _ChunkDeltaRule(torch.autograd.Function):
     """Drivers form: inputs q, a, b, u (beta None). Beta form: a None, b = k, u = v and beta [TT, H, R]: the
     kernels build a = -beta k and u = beta v in registers and return the gradients of k, v and beta, so
     neither the drivers nor their gradients reach HBM. With TUNE["recompute_states"] the backward reruns the
-    scan for the chunk states and X, and U [TT, H, R, V] and h0 are kept instead; with TUNE["recompute_wu"]
-    too (tensorInv only), W and U are formed again from the kept T, and neither is kept."""
+    scan for the chunk states and X, from the kept T (tensorInv; with TUNE["recompute_inverses"] T is formed
+    again first) or from the kept W and U (another solver)."""
 
     @staticmethod
     def forward(ctx, q, a, b, u, beta, h0, plan, solver, store_ht):
@@ -173,33 +192,28 @@ class _ChunkDeltaRule(torch.autograd.Function):
             for_backward=True,
             keep_states=not recompute,
         )
-        recompute_wu = recompute and bool(TUNE["recompute_wu"]) and solver is None
-        kept_w = None if recompute_wu else w
-        kept_v = u if beta is not None or recompute_wu else None  # v (beta form) or the drivers' u
-        kept_uu = uu if recompute and not recompute_wu else None
+        kept_t = None if TUNE["recompute_inverses"] else tmat
+        kept_wu = (w, uu) if recompute and w is not None else (None, None)
+        kept_u = u if beta is not None or (recompute and w is None) else None  # dbeta's v; the rerun
         kept_h0 = h0 if recompute else None
-        ctx.save_for_backward(q, a, b, kept_w, xs, tmat, states, beta, kept_v, kept_uu, kept_h0)
+        ctx.save_for_backward(q, a, b, kept_u, beta, kept_t, states, xs, *kept_wu, kept_h0)
         ctx.plan = plan
         ctx.h0_dtype = None if h0 is None else h0.dtype
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
-        q, a, b, w, xs, tmat, states, beta, v, uu, h0 = ctx.saved_tensors
+        q, a, b, u, beta, tmat, states, xs, w, uu, h0 = ctx.saved_tensors
         plan = ctx.plan
-        if w is None:  # recompute_wu: W and U from the kept T (same kernel: the forward's values); with
-            # recompute_inverses too, T comes out of this same launch
-            w, uu, t = _wu(a, b, v, beta, plan, t_in=tmat, store_t=tmat is None)
-            tmat = tmat if tmat is not None else t
-        if states is None:  # recompute: the same scan on the same inputs writes the same states and X
-            _, _, states, xs = _scan(q, b, w, uu, h0, plan, store_ht=False, store_states=True, need_o=False)
-        if tmat is None:
+        if tmat is None:  # not kept (recompute_inverses) or another solver: one chunk-parallel launch
             _, _, tmat = _wu(a, b, None, beta, plan, compute_wu=False, store_t=True)
+        if states is None:  # recompute: the same scan on the same inputs writes the same states and X
+            x_from = (a, u, beta, tmat) if w is None else (w, uu, None, None)
+            _, _, states, xs = _scan(q, b, x_from, h0, plan, store_ht=False, store_states=True, need_o=False)
         dq, d1, d2, d3, dh0 = launch_chunk_bwd(
             q,
             a,
             b,
-            w,
             xs,
             do.contiguous(),
             states,
@@ -212,7 +226,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
             product=plan.product,
             need_dh0=ctx.h0_dtype is not None,
             beta=beta,
-            v=None if beta is None else v,
+            v=None if beta is None else u,
         )
         dh0 = None if dh0 is None else dh0.to(ctx.h0_dtype)
         if beta is None:  # d1, d2, d3 = da, db, du

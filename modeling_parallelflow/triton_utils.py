@@ -67,15 +67,6 @@ TUNE = {
     # the first V loop unpipelined removes that but measured slower (2.877 / 3.685 ms, R = 4 9.54 / 13.97),
     # and is gone.
     "par_stages": int(os.environ.get("PFLOW_PAR_STAGES", "3")),
-    # 1: the backward chunk kernel computes du = T^T dX once per V tile and reads it back (input dtype) for
-    # each K tile, instead of computing it again there (a quarter of that loop's dots, and its dX reads); in
-    # beta form dv = beta du then rounds twice. H200 at a3b8d7f, R = 1 / R = 4 fwd+bwd: 2048 x 16
-    # 3.075 -> 2.968 / 9.97 -> 9.64 ms (the kernel 1.164 -> 1.057), 16384 x 2 3.875 -> 3.750 / 14.33 -> 13.99.
-    "bwd_reuse_du": int(os.environ.get("PFLOW_BWD_REUSE_DU", "1")),
-    # 1: W = T A and U = T U~ as dots in the input dtype (bf16 / fp16, as fla does; not for fp32, nor for K or
-    # V <= 16: triton_chunk_fwd.low_dots_ok) instead of tf32 on the fp32 T. H200, 2048 x 16, H = 16:
-    # R = 1 forward + backward 2.91 -> 2.84 ms, R = 4 9.37 -> 9.09 (benchmarks/results/h200_a3c6c3c).
-    "wu_low_dots": int(os.environ.get("PFLOW_WU_LOW_DOTS", "1")),
     # 1: the backward recomputes the chunk states and X with one more forward scan instead of keeping them
     # and keeps U (activation memory -4 KiB per token per layer at R = 1, K = V = 128; -16 at R = 4:
     # benchmarks/activation_census.py). Measured on an H200 at de8b259, 340M training step at 2048 x 16:
@@ -84,11 +75,6 @@ TUNE = {
     # 1: the forward does not keep the fp32 inverses T [G, H, CRP, CRP] (C * R * 4 bytes per token and head);
     # the backward recomputes them with one chunk-parallel launch, as it does for the sigdelta solver.
     "recompute_inverses": int(os.environ.get("PFLOW_RECOMPUTE_INVERSES", "0")),
-    # 1 (with recompute_states, tensorInv): the forward keeps neither W nor U [TT, H, R, K / V] (2 x 2 KiB per
-    # token and layer at R = 1, K = V = 128, H = 8, bf16); the backward forms them again from the kept T with
-    # one chunk-parallel launch of the W/U kernel (LOAD_T). H200 at 16d3764, 340M training step, 2048 x 16:
-    # 156.6K -> 155.3K tokens/s, 33.5 -> 30.5 GiB (fla 31.5 GiB); sweep subset 97 / 97 at a46b5fb.
-    "recompute_wu": int(os.environ.get("PFLOW_RECOMPUTE_WU", "1")),
     # The short conv's backward (triton_conv): token rows per tile (0: 4096 / K rounded, 16 to 64) and warps
     # of its two launches. At the 1.3B shape they took 54 of ~560 ms of a training step (H200, b76ce2f).
     # `benchmarks/bench_conv.py` (H200, 54695e7): 2 warps for `_dx_kernel` instead of 4 take the backward
@@ -131,9 +117,10 @@ def pick_chunk(chunk_size: int, rank: int, dtype: torch.dtype | None = None) -> 
 
 @dataclasses.dataclass(frozen=True)
 class ScanTiles:
-    """What a sequential scan holds in shared memory, per chunk: W and B [rows, k_block]; Q [query_rows,
-    k_block] (0 where the kernel reads no Q); `v_rows` rows of [v_block] (dO in the dh kernel); beside them
-    the state and X operands, (k_block + rows) x v_block. Elements of `dtype`."""
+    """What a sequential scan holds in shared memory, per chunk: W and B [rows, k_block], or with `from_t`
+    B and the inverse T [rows, rows]; Q [query_rows, k_block] (0 where the kernel reads no Q);
+    `v_rows` rows of [v_block] (dO in the dh kernel); beside them the state and X operands,
+    (k_block + rows) x v_block. Elements of `dtype`."""
 
     rows: int
     query_rows: int
@@ -141,18 +128,28 @@ class ScanTiles:
     k_block: int
     v_block: int
     dtype: torch.dtype
+    from_t: bool = False
 
     def shared(self, stages: int, ahead: bool = False) -> int:
         """Bytes of shared memory at `stages` >= 2 pipeline stages, as Triton 3.6 lays them out for sm_90:
         each stage holds W, B and the query-side tiles (Q, the v_rows); with `ahead` those are loaded one
         chunk ahead into registers (`token_tile`) instead and held once, as are the state and X operands.
-        `benchmarks/compile_report.py --scan-model` compares it with the compiler's: exact for the forward
-        scans (R = 1 and 2, bf16 and fp32, K 64-256; 4 KB over at R = 4), the dh kernel's 4 KB under to 20 KB
-        over."""
+        With `from_t` a stage holds B, T and the [rows, v_block] tile of U~ or v instead of W, and the
+        forward scans hold the operands (A h + U~) and X once. `benchmarks/compile_report.py --scan-model`
+        compares it with the compiler's: bf16 exact at R = 1, K = 128 (V blocks of 64) and from 4 KB under
+        to 20 KB over elsewhere; fp32 from 4 KB under to 48 KB over."""
         query = self.query_rows * self.k_block + self.v_rows * self.v_block
+        item = self.dtype.itemsize
+        if self.from_t:
+            # B and T, and the forward scans' U~ or v
+            tiles = self.rows * (self.k_block + self.rows + (0 if self.v_rows else self.v_block))
+            per_stage = (tiles + (0 if ahead else query)) * item
+            # the dh kernel's state and du operands; the forward scans' (A h + U~) and X
+            operands = (self.k_block + self.rows if self.v_rows else 2 * self.rows) * self.v_block
+            return stages * per_stage + (operands + (query if ahead else 0)) * item
         per_stage = 2 * self.rows * self.k_block + (0 if ahead else query)
         once = (self.k_block + self.rows) * self.v_block + (query if ahead else 0)
-        return (stages * per_stage + once) * self.dtype.itemsize
+        return (stages * per_stage + once) * item
 
 
 def scan_launch(tiles: ScanTiles, programs: int, sms: int, may_load_ahead: bool = False) -> tuple[int, bool]:

@@ -168,12 +168,25 @@ def test_scan_launch_follows_shared_memory_and_occupancy(monkeypatch):
     triton_utils = pytest.importorskip("modeling_parallelflow.triton_utils")
 
     def launch(
-        chunk, reads_q=True, v_rows=0, rows=64, dtype=torch.bfloat16, k_block=128, bv=64, programs=128
+        chunk,
+        reads_q=True,
+        v_rows=0,
+        rows=64,
+        dtype=torch.bfloat16,
+        k_block=128,
+        bv=64,
+        programs=128,
+        from_t=False,
     ):
         query_rows = max(16, chunk) if reads_q else 0
         ahead = v_rows == 0 and triton_utils.TUNE["scan_ahead"]  # the forward scan's, as launched
-        tiles = triton_utils.ScanTiles(rows, query_rows, v_rows, k_block, bv, dtype)
+        tiles = triton_utils.ScanTiles(rows, query_rows, v_rows, k_block, bv, dtype, from_t)
         return triton_utils.scan_launch(tiles, programs, 132, ahead)
+
+    # X from T (tensorInv up to 64 rows): R = 1, 2048 x 16, 112 KB at 2 stages fit twice, Q ahead fits no more
+    assert launch(64, programs=512, from_t=True) == (2, False)
+    assert launch(64, reads_q=False, programs=512, from_t=True) == (3, False)  # its rerun: 112 KB at 3
+    assert launch(64, from_t=True) == launch(16, from_t=True) == (3, False)  # 16384 x 2, R = 1 and R = 4
 
     r4_grid = dict(programs=512)  # R = 4, 2048 x 16
     assert launch(64) == (3, False)  # R = 1, 16384 x 2: 128 programs
@@ -201,3 +214,7 @@ def test_scan_launch_follows_shared_memory_and_occupancy(monkeypatch):
     assert with_o.shared(2, ahead=True) == 106496
     assert with_o.shared(3) == 172032
     assert states_only.shared(2) == 90112
+    assert triton_utils.ScanTiles(64, 64, 0, 128, 64, bf16, from_t=True).shared(2) == 114688
+    assert triton_utils.ScanTiles(64, 64, 0, 128, 64, bf16, from_t=True).shared(3) == 163840
+    assert triton_utils.ScanTiles(64, 0, 0, 128, 64, bf16, from_t=True).shared(3) == 114688
+    assert triton_utils.ScanTiles(64, 64, 64, 128, 64, bf16, from_t=True).shared(3) == 172032  # dh
