@@ -372,9 +372,9 @@ def scan_block_v(n_programs_nh: int, v_dim: int, k_dim: int) -> int:
     return min(bv, next_pow2(v_dim))
 
 
-def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, store_t=False, beta=None):
+def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, beta=None):
     """a, b [TT, H, R, K], u [TT, H, R, V] (contiguous) -> (w, uu, t), t = T [G, H, CRP, CRP] (input dtype,
-    rounded from fp32) or None.
+    rounded from fp32).
 
     Beta form: a None, b = k, u = v and beta [TT, H, R] (a = -beta k and U~ = beta v built in the kernel).
     compute_wu False: only T (w and uu None; u may be None)."""
@@ -416,7 +416,7 @@ def launch_wu(a, b, u, cu, cmap, *, chunk: int, product: bool, compute_wu=True, 
         LOW_DOTS=low_dots_ok(b.dtype, k_dim, v_dim),
         num_warps=TUNE["wu_warps"] if crp <= 64 else 8,
     )
-    return w, uu, tmat if store_t else None
+    return w, uu, tmat
 
 
 def launch_fwd_scan(

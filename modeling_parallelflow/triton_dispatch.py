@@ -117,7 +117,7 @@ def _forward(
     for_backward with keep_states writes the chunk states and X; returns o, ht, (w, uu, xs, tmat, states)
     (w, uu None where the scan forms X from T: `_Plan.x_from_t`)."""
     if solver is None:
-        w, uu, tmat = _wu(a, b, u, beta, plan, compute_wu=not plan.x_from_t, store_t=True)
+        w, uu, tmat = _wu(a, b, u, beta, plan, compute_wu=not plan.x_from_t)
     else:
         if beta is not None:
             a, u = beta_drivers(b, u, beta)
@@ -206,7 +206,7 @@ class _ChunkDeltaRule(torch.autograd.Function):
         q, a, b, u, beta, tmat, states, xs, w, uu, h0 = ctx.saved_tensors
         plan = ctx.plan
         if tmat is None:  # not kept (recompute_inverses) or another solver: one chunk-parallel launch
-            _, _, tmat = _wu(a, b, None, beta, plan, compute_wu=False, store_t=True)
+            _, _, tmat = _wu(a, b, None, beta, plan, compute_wu=False)
         if states is None:  # recompute: the same scan on the same inputs writes the same states and X
             x_from = (a, u, beta, tmat) if w is None else (w, uu, None, None)
             _, _, states, xs = _scan(q, b, x_from, h0, plan, store_ht=False, store_states=True, need_o=False)
