@@ -456,6 +456,33 @@ def test_half_precision_dots_match_loop_and_fp32_inputs():
     assert rel_err(w16.float().cpu(), w32.cpu()) < 4e-3 and rel_err(u16.float().cpu(), u32.cpu()) < 4e-3
 
 
+@pytest.mark.triton_interpret
+def test_128_row_chunks_form_w_and_u_and_match_loop():
+    """fp16 at R = 5: 16-token chunks of 80 rows, padded to 128, where the scans take W and U formed by the
+    W/U kernel instead of forming X from T (`_Plan.x_from_t`); the backward still takes dU = T^T dX from the
+    dh kernel. Output, final state and every gradient within fp16 rounding of the float64 loop."""
+    from modeling_parallelflow import triton_dispatch
+    from modeling_parallelflow.ops import delta_rule
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    leaves, _ = _public_op_case(1, 24, 5, 32, 16, "sum", "tensor_inv", None, device)
+    plan = triton_dispatch._Plan(leaves[1].half(), None, 64, "sum", 1.0)
+    assert (plan.chunk, plan.x_from_t) == (16, False)
+
+    def run(inputs, **options):
+        inputs = [x.clone().requires_grad_() for x in inputs]
+        o, ht = delta_rule(*inputs[:4], initial_state=inputs[4], output_final_state=True, **options)
+        gen = torch.Generator().manual_seed(5)
+        do = torch.randn(o.shape, generator=gen).to(device)
+        ((o.double() * do.double()).sum() + ht.double().sum()).backward()
+        return [o, ht] + [x.grad for x in inputs]
+
+    half = [x.half() for x in leaves[:4]] + [leaves[4]]
+    reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
+    for x, ref in zip(run(half, algorithm="tensor_inv", backend="triton"), reference, strict=True):
+        assert torch.isfinite(x).all() and rel_err(x.cpu(), ref.cpu()) < 4e-3, rel_err(x.cpu(), ref.cpu())
+
+
 def _slow(setting):  # settings off by default, ~4 s each under the interpreter
     return pytest.param(setting, marks=pytest.mark.slow)
 
