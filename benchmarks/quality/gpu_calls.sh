@@ -67,23 +67,26 @@ graphcheck)
 grid)
     # The full MQAR grid: 7 models x 3 widths x 3 learning rates per seed (SEEDS, default "0"), all three tasks
     # trained together, --cuda-graph, 25,000-step schedules stopping at 99 %. One run per job and per file
-    # (runs/grid/seed<S>_<model>_w<width>_lr<j>.json, lr j of 1.5e-3, 3e-3, 5e-3): jobs whose file exists, here
-    # or among the results an earlier call returned ($R/grid_h200/), are done. PER_GPU workers on every GPU of
-    # the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5 minutes); a worker starts a job
-    # only with at least MIN_LEFT seconds of the call's CALL_WALL left, and cuts it at the call's end (kept,
-    # `ended_by: run_wall`).
+    # (runs/<NAME>/seed<S>_<model>_w<width>_lr<j>.json, lr j of 1.5e-3, 3e-3, 5e-3): jobs whose file exists,
+    # here or among the results an earlier call returned ($R/<NAME>_h200/), are done. PER_GPU workers on every
+    # GPU of the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5 minutes); a worker starts a
+    # job only with at least MIN_LEFT seconds of the call's CALL_WALL left, and cuts it at the call's end (kept,
+    # `ended_by: run_wall`). A smaller grid: NAME (default grid), TASK (tasks trained together, default the
+    # grid's three), WIDTHS (64 128 256), LR_SHARDS (the j to run, default 0 1 2), STEPS, GRID_MODELS.
     gpus=$(nvidia-smi -L | wc -l)
     procs=$((gpus * ${PER_GPU:-4}))
     deadline=$(($(date +%s) + ${CALL_WALL:-560}))
-    mkdir -p runs/grid
-    cp -n $R/grid_h200/*.json runs/grid/ 2>/dev/null
+    name=${NAME:-grid}
+    tasks=(); [[ -n ${TASK:-} ]] && tasks=(--tasks "$TASK")
+    mkdir -p runs/$name
+    cp -n $R/${name}_h200/*.json runs/$name/ 2>/dev/null
     todo=()
     for seed in ${SEEDS:-0}; do
         for model in ${GRID_MODELS:-pflow-r1 pflow-r2-sum pflow-r4-sum pflow-r2-product pflow-r2-exact \
             pflow-r1-negeig llama}; do
-            for width in 64 128 256; do
-                for j in 0 1 2; do
-                    [[ -f runs/grid/seed${seed}_${model}_w${width}_lr$j.json ]] || todo+=("$seed $model $width $j")
+            for width in ${WIDTHS:-64 128 256}; do
+                for j in ${LR_SHARDS:-0 1 2}; do
+                    [[ -f runs/$name/seed${seed}_${model}_w${width}_lr$j.json ]] || todo+=("$seed $model $width $j")
                 done
             done
         done
@@ -97,17 +100,18 @@ grid)
             read -r seed model width j <<< "${todo[i]}"
             CUDA_VISIBLE_DEVICES=$((w % gpus)) python3 $Q/mqar.py --grid full --steps "${STEPS:-25000}" \
                 --lrs 1.5e-3,3e-3,5e-3 --shard "$j/3" --models "$model" --widths "$width" --seed "$seed" \
-                --eval-every 1000 --stop-at 0.99 --cuda-graph --run-wall $((left - 40)) \
-                --out "runs/grid/seed${seed}_${model}_w${width}_lr$j.json" >> "runs/grid/worker$w.log" 2>&1
+                "${tasks[@]}" --eval-every 1000 --stop-at 0.99 --cuda-graph --run-wall $((left - 40)) \
+                --out "runs/$name/seed${seed}_${model}_w${width}_lr$j.json" >> "runs/$name/worker$w.log" 2>&1
         done
     }
     for w in $(seq 0 $((procs - 1))); do worker "$w" & done
     wait
-    finished runs/grid/worker*.log
+    finished runs/$name/worker*.log
     for seed in ${SEEDS:-0}; do  # one table per seed: the best learning rate of each model, width and task
-        python3 $Q/mqar.py --merge runs/grid/seed${seed}_*.json --out runs/grid_merged_seed$seed.json | tail -n 30
+        python3 $Q/mqar.py --merge runs/$name/seed${seed}_*.json --out runs/${name}_merged_seed$seed.json \
+            | tail -n 40
     done
-    tar czf "$OUT/grid.tgz" runs/grid/*.json $(ls runs/grid_merged_* 2>/dev/null)
+    tar czf "$OUT/$name.tgz" runs/$name/*.json runs/$name/worker*.log $(ls runs/${name}_merged_* 2>/dev/null)
     ;;
 eval)
     for dir in runs/text30m/*/; do
