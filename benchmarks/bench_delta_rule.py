@@ -100,6 +100,7 @@ PROVIDERS = {
     "ours_R2_product": ours(2, "product"),
     "ours_R4_sum": ours(4, "sum"),
     "ours_R4_product": ours(4, "product"),
+    "ours_R8_sum": ours(8, "sum"),  # 128-row chunks (C = 16): the W/U path
     "ours_R1_sum_sigdelta": ours(1, "sum", "sigdelta"),  # the other W/U solver (auto: triton_sigdelta table)
     "ours_R4_sum_sigdelta": ours(4, "sum", "sigdelta"),
     "fla_delta_rule_R1": fla_delta(1),
