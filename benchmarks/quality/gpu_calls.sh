@@ -72,7 +72,8 @@ grid)
     # GPU of the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5 minutes); a worker starts a
     # job only with at least MIN_LEFT seconds of the call's CALL_WALL left, and cuts it at the call's end (kept,
     # `ended_by: run_wall`). A smaller grid: NAME (default grid), TASK (tasks trained together, default the
-    # grid's three), WIDTHS (64 128 256), LR_SHARDS (the j to run, default 0 1 2), STEPS, GRID_MODELS.
+    # grid's three), WIDTHS (64 128 256), LR_SHARDS (the j to run, default 0 1 2; LR_SHARDS_<width> for one
+    # width), STEPS, GRID_MODELS.
     gpus=$(nvidia-smi -L | wc -l)
     procs=$((gpus * ${PER_GPU:-4}))
     deadline=$(($(date +%s) + ${CALL_WALL:-560}))
@@ -85,7 +86,8 @@ grid)
         for model in ${GRID_MODELS:-pflow-r1 pflow-r2-sum pflow-r4-sum pflow-r2-product pflow-r2-exact \
             pflow-r1-negeig llama}; do
             for width in ${WIDTHS:-64 128 256}; do
-                for j in ${LR_SHARDS:-0 1 2}; do
+                shards=LR_SHARDS_$width
+                for j in ${!shards:-${LR_SHARDS:-0 1 2}}; do
                     [[ -f runs/$name/seed${seed}_${model}_w${width}_lr$j.json ]] || todo+=("$seed $model $width $j")
                 done
             done
