@@ -164,6 +164,45 @@ def test_phi_gives_matrix_exp(rank):
     torch.testing.assert_close(got, expected, **TOL64)
 
 
+def phi_by_matrix_exp(x):
+    """Top-right block of exp([[X, I], [0, 0]]) (torch.linalg.matrix_exp): the oracle for phi."""
+    n = x.shape[-1]
+    top = torch.cat([x, torch.eye(n, dtype=x.dtype).expand_as(x)], -1)
+    return torch.linalg.matrix_exp(torch.cat([top, torch.zeros_like(top)], -2))[..., :n, n:]
+
+
+@pytest.mark.parametrize("size", [1, 2, 4, 8])
+@pytest.mark.parametrize("norm", [0.0, 1e-3, 0.5, 3.0, 20.0, 100.0])
+def test_phi_matches_matrix_exp_across_norms(size, norm):
+    """Halving counts 0 to 7, float64 values and gradients, float32 values."""
+    x = torch.randn(32, size, size, dtype=F64)
+    x = (x * norm / torch.linalg.matrix_norm(x)[:, None, None]).requires_grad_()
+    expected = phi_by_matrix_exp(x)
+    weights = torch.randn_like(expected)
+    (grad_expected,) = torch.autograd.grad((expected * weights).sum(), x)
+    got = phi(x)
+    (grad,) = torch.autograd.grad((got * weights).sum(), x)
+    scale = expected.abs().max().item()
+    torch.testing.assert_close(got, expected, atol=1e-13 * scale, rtol=1e-12)
+    torch.testing.assert_close(grad, grad_expected, atol=1e-12 * grad_expected.abs().max().item(), rtol=1e-11)
+    if norm <= 20:  # phi(100) = (e^100 - 1) / 100 is past float32's range
+        got32 = phi(x.detach().float()).double()
+        torch.testing.assert_close(got32, expected.detach(), atol=3e-6 * scale, rtol=3e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_exact_flow_under_autocast_computes_in_float32(mode):
+    """bf16 autocast must not reach the series: it turned the drivers into NaN (MQAR on the GPU, 794bcb6)."""
+    x = make_inputs(2, 16, 2, mode, dtype=torch.float32)
+    a, b, u = (t.bfloat16() for t in drivers(x["k"], x["v"], x["beta"]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = exact_flow_drivers(a, b, u, mode)
+    expected = exact_flow_drivers(a.double(), b.double(), u.double(), mode)
+    for g, e in zip(got, expected, strict=True):
+        assert g.dtype == torch.bfloat16 and torch.isfinite(g).all()
+        torch.testing.assert_close(g.double(), e, atol=1e-2, rtol=1e-2)
+
+
 def exact_flow_loop(q, a, b, u, mode):
     """Each (sub-)step integrated exactly: [h; I] <- exp([[B A^T, B U^T], [0, 0]]) [h; I]."""
     batch, seq_len, heads, rank, _ = a.shape
