@@ -25,7 +25,6 @@ VARIANTS = {
     "scan_stages2": {"scan_stages": 2},
     "stages4": {"scan_stages": 4},
     "scan_warps8": {"scan_warps": 8},
-    "dh_warps8": {"dh_warps": 8},
     "wu_warps8": {"wu_warps": 8},
     "par_warps8": {"par_warps": 8},
     "cr128": {"cr_target": 128},

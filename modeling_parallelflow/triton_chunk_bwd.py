@@ -400,7 +400,7 @@ def launch_chunk_bwd(
         LOCAL_DX=local_dx,
         BETA=with_beta,
         PREC=prec,
-        num_warps=TUNE["dh_warps"],
+        num_warps=TUNE["scan_warps"],
         num_stages=stages,
     )
     dq, db = new_like(q), new_like(b)

@@ -29,10 +29,10 @@ SHARED_RESERVED_PER_PROGRAM = 1024
 TUNE = {
     "cr_target": 64,  # C * R rows per chunk (cr128 measured 3x slower at R = 4)
     "wu_warps": 4,
-    "scan_warps": 4,  # 8: R = 1 fwd+bwd 3.62 -> 3.85 ms
-    # warps of the backward dh scan (the forward scans keep scan_warps). At 4 it spills 8 bytes at 168 KB
-    # (Triton 3.6, sm_90, bf16 R = 1, K = 128: benchmarks/compile_report.py); at 8 it spills none.
-    "dh_warps": 4,
+    # 8: R = 1 fwd+bwd 3.62 -> 3.85 ms. 8 for the dh scan alone (H200, 794bcb6, 2048 x 16, dh kernel): R = 1
+    # 0.468 -> 0.491 ms, R = 4 1.086 -> 1.796, R = 8 2.958 -> 2.218, and illegal memory accesses in the
+    # sweep (fp32, K = 256): benchmarks/results/h200_table_794bcb6/.
+    "scan_warps": 4,
     # pipeline stages of the sequential scans, where shared memory allows (scan_stages). H200 at 0457324,
     # 16384 x 2 fwd+bwd: with V blocks of 32 (scan_min_programs 128) 2 -> 3 takes R = 1 from 3.860 to 3.427 ms
     # and R = 4 from 13.66 to 12.19; with V blocks of 16 (256 programs) it is slower (3.806 -> 4.186).
