@@ -117,14 +117,16 @@ convtune)
     tar czf "$OUT/convtune.tgz" runs/gpu_glue_tests.log runs/conv_sweep.* runs/model13b_*
     ;;
 opcheck)
-    # after a kernel change: the sweep subset (float64 loop, gradients, head widths 16-256, R 1 / 3 / 8) with
-    # SWEEP_TUNE (TUNE overrides, key=int), then the op at the long and the short shape, VARIANTS of
-    # profile_kernels.py (per-kernel times for KERNELS_FOR), fla beside
-    box 200 python3 $B/gpu_sweep.py --filter '^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-' --workers 4 \
-        --tune ${SWEEP_TUNE:-} --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
+    # after a kernel change: the sweep subset (float64 loop, gradients, head widths 16-256, R 1 / 3 / 8; or
+    # SWEEP_FILTER) with SWEEP_TUNE (TUNE overrides, key=int), then the op at the long and the short shape,
+    # VARIANTS of profile_kernels.py (per-kernel times for KERNELS_FOR), PROVIDERS (fla beside by default).
+    # R = 5 / 8 chunking (branch r8-chunk8): SWEEP_FILTER='^(tensor_inv|sigdelta)-.*-R(5|8)-'
+    # PROVIDERS=ours_R8_sum,ours_R4_sum
+    box 200 python3 $B/gpu_sweep.py --filter "${SWEEP_FILTER:-^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-}" \
+        --workers 4 --tune ${SWEEP_TUNE:-} --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1
     for shape in 2048x16 16384x2; do
         box 130 python3 $B/profile_kernels.py --shape $shape --variants "${VARIANTS:-base}" \
-            --kernels-for "${KERNELS_FOR:-base}" --providers ours_R1_sum,ours_R4_sum,fla_delta_rule_R1 \
+            --kernels-for "${KERNELS_FOR:-base}" --providers "${PROVIDERS:-ours_R1_sum,ours_R4_sum,fla_delta_rule_R1}" \
             --out runs/profile_$shape.json > runs/profile_$shape.log 2>&1
     done
     tail -n 2 runs/sweep_subset.log
