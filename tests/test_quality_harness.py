@@ -172,6 +172,18 @@ def test_seed_override_is_recorded_changes_the_run_and_keeps_its_own_file(tmp_pa
         mqar.main(base + ["--seed", "1", "--out", str(first)])
 
 
+def test_merge_joins_runs_of_other_learning_rates_not_of_other_grids(tmp_path):
+    base = ["--grid", "smoke", "--models", "pflow-r1", "--tasks", "kv4_t32", "--threads", "2", "--steps", "2"]
+    paths = [tmp_path / f"{name}.json" for name in ("lr1", "lr3", "seed1")]
+    for path, extra in zip(paths, (["--lrs", "1e-3"], ["--lrs", "3e-3"], ["--seed", "1"]), strict=True):
+        assert mqar.main(base + extra + ["--out", str(path)]) == 0
+    merged = mqar.merge(paths[:2], tmp_path / "merged.json")
+    assert sorted(merged["runs"]) == ["pflow-r1/w32/lr0.001", "pflow-r1/w32/lr0.003"]
+    assert merged["config"]["lrs"] == [0.001, 0.003]
+    with pytest.raises(SystemExit, match="another configuration"):
+        mqar.merge([paths[0], paths[2]], tmp_path / "bad.json")
+
+
 def test_results_from_before_the_optional_fields_still_resume():
     grid = mqar.GRIDS["full"]
     committed = json.loads((SCRIPT.parent / "results" / "mqar_lr1.5e-3_w64-128.json").read_text())

@@ -67,13 +67,13 @@ graphcheck)
 grid)
     # The full MQAR grid: 7 models x 3 widths x 3 learning rates per seed (SEEDS, default "0"), all three tasks
     # trained together, --cuda-graph, 25,000-step schedules stopping at 99 %. One run per job and per file
-    # (runs/<NAME>/seed<S>_<model>_w<width>_lr<j>.json, lr j of 1.5e-3, 3e-3, 5e-3): jobs whose file exists,
-    # here or among the results an earlier call returned ($R/<NAME>_h200/), are done. PER_GPU workers on every
-    # GPU of the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5 minutes); a worker starts a
-    # job only with at least MIN_LEFT seconds of the call's CALL_WALL left, and cuts it at the call's end (kept,
-    # `ended_by: run_wall`). A smaller grid: NAME (default grid), TASK (tasks trained together, default the
-    # grid's three), WIDTHS (64 128 256), LR_SHARDS (the j to run, default 0 1 2; LR_SHARDS_<width> for one
-    # width), STEPS, GRID_MODELS.
+    # (runs/<NAME>/seed<S>_<model>_w<width>_lr<lr>.json): jobs whose file exists, here or among the results an
+    # earlier call returned ($R/<NAME>_h200/), are done; `mqar.py --merge` joins them (learning rates apart).
+    # PER_GPU workers on every GPU of the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5
+    # minutes; 8 of the 5,000-step mix fit in its memory, 14 did not); a worker starts a job only with at least
+    # MIN_LEFT seconds of the call's CALL_WALL left, and cuts it at the call's end (kept, `ended_by: run_wall`).
+    # A smaller grid: NAME (default grid), TASK (tasks trained together, default the grid's three), WIDTHS
+    # (64 128 256), LRS (default 1.5e-3 3e-3 5e-3; LRS_<width> for one width), STEPS, GRID_MODELS.
     gpus=$(nvidia-smi -L | wc -l)
     procs=$((gpus * ${PER_GPU:-4}))
     deadline=$(($(date +%s) + ${CALL_WALL:-560}))
@@ -86,24 +86,24 @@ grid)
         for model in ${GRID_MODELS:-pflow-r1 pflow-r2-sum pflow-r4-sum pflow-r2-product pflow-r2-exact \
             pflow-r1-negeig llama}; do
             for width in ${WIDTHS:-64 128 256}; do
-                shards=LR_SHARDS_$width
-                for j in ${!shards:-${LR_SHARDS:-0 1 2}}; do
-                    [[ -f runs/$name/seed${seed}_${model}_w${width}_lr$j.json ]] || todo+=("$seed $model $width $j")
+                rates=LRS_$width
+                for lr in ${!rates:-${LRS:-1.5e-3 3e-3 5e-3}}; do
+                    [[ -f runs/$name/seed${seed}_${model}_w${width}_lr$lr.json ]] || todo+=("$seed $model $width $lr")
                 done
             done
         done
     done
     echo "${#todo[@]} jobs left; $procs workers on $gpus GPUs"
     worker() {
-        local w=$1 i left seed model width j
+        local w=$1 i left seed model width lr
         for ((i = w; i < ${#todo[@]}; i += procs)); do
             left=$((deadline - $(date +%s)))
             ((left < ${MIN_LEFT:-480})) && break
-            read -r seed model width j <<< "${todo[i]}"
+            read -r seed model width lr <<< "${todo[i]}"
             CUDA_VISIBLE_DEVICES=$((w % gpus)) python3 $Q/mqar.py --grid full --steps "${STEPS:-25000}" \
-                --lrs 1.5e-3,3e-3,5e-3 --shard "$j/3" --models "$model" --widths "$width" --seed "$seed" \
+                --lrs "$lr" --models "$model" --widths "$width" --seed "$seed" \
                 "${tasks[@]}" --eval-every 1000 --stop-at 0.99 --cuda-graph --run-wall $((left - 40)) \
-                --out "runs/$name/seed${seed}_${model}_w${width}_lr$j.json" >> "runs/$name/worker$w.log" 2>&1
+                --out "runs/$name/seed${seed}_${model}_w${width}_lr$lr.json" >> "runs/$name/worker$w.log" 2>&1
         done
     }
     for w in $(seq 0 $((procs - 1))); do worker "$w" & done

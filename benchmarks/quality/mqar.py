@@ -523,15 +523,23 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def merge(paths: list[Path], out: Path) -> dict:
+    """One results file from several of one grid: configurations equal but for the learning rates (each run
+    keeps its own; the merged list is their union)."""
+
+    def without_lrs(config: dict) -> dict:
+        return {k: v for k, v in config.items() if k != "lrs"}
+
     merged = None
     for path in paths:
         data = json.loads(path.read_text())
         if merged is None:
             merged = {**data, "runs": dict(data["runs"]), "merged_from": [str(p) for p in paths]}
-        elif data["config"] != merged["config"]:
+            merged["config"] = dict(data["config"])
+        elif without_lrs(data["config"]) != without_lrs(merged["config"]):
             raise SystemExit(f"{path} was run with another configuration than {paths[0]}")
         else:
             merged["runs"].update(data["runs"])
+            merged["config"]["lrs"] = sorted({*merged["config"]["lrs"], *data["config"]["lrs"]})
     write_json(out, merged)
     return merged
 
