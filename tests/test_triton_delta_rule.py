@@ -171,6 +171,18 @@ def _public_op_case(batch, seq_len, rank, k_dim, v_dim, mode, algorithm, cu, dev
     return [x.to(device) for x in (q, k, v, beta, h0)], cu
 
 
+def _outputs_and_grads(inputs, **options):
+    """[o, ht, dq, dk, dv, dbeta, dh0] of delta_rule(q, k, v, beta, initial_state=h0, output_final_state=True,
+    **options) on inputs [q, k, v, beta, h0], backward from a fixed random dO (seed 5) and dht = 1."""
+    from modeling_parallelflow.ops import delta_rule
+
+    inputs = [x.clone().requires_grad_() for x in inputs]
+    o, ht = delta_rule(*inputs[:4], initial_state=inputs[4], output_final_state=True, **options)
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(o.device)
+    ((o.double() * do.double()).sum() + ht.double().sum()).backward()
+    return [o, ht] + [x.grad for x in inputs]
+
+
 @pytest.mark.triton_interpret
 @pytest.mark.parametrize(
     "batch,seq_len,rank,k_dim,v_dim,mode,algorithm,cu",
@@ -423,7 +435,6 @@ def test_half_precision_dots_match_loop_and_fp32_inputs():
     `tensor_inv_wu` where `low_dots_ok`); output, final state and gradients stay within fp16 rounding of the
     float64 loop and of the same inputs in fp32 (tf32x3 dots); W and U likewise."""
     from modeling_parallelflow import triton_dispatch
-    from modeling_parallelflow.ops import delta_rule
     from modeling_parallelflow.triton_chunk_fwd import low_dots_ok
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -432,14 +443,7 @@ def test_half_precision_dots_match_loop_and_fp32_inputs():
     leaves, _ = _public_op_case(2, 40, 2, 32, 48, "sum", "tensor_inv", None, device)
 
     def run(inputs, **options):
-        inputs = [x.clone().requires_grad_() for x in inputs]
-        o, ht = delta_rule(
-            *inputs[:4], initial_state=inputs[4], output_final_state=True, chunk_size=16, **options
-        )
-        gen = torch.Generator().manual_seed(5)
-        do = torch.randn(o.shape, generator=gen).to(device)
-        ((o.double() * do.double()).sum() + ht.double().sum()).backward()
-        return [o, ht] + [x.grad for x in inputs]
+        return _outputs_and_grads(inputs, chunk_size=16, **options)
 
     half = [x.half() for x in leaves[:4]] + [leaves[4]]
     reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
@@ -462,24 +466,16 @@ def test_128_row_chunks_form_w_and_u_and_match_loop():
     W/U kernel instead of forming X from T (`_Plan.x_from_t`); the backward still takes dU = T^T dX from the
     dh kernel. Output, final state and every gradient within fp16 rounding of the float64 loop."""
     from modeling_parallelflow import triton_dispatch
-    from modeling_parallelflow.ops import delta_rule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     leaves, _ = _public_op_case(1, 24, 5, 32, 16, "sum", "tensor_inv", None, device)
     plan = triton_dispatch._Plan(leaves[1].half(), None, 64, "sum", 1.0)
     assert (plan.chunk, plan.x_from_t) == (16, False)
 
-    def run(inputs, **options):
-        inputs = [x.clone().requires_grad_() for x in inputs]
-        o, ht = delta_rule(*inputs[:4], initial_state=inputs[4], output_final_state=True, **options)
-        gen = torch.Generator().manual_seed(5)
-        do = torch.randn(o.shape, generator=gen).to(device)
-        ((o.double() * do.double()).sum() + ht.double().sum()).backward()
-        return [o, ht] + [x.grad for x in inputs]
-
     half = [x.half() for x in leaves[:4]] + [leaves[4]]
-    reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
-    for x, ref in zip(run(half, algorithm="tensor_inv", backend="triton"), reference, strict=True):
+    reference = _outputs_and_grads([x.double() for x in leaves], algorithm="recurrent", backend="torch")
+    ours = _outputs_and_grads(half, algorithm="tensor_inv", backend="triton")
+    for x, ref in zip(ours, reference, strict=True):
         assert torch.isfinite(x).all() and rel_err(x.cpu(), ref.cpu()) < 4e-3, rel_err(x.cpu(), ref.cpu())
 
 
@@ -512,25 +508,12 @@ def test_launch_variants_match_loop_and_the_default(monkeypatch, setting, rank, 
     kernel), TUNE["scan_bv"] = 16 (more V blocks in the sequential kernels). Output, final state and every
     gradient equal the float64 loop's and the default launches'."""
     from modeling_parallelflow import triton_chunk_fwd, triton_utils
-    from modeling_parallelflow.ops import delta_rule
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     leaves, cu = _public_op_case(1, 40, rank, k_dim, v_dim, mode, "tensor_inv", cu, device)
 
     def run(inputs, **options):
-        inputs = [x.clone().requires_grad_() for x in inputs]
-        o, ht = delta_rule(
-            *inputs[:4],
-            initial_state=inputs[4],
-            output_final_state=True,
-            chunk_size=16,
-            mode=mode,
-            cu_seqlens=cu,
-            **options,
-        )
-        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(5)).to(device)
-        ((o.double() * do.double()).sum() + ht.double().sum()).backward()
-        return [o, ht] + [x.grad for x in inputs]
+        return _outputs_and_grads(inputs, chunk_size=16, mode=mode, cu_seqlens=cu, **options)
 
     reference = run([x.double() for x in leaves], algorithm="recurrent", backend="torch")
     default = run(leaves, algorithm="tensor_inv", backend="triton")

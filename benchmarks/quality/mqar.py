@@ -534,7 +534,6 @@ def merge(paths: list[Path], out: Path) -> dict:
         data = json.loads(path.read_text())
         if merged is None:
             merged = {**data, "runs": dict(data["runs"]), "merged_from": [str(p) for p in paths]}
-            merged["config"] = dict(data["config"])
         elif without_lrs(data["config"]) != without_lrs(merged["config"]):
             raise SystemExit(f"{path} was run with another configuration than {paths[0]}")
         else:
