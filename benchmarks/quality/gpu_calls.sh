@@ -103,7 +103,7 @@ grid)
             CUDA_VISIBLE_DEVICES=$((w % gpus)) python3 $Q/mqar.py --grid full --steps "${STEPS:-25000}" \
                 --lrs "$lr" --models "$model" --widths "$width" --seed "$seed" \
                 "${tasks[@]}" --eval-every 1000 --stop-at 0.99 --cuda-graph --run-wall $((left - 40)) \
-                --out "runs/$name/seed${seed}_${model}_w${width}_lr$lr.json" >> "runs/$name/worker$w.log" 2>&1
+                --out "runs/$name/seed${seed}_${model}_w${width}_lr$lr.json" >> "runs/$name/worker$$_$w.log" 2>&1
         done
     }
     for w in $(seq 0 $((procs - 1))); do worker "$w" & done
