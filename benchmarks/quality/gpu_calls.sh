@@ -83,9 +83,9 @@ grid)
     cp -n $R/${name}_h200/*.json runs/$name/ 2>/dev/null
     todo=()
     for seed in ${SEEDS:-0}; do
-        for model in ${GRID_MODELS:-pflow-r1 pflow-r2-sum pflow-r4-sum pflow-r2-product pflow-r2-exact \
-            pflow-r1-negeig llama}; do
-            for width in ${WIDTHS:-64 128 256}; do
+        for width in ${WIDTHS:-64 128 256}; do  # a width's cells first: a cut call leaves whole widths done
+            for model in ${GRID_MODELS:-pflow-r1 pflow-r2-sum pflow-r4-sum pflow-r2-product pflow-r2-exact \
+                pflow-r1-negeig llama}; do
                 rates=LRS_$width
                 for lr in ${!rates:-${LRS:-1.5e-3 3e-3 5e-3}}; do
                     [[ -f runs/$name/seed${seed}_${model}_w${width}_lr$lr.json ]] || todo+=("$seed $model $width $lr")
