@@ -70,7 +70,26 @@ def test_tasks_are_named_on_the_command_line_in_any_mix():
         mqar.parse_args(["--grid", "full", "--tasks", "kv4-t64", "--out", "r.json"])
 
 
-@pytest.mark.slow  # builds 7 models (on the meta device): about 10 s with the imports
+def test_llama_with_learned_positions_ties_its_head_and_reads_positions():
+    """llama-abspos (Zoology's attention baseline): LM head tied to the token embeddings, a learned position
+    table added to them; the table is an embedding, outside the matched non-embedding count."""
+    shape = harness.Shape(vocab_size=64, width=32, layers=1, max_len=16, head_dim=16)
+    torch.manual_seed(0)
+    model = harness.build_model("llama-abspos", shape, 48)
+    plain = harness.build_model("llama", shape, 48)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert harness.non_embedding_params(model) == harness.non_embedding_params(plain)
+    ids = torch.randint(0, 64, (2, 12))
+    hidden = model.model(input_ids=ids).last_hidden_state
+    hidden.sum().backward()
+    grad = model.model.embed_positions.weight.grad
+    assert grad[:12].abs().sum(-1).min() > 0 and grad[12:].abs().sum() == 0  # positions 0..11 used, no more
+    with torch.no_grad():
+        model.model.embed_positions.weight.zero_()
+    assert not torch.allclose(model.model(input_ids=ids).last_hidden_state, hidden)
+
+
+@pytest.mark.slow  # builds 8 models (on the meta device): about 10 s with the imports
 def test_models_are_matched_in_non_embedding_parameters():
     grid = mqar.GRIDS["full"]
     with torch.device("meta"):

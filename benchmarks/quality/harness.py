@@ -20,15 +20,27 @@ import torch
 
 REPO = Path(__file__).resolve().parents[2]
 
-# name -> PFlowConfig fields (None: the Llama baseline)
-MODELS: dict[str, dict | None] = {
+
+@dataclasses.dataclass(frozen=True)
+class LlamaBaseline:
+    """transformers' Llama (SDPA, RoPE). learned_positions: Zoology's attention baseline on top, learned
+    absolute positions added to the token embeddings and the LM head tied to them (without both it does not
+    learn MQAR at vocabulary 8,192: README.md). Such a model does not reload from save_pretrained (the
+    positions are a hook), so text_lm.py does not offer it."""
+
+    learned_positions: bool = False
+
+
+# name -> PFlowConfig fields, or the Llama baseline
+MODELS: dict[str, dict | LlamaBaseline] = {
     "pflow-r1": {"rank": 1},
     "pflow-r2-sum": {"rank": 2, "rank_mode": "sum"},
     "pflow-r4-sum": {"rank": 4, "rank_mode": "sum"},
     "pflow-r2-product": {"rank": 2, "rank_mode": "product"},
     "pflow-r2-exact": {"rank": 2, "rank_mode": "sum", "flow": "exact"},
     "pflow-r1-negeig": {"rank": 1, "allow_neg_eigval": True},
-    "llama": None,
+    "llama": LlamaBaseline(),
+    "llama-abspos": LlamaBaseline(learned_positions=True),
 }
 REFERENCE_MODEL = "pflow-r1"
 
@@ -54,7 +66,7 @@ def build_model(
     """The model `name` at `shape`, embeddings and LM head untied; intermediate=None: the config's default.
     fused_loss: PFlow's chunked linear cross-entropy (no full logits in training)."""
     variant = MODELS[name]
-    if variant is None:
+    if isinstance(variant, LlamaBaseline):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(
@@ -65,10 +77,13 @@ def build_model(
             num_attention_heads=shape.heads,
             num_key_value_heads=shape.heads,
             max_position_embeddings=shape.max_len,
-            tie_word_embeddings=False,
+            tie_word_embeddings=variant.learned_positions,
             attn_implementation="sdpa",
         )
-        return LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config)
+        if variant.learned_positions:
+            add_learned_positions(model.model, shape.max_len)
+        return model
     from modeling_parallelflow import PFlowConfig, PFlowForCausalLM
 
     config = PFlowConfig(
@@ -85,11 +100,21 @@ def build_model(
     return PFlowForCausalLM(config)
 
 
+def add_learned_positions(decoder: torch.nn.Module, max_len: int) -> None:
+    """Learned absolute positions [max_len, width] (`decoder.embed_positions`), added to the output of
+    `decoder.embed_tokens` [B, T, width] for positions 0 .. T - 1."""
+    table = torch.nn.Embedding(max_len, decoder.config.hidden_size)
+    torch.nn.init.normal_(table.weight, std=decoder.config.initializer_range)
+    decoder.embed_positions = table
+    decoder.embed_tokens.register_forward_hook(lambda _module, _args, out: out + table.weight[: out.shape[1]])
+
+
 def non_embedding_params(model: torch.nn.Module) -> int:
+    """Parameters outside the token and position embeddings and the LM head (tied or not)."""
     return sum(
         p.numel()
         for n, p in model.named_parameters()
-        if "embed_tokens" not in n and not n.startswith("lm_head")
+        if "embed_tokens" not in n and "embed_positions" not in n and not n.startswith("lm_head")
     )
 
 
