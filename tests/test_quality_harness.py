@@ -203,6 +203,22 @@ def test_merge_joins_runs_of_other_learning_rates_not_of_other_grids(tmp_path):
         mqar.merge([paths[0], paths[2]], tmp_path / "bad.json")
 
 
+def test_a_run_cut_by_run_wall_is_left_out_of_the_table_and_trained_again(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    base = ["--grid", "smoke", "--models", "pflow-r1", "--tasks", "kv4_t32", "--threads", "2", "--steps", "3"]
+    assert mqar.main(base + ["--run-wall", "0", "--out", str(out)]) == 0
+    cut = json.loads(out.read_text())
+    run = cut["runs"]["pflow-r1/w32/lr0.003"]
+    assert run["ended_by"] == "run_wall" and run["steps_done"] < 3 and not mqar.finished(run)
+    assert mqar.best_cells(cut["runs"]) == {}
+    assert "cut by --run-wall before the schedule's end: pflow-r1/w32/lr0.003" in mqar.table(cut)
+    capsys.readouterr()
+    assert mqar.main(base + ["--out", str(out)]) == 0
+    assert "0 finished in" in capsys.readouterr().out
+    run = json.loads(out.read_text())["runs"]["pflow-r1/w32/lr0.003"]
+    assert run["ended_by"] == "steps" and run["steps_done"] == 3 and mqar.finished(run)
+
+
 def test_results_from_before_the_optional_fields_still_resume():
     grid = mqar.GRIDS["full"]
     committed = json.loads((SCRIPT.parent / "results" / "mqar_lr1.5e-3_w64-128.json").read_text())

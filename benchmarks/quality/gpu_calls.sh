@@ -65,10 +65,11 @@ graphcheck)
     tar czf "$OUT/graphcheck.tgz" runs/gc_*
     ;;
 grid)
-    # The full MQAR grid: 7 models x 3 widths x 3 learning rates per seed (SEEDS, default "0"), all three tasks
+    # The full MQAR grid: 8 models x 3 widths x 3 learning rates per seed (SEEDS, default "0"), all three tasks
     # trained together, --cuda-graph, 25,000-step schedules stopping at 99 %. One run per job and per file
     # (runs/<NAME>/seed<S>_<model>_w<width>_lr<lr>.json): jobs whose file exists, here or among the results an
-    # earlier call returned ($R/<NAME>_h200/), are done; `mqar.py --merge` joins them (learning rates apart).
+    # earlier call returned ($R/<NAME>_h200/), are done, unless their run was cut at a call's end (run again);
+    # `mqar.py --merge` joins them (learning rates apart).
     # PER_GPU workers on every GPU of the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5
     # minutes; 8 of the 5,000-step mix fit in its memory, 14 did not); a worker starts a job only with at least
     # MIN_LEFT seconds of the call's CALL_WALL left, and cuts it at the call's end (kept, `ended_by: run_wall`).
@@ -85,10 +86,13 @@ grid)
     for seed in ${SEEDS:-0}; do
         for width in ${WIDTHS:-64 128 256}; do  # a width's cells first: a cut call leaves whole widths done
             for model in ${GRID_MODELS:-pflow-r1 pflow-r2-sum pflow-r4-sum pflow-r2-product pflow-r2-exact \
-                pflow-r1-negeig llama}; do
+                pflow-r1-negeig llama llama-abspos}; do
                 rates=LRS_$width
                 for lr in ${!rates:-${LRS:-1.5e-3 3e-3 5e-3}}; do
-                    [[ -f runs/$name/seed${seed}_${model}_w${width}_lr$lr.json ]] || todo+=("$seed $model $width $lr")
+                    file=runs/$name/seed${seed}_${model}_w${width}_lr$lr.json  # done unless absent or cut
+                    if [[ ! -f $file ]] || grep -q '"ended_by": "run_wall"' "$file"; then
+                        todo+=("$seed $model $width $lr")
+                    fi
                 done
             done
         done

@@ -13,7 +13,7 @@ tasks with the same number of tokens per step; accuracy (exact match of the answ
 on a fixed held-out set per task, drawn from a separate seed. Models: PFlow variants and a softmax-attention
 Llama (SDPA), 2 layers, every model's non-embedding parameter count matched to PFlow R = 1 at the same width
 by its MLP width. One JSON file holds every run; it is rewritten atomically after each run, and a rerun skips
-the runs it already holds.
+the runs it already holds, except those cut by --run-wall (trained again; tables leave them out).
 
     python benchmarks/quality/mqar.py --grid smoke --out mqar_smoke.json
     python benchmarks/quality/mqar.py --grid full --out mqar.json --models pflow-r1,llama --widths 64
@@ -372,10 +372,16 @@ def load_results(path: Path, header: dict) -> dict:
     return data
 
 
+def finished(run: dict | None) -> bool:
+    """A run that reached its end: the schedule, --stop-at, or a non-finite loss; not one cut by --run-wall
+    (a call's time running out), which a rerun trains again."""
+    return run is not None and run["ended_by"] != "run_wall"
+
+
 def best_cells(runs: dict) -> dict:
-    """{(model, width, task): best run over learning rates by that task's accuracy}."""
+    """{(model, width, task): best finished run over learning rates by that task's accuracy}."""
     best: dict = {}
-    for run in runs.values():
+    for run in filter(finished, runs.values()):
         for task, acc in run["accuracy"].items():
             key = (run["model"], run["width"], task)
             if key not in best or acc > best[key]["accuracy"][task]:
@@ -391,6 +397,7 @@ def table(data: dict) -> str:
     tasks = [t["name"] for t in data["config"]["tasks"]]
     widths = sorted({r["width"] for r in runs.values()})
     models = [m for m in MODELS if any(r["model"] == m for r in runs.values())]
+    cut = [f"{key} ({r['steps_done']} steps)" for key, r in runs.items() if not finished(r)]
     head = ["model", "width", "params (non-emb)", "MLP", *tasks, "best lr per task", "tokens/s"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for model in models:
@@ -415,6 +422,8 @@ def table(data: dict) -> str:
                     ]
                 )
             )
+    if cut:
+        lines.append(f"left out, cut by --run-wall before the schedule's end: {', '.join(cut)}")
     return "\n".join(lines)
 
 
@@ -592,9 +601,9 @@ def main(argv=None) -> int:
         )
     plan = [(m, w, lr) for m in models for w in widths for lr in grid.lrs]
     plan = [run for i, run in enumerate(plan) if i % args.shard_n == args.shard_k]
-    todo = [run for run in plan if run_key(*run) not in data["runs"]]
+    todo = [run for run in plan if not finished(data["runs"].get(run_key(*run)))]
     print(
-        f"{len(plan)} runs in this call, {len(plan) - len(todo)} already in {args.out}; "
+        f"{len(plan)} runs in this call, {len(plan) - len(todo)} finished in {args.out}; "
         f"device {header['device']}"
     )
     heldout = {t.name: heldout_set(grid, t) for t in grid.tasks}
