@@ -22,7 +22,8 @@ import triton
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_env import environment, write_json  # noqa: E402
 from modeling_parallelflow import triton_chunk_bwd, triton_chunk_fwd  # noqa: E402
-from modeling_parallelflow.ops import delta_rule  # noqa: E402
+from modeling_parallelflow.ops import beta_drivers, delta_rule, delta_rule_drivers  # noqa: E402
+from modeling_parallelflow.ops_exact_flow import exact_flow_drivers  # noqa: E402
 from modeling_parallelflow.ops_reference import delta_rule_reference  # noqa: E402
 from modeling_parallelflow.triton_dispatch import triton_delta_rule_drivers, triton_recurrent_step_  # noqa: E402
 
@@ -64,6 +65,22 @@ def ours(rank, mode, algorithm="auto"):
     return setup
 
 
+def ours_exact(rank):
+    """The exact flow as the layer runs it (flow="exact", sum form): drivers, phi, then the chunked op."""
+
+    def setup(batch, seq_len, dtype, grad):
+        q, k, v, beta = rand_delta(batch, seq_len, rank, dtype, False)
+        leaves = [x.detach().requires_grad_(grad) for x in (q, k, v, beta / rank)]
+
+        def run():
+            a, u = exact_flow_drivers(*beta_drivers(leaves[1], leaves[2], leaves[3]), leaves[1], "sum")
+            return delta_rule_drivers(leaves[0], a, leaves[1], u, scale=DIM**-0.5, backend="triton")[0]
+
+        return run, leaves
+
+    return setup
+
+
 def fla_delta(rank):
     def setup(batch, seq_len, dtype, grad):
         q, k, v, beta = rand_delta(batch, seq_len, rank, dtype, False)
@@ -101,6 +118,7 @@ PROVIDERS = {
     "ours_R4_sum": ours(4, "sum"),
     "ours_R4_product": ours(4, "product"),
     "ours_R8_sum": ours(8, "sum"),  # 128-row chunks (C = 16): the W/U path
+    "ours_R2_exact": ours_exact(2),  # phi of every token's 2 x 2 Gram matrix on top of ours_R2_sum
     "ours_R1_sum_sigdelta": ours(1, "sum", "sigdelta"),  # the other W/U solver (auto: triton_sigdelta table)
     "ours_R4_sum_sigdelta": ours(4, "sum", "sigdelta"),
     "fla_delta_rule_R1": fla_delta(1),
