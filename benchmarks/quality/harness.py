@@ -63,8 +63,8 @@ class Shape:
 def build_model(
     name: str, shape: Shape, intermediate: int | None = None, fused_loss: bool = False
 ) -> torch.nn.Module:
-    """The model `name` at `shape`, embeddings and LM head untied; intermediate=None: the config's default.
-    fused_loss: PFlow's chunked linear cross-entropy (no full logits in training)."""
+    """The model `name` at `shape`, embeddings and LM head untied (tied in llama-abspos); intermediate=None:
+    the config's default. fused_loss: PFlow's chunked linear cross-entropy (no full logits in training)."""
     variant = MODELS[name]
     if isinstance(variant, LlamaBaseline):
         from transformers import LlamaConfig, LlamaForCausalLM
