@@ -137,7 +137,7 @@ def test_smoke_grid_runs_on_cpu_and_resumes(tmp_path):
     assert out.with_suffix(".png").stat().st_size > 0
     assert "llama | 32 |" in first.stdout
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "2 already in" in again.stdout
+    assert again.returncode == 0 and "2 finished in" in again.stdout
     assert json.loads(out.read_text())["runs"] == data["runs"]
 
 
