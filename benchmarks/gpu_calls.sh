@@ -120,7 +120,8 @@ opcheck)
     # after a kernel change: the sweep subset (float64 loop, gradients, head widths 16-256, R 1 / 3 / 8; or
     # SWEEP_FILTER) with SWEEP_TUNE (TUNE overrides, key=int), then the op at the long and the short shape,
     # VARIANTS of profile_kernels.py (per-kernel times for KERNELS_FOR), PROVIDERS (fla beside by default).
-    # R = 5 / 8 chunking (branch r8-chunk8): SWEEP_FILTER='^(tensor_inv|sigdelta)-.*-R(5|8)-'
+    # R = 5 / 8 chunking (branch r8-chunk8; wrong at K = 32: benchmarks/results/r8_chunk8_h200/):
+    # SWEEP_FILTER='^(tensor_inv|sigdelta)-.*-R(5|8)-'
     # PROVIDERS=ours_R8_sum,ours_R4_sum
     box 200 python3 $B/gpu_sweep.py --filter "${SWEEP_FILTER:-^(tensor_inv|sigdelta)-.*-R(1|3|8)-K(16|48|128|256)-}" \
         --workers 4 --tune ${SWEEP_TUNE:-} --out runs/sweep_subset.json > runs/sweep_subset.log 2>&1

@@ -90,7 +90,7 @@ grid)
                 rates=LRS_$width
                 for lr in ${!rates:-${LRS:-1.5e-3 3e-3 5e-3}}; do
                     file=runs/$name/seed${seed}_${model}_w${width}_lr$lr.json  # done unless absent or cut
-                    if [[ ! -f $file ]] || grep -q '"ended_by": "run_wall"' "$file"; then
+                    if [[ ! -f $file ]] || grep -q '"ended_by": *"run_wall"' "$file"; then
                         todo+=("$seed $model $width $lr")
                     fi
                 done
