@@ -13,6 +13,15 @@ from torch import Tensor
 MAX_SQUARINGS = 8
 
 
+def small_matmul(x: Tensor, y: Tensor) -> Tensor:
+    """x [..., n, m] @ y [..., m, p] for tiny matrices: broadcast products summed over m.
+
+    Batched GEMMs of R x R matrices (R <= 8) launch cuBLAS kernels built for large tiles; the broadcast form
+    is two memory-bound elementwise kernels over [..., n, m, p].
+    """
+    return (x.unsqueeze(-1) * y.unsqueeze(-3)).sum(-2)
+
+
 def phi(x: Tensor) -> Tensor:
     """phi(X) = sum_{n>=0} X^n / (n + 1)! of square matrices x [..., n, n], float32 or float64.
 
@@ -28,10 +37,10 @@ def phi(x: Tensor) -> Tensor:
     eye = torch.eye(x.shape[-1], dtype=x.dtype, device=x.device).expand_as(x)
     p = eye
     for m in range(terms + 1, 1, -1):  # I + Y/2 (I + Y/3 (... (I + Y/(N + 1))))
-        p = eye + y @ p / m
+        p = eye + small_matmul(y, p) / m
     for j in range(MAX_SQUARINGS):
         doubling = (halvings > j)[..., None, None]
-        p = torch.where(doubling, p + 0.5 * p @ y @ p, p)
+        p = torch.where(doubling, p + 0.5 * small_matmul(small_matmul(p, y), p), p)
         y = torch.where(doubling, 2 * y, y)
     return p
 
