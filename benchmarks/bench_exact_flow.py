@@ -4,8 +4,8 @@ forward and forward + backward, with phi's tiny products as batched GEMMs (torch
 
     python benchmarks/bench_exact_flow.py --out exact_flow.json    # on a GPU
 
-Shapes: the MQAR step (65,536 tokens; 1 head at width 64, 2 at 128) and bench_delta_rule's 2048 x 16 (16 heads),
-R = 2 (the grid's exact-flow model) and R = 4, head size 64, bf16 drivers as the layer makes them.
+Shapes: the MQAR step (65,536 tokens; 1 head at width 64, 2 at 128) and bench_delta_rule's 2048 x 16
+(16 heads), R = 2 (the grid's exact-flow model) and R = 4, head size 64, bf16 drivers as the layer makes them.
 """
 
 import argparse
@@ -22,7 +22,7 @@ SHAPES = {"mqar_w64": (65536, 1), "mqar_w128": (65536, 2), "2048x16": (32768, 16
 
 
 def drivers(tokens, heads, rank, dtype, device="cuda"):
-    """a, b = unit keys, u of shape [1, tokens, heads, rank, 64], betas in (0, 1) / rank as the sum form uses."""
+    """a, b = unit keys, u [1, tokens, heads, rank, 64]; betas in (0, 1) / rank as the sum form uses."""
     k = torch.nn.functional.normalize(torch.randn(1, tokens, heads, rank, 64, device=device), dim=-1)
     v = torch.randn(1, tokens, heads, rank, 64, device=device)
     beta = torch.rand(1, tokens, heads, rank, device=device) / rank
@@ -44,8 +44,10 @@ def check(rank):
     ref = ops_exact_flow.exact_flow_drivers(a, b, u, "sum")
     errors = {}
     for form in FORMS:
-        out = with_form(form, lambda: ops_exact_flow.exact_flow_drivers(a.float(), b.float(), u.float(), "sum"))
-        errors[form] = max((x.double() - y).abs().max().item() for x, y in zip(out, ref))
+        out = with_form(
+            form, lambda: ops_exact_flow.exact_flow_drivers(a.float(), b.float(), u.float(), "sum")
+        )
+        errors[form] = max((x.double() - y).abs().max().item() for x, y in zip(out, ref, strict=True))
     return errors
 
 
@@ -70,7 +72,8 @@ def time_form(form, shape, rank, mode):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=raw)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "check": {}, "ms": {}}
@@ -81,8 +84,8 @@ def main():
             for mode in ("fwd", "fwdbwd"):
                 row = {form: round(time_form(form, shape, rank, mode), 4) for form in FORMS}
                 result["ms"][f"R{rank}/{shape}/{mode}"] = row
-                print(f"R = {rank} {shape:9s} {mode:6s} " + "  ".join(f"{f} {ms:.3f} ms" for f, ms in row.items()),
-                      flush=True)
+                times = "  ".join(f"{f} {ms:.3f} ms" for f, ms in row.items())
+                print(f"R = {rank} {shape:9s} {mode:6s} {times}", flush=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
 
