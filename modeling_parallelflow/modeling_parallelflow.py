@@ -340,7 +340,7 @@ class PFlowMixer(nn.Module):
         )
         if self.config.flow == "exact":
             a, u = beta_drivers(keys, values, beta)
-            a, u = exact_flow_drivers(a, keys, u, self.config.rank_mode)
+            a, u = exact_flow_drivers(a, keys, u, self.config.rank_mode, backend=self.config.kernel_backend)
             o, final_state = delta_rule_drivers(q, a, keys, u, **op_kwargs)
         else:
             o, final_state = delta_rule(q, keys, values, beta, **op_kwargs)

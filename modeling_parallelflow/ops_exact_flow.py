@@ -8,6 +8,8 @@ Row form (rows a_r, u_r as stored here): a' = phi(g) a, u' = phi(g) u with g = a
 import torch
 from torch import Tensor
 
+from .ops import BACKENDS, _check_choice, _resolve_backend
+
 # Halvings at most before the Taylor series: Frobenius norms up to 2**8 reach 1. Keys of unit length and
 # betas at most 2 (negative eigenvalues) give norms at most 2 R <= 16, i.e. 4 halvings.
 MAX_SQUARINGS = 8
@@ -45,16 +47,35 @@ def phi(x: Tensor) -> Tensor:
     return p
 
 
-def exact_flow_drivers(a: Tensor, b: Tensor, u: Tensor, mode: str) -> tuple[Tensor, Tensor]:
+def _triton_sum():
+    """triton_exact_flow.triton_exact_flow_sum, or None where the kernels do not import."""
+    # `from .x import y` form: transformers copies the modules imported this way into saved checkpoints.
+    try:
+        from .triton_exact_flow import triton_exact_flow_sum
+    except ImportError:
+        return None
+    return triton_exact_flow_sum
+
+
+def exact_flow_drivers(
+    a: Tensor, b: Tensor, u: Tensor, mode: str, backend: str = "auto"
+) -> tuple[Tensor, Tensor]:
     """Exact-flow drivers (a', u') for the kernels, b unchanged.
 
     a, b [..., R, K] (e.g. [B, T, H, R, K]); u [..., R, V]. Sum mode mixes the R components of a token
     (g = a b^T, [..., R, R]); product mode rescales each component alone (g = a_r . b_r, a scalar), so
     that each sub-step becomes exp(a_r b_r^T). Computes in float32 (float64 for float64 inputs) and
     returns a', u' in the dtypes of a and u. DeltaNet case (R = 1, unit key): beta_eff = 1 - exp(-beta).
+    backend as the op's: sum mode on the Triton backend runs one fused kernel each way
+    (triton_exact_flow.py) for 16- and 32-bit inputs; product mode and float64 always run here in torch.
     """
     if mode not in ("sum", "product"):
         raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
+    _check_choice("backend", backend, BACKENDS)
+    if mode == "sum" and a.dtype != torch.float64 and _resolve_backend(backend, a.device) == "triton":
+        fused = _triton_sum()
+        if fused is not None:
+            return fused(a, b, u)
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     # autocast would run the products below in bf16 / fp16 (the series then gives NaN)
     with torch.autocast(a.device.type, enabled=False):

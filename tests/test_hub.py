@@ -178,6 +178,7 @@ def test_push_refuses_adapters_and_bad_repo_ids(checkpoint, tmp_path):
 def test_saved_checkpoints_ship_the_triton_kernels(tmp_path):
     tiny_model("tiny").save_pretrained(tmp_path)
     kernels = ("triton_dispatch", "triton_chunk_fwd", "triton_chunk_bwd", "triton_recurrent", "triton_conv")
+    kernels += ("triton_exact_flow",)
     glue = ("triton_norm", "triton_decode", "triton_sigdelta", "glue_parallelflow", "shared_input_linear")
     for name in (*kernels, *glue):
         assert (tmp_path / f"{name}.py").is_file(), name

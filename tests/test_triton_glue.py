@@ -224,10 +224,13 @@ def tiny_pair(**overrides):
 
 @pytest.mark.slow
 @pytest.mark.triton_interpret
-@pytest.mark.parametrize("case", ["plain_gate", "pads", "packed"])
+@pytest.mark.parametrize("case", ["plain_gate", "pads", "packed", "exact_flow"])
 def test_model_training_step_interpreted(case):
-    """Loss and every gradient of the Triton-glue model equal the torch path's (fp32)."""
-    fused, reference = tiny_pair(use_gate=case == "plain_gate")
+    """Loss and every gradient of the Triton-glue model equal the torch path's (fp32); exact_flow adds the
+    fused exact-flow drivers (triton_exact_flow.py)."""
+    fused, reference = tiny_pair(
+        use_gate=case == "plain_gate", flow="exact" if case == "exact_flow" else "euler"
+    )
     ids = torch.randint(0, 50, (2, 21) if case != "packed" else (1, 40), device=DEVICE)
     kwargs = {}
     if case == "pads":

@@ -1,0 +1,100 @@
+"""The fused exact-flow drivers (triton_exact_flow.py) against the torch path in float64 (ops_exact_flow.py).
+
+Tier 2 (`triton_interpret`): small fp32 / fp16 cases under TRITON_INTERPRET=1 on the CPU (also run on a GPU).
+Tier 3 (`gpu`): bf16 / fp32 across ranks 1-8 and head sizes 16-256, a token count that leaves a partial block,
+forward and every gradient.
+"""
+
+import pytest
+import torch
+
+from modeling_parallelflow.ops_exact_flow import exact_flow_drivers
+
+triton_exact_flow = pytest.importorskip("modeling_parallelflow.triton_exact_flow")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def inputs(lead, rank, k_dim, v_dim, beta_max, dtype):
+    """a = -beta k, b = k (unit keys) [*lead, R, K], u [*lead, R, V] in float64 and in `dtype` (leaves)."""
+    k = torch.nn.functional.normalize(torch.randn(*lead, rank, k_dim, dtype=torch.float64), dim=-1)
+    beta = beta_max * torch.rand(*lead, rank, 1, dtype=torch.float64)
+    u = torch.randn(*lead, rank, v_dim, dtype=torch.float64)
+    exact = [x.to(DEVICE).requires_grad_() for x in (-beta * k, k, u)]
+    cast = [x.detach().to(dtype).requires_grad_() for x in exact]
+    return exact, cast
+
+
+def relative_errors(lead, rank, k_dim, v_dim, beta_max, dtype):
+    """Largest error over |max| of a', u', da, db, du: Triton backend in `dtype` against torch in float64."""
+    exact, cast = inputs(lead, rank, k_dim, v_dim, beta_max, dtype)
+    want = exact_flow_drivers(*exact, "sum", backend="torch")
+    got = exact_flow_drivers(*cast, "sum", backend="triton")
+    grads = [torch.randn_like(x) for x in want]
+    torch.autograd.backward(want, grads)
+    torch.autograd.backward(got, [g.to(dtype) for g in grads])
+    pairs = [*zip(got, want, strict=True), *((c.grad, e.grad) for c, e in zip(cast, exact, strict=True))]
+    for x, _ in pairs:
+        assert x.dtype == dtype and torch.isfinite(x).all()
+    return [((x.double() - y).abs().max() / y.abs().max()).item() for x, y in pairs]
+
+
+@pytest.mark.triton_interpret
+@pytest.mark.parametrize(
+    "rank, k_dim, v_dim, beta_max",
+    [
+        (1, 16, 16, 1.0),  # DeltaNet: a' = (1 - exp(-beta)) / beta a
+        (2, 32, 16, 2.0),  # negative eigenvalues' beta range
+        (3, 24, 40, 3.0),  # R, K, V not powers of two
+        (4, 16, 32, 8.0),  # norms up to 32: several halvings and doublings
+        (2, 16, 16, 40.0),
+        (5, 8, 12, 2.0),
+    ],
+)
+def test_matches_float64_torch_path_interpreted(rank, k_dim, v_dim, beta_max):
+    # 2 x 5 x 3 = 30 token-heads: one partial block (BLOCK_N >= 32 at these sizes)
+    errors = relative_errors((2, 5, 3), rank, k_dim, v_dim, beta_max, torch.float32)
+    assert max(errors) < 2e-6, errors  # measured at most 2.4e-7
+
+
+@pytest.mark.triton_interpret
+def test_half_precision_interpreted():
+    errors = relative_errors((3, 7), 2, 32, 32, 2.0, torch.float16)
+    assert max(errors) < 3e-3, errors  # fp16 inputs and outputs: measured at most 8.4e-4
+
+
+@pytest.mark.triton_interpret
+def test_empty_and_product_mode_interpreted():
+    """No token-heads: empty outputs, no launch; product mode keeps the torch path on the Triton backend."""
+    a, b, u = (torch.zeros(0, 4, 2, 16, device=DEVICE) for _ in range(3))
+    assert all(x.shape == (0, 4, 2, 16) for x in exact_flow_drivers(a, b, u, "sum", backend="triton"))
+    exact, cast = inputs((4,), 2, 16, 16, 1.0, torch.float32)
+    got = exact_flow_drivers(*cast, "product", backend="triton")
+    for x, y in zip(got, exact_flow_drivers(*exact, "product", backend="torch"), strict=True):
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=1e-6)
+
+
+GPU_CASES = [
+    (r, k, v, dtype)
+    for dtype in (torch.bfloat16, torch.float32)
+    for r, k, v in [
+        (1, 64, 64),
+        (2, 64, 64),
+        (2, 128, 128),
+        (3, 48, 80),
+        (4, 128, 128),
+        (5, 32, 32),
+        (8, 64, 64),
+        (8, 256, 256),
+        (2, 256, 32),
+        (4, 16, 16),
+    ]
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rank, k_dim, v_dim, dtype", GPU_CASES)
+def test_matches_float64_torch_path_gpu(rank, k_dim, v_dim, dtype):
+    # 2 x 301 x 3 token-heads: many programs and a partial last block; betas up to 2 (negative eigenvalues)
+    errors = relative_errors((2, 301, 3), rank, k_dim, v_dim, 2.0, dtype)
+    assert max(errors) < (2e-2 if dtype == torch.bfloat16 else 2e-5), errors
