@@ -66,16 +66,19 @@ def exact_flow_drivers(
     (g = a b^T, [..., R, R]); product mode rescales each component alone (g = a_r . b_r, a scalar), so
     that each sub-step becomes exp(a_r b_r^T). Computes in float32 (float64 for float64 inputs) and
     returns a', u' in the dtypes of a and u. DeltaNet case (R = 1, unit key): beta_eff = 1 - exp(-beta).
-    backend as the op's: sum mode on the Triton backend runs one fused kernel each way
-    (triton_exact_flow.py) for 16- and 32-bit inputs; product mode and float64 always run here in torch.
+    backend as the op's: on the Triton backend 16- and 32-bit inputs run one fused kernel each way
+    (triton_exact_flow.py; product mode as R = 1 per component); float64 always runs here in torch.
     """
     if mode not in ("sum", "product"):
         raise ValueError(f"mode must be 'sum' or 'product', got {mode!r}")
     _check_choice("backend", backend, BACKENDS)
-    if mode == "sum" and a.dtype != torch.float64 and _resolve_backend(backend, a.device) == "triton":
+    if a.dtype != torch.float64 and _resolve_backend(backend, a.device) == "triton":
         fused = _triton_sum()
-        if fused is not None:
+        if fused is not None and mode == "sum":
             return fused(a, b, u)
+        if fused is not None:  # each component alone: [..., R, 1, K]
+            a2, u2 = fused(a.unsqueeze(-2), b.unsqueeze(-2), u.unsqueeze(-2))
+            return a2.squeeze(-2), u2.squeeze(-2)
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     # autocast would run the products below in bf16 / fp16 (the series then gives NaN)
     with torch.autocast(a.device.type, enabled=False):

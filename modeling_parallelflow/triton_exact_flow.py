@@ -1,5 +1,6 @@
 """Triton: the exact flow's drivers in sum mode, a' = P a and u' = P u with P = phi(G), G = a b^T, forward and
-backward in one kernel each (ops_exact_flow.py holds the maths and the torch path, the reference).
+backward in one kernel each (ops_exact_flow.py holds the maths and the torch path, the reference; it runs
+product mode here too, each component as R = 1).
 
 a, b [N, R, K] and u [N, R, V] are N token-heads flattened. A program takes BLOCK_N of them and keeps
 everything in registers: the R x R matrices as [BLOCK_N, RP, RP] tensors (RP = R rounded up to a power of
