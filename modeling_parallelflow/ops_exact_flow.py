@@ -74,10 +74,10 @@ def exact_flow_drivers(
     _check_choice("backend", backend, BACKENDS)
     if a.dtype != torch.float64 and _resolve_backend(backend, a.device) == "triton":
         fused = _triton_sum()
-        if fused is not None and mode == "sum":
-            return fused(a, b, u)
-        if fused is not None:  # each component alone: [..., R, 1, K]
-            a2, u2 = fused(a.unsqueeze(-2), b.unsqueeze(-2), u.unsqueeze(-2))
+        if fused is not None:
+            if mode == "sum":
+                return fused(a, b, u)
+            a2, u2 = fused(a.unsqueeze(-2), b.unsqueeze(-2), u.unsqueeze(-2))  # each component alone
             return a2.squeeze(-2), u2.squeeze(-2)
     dtype = torch.float64 if a.dtype == torch.float64 else torch.float32
     # autocast would run the products below in bf16 / fp16 (the series then gives NaN)
