@@ -71,7 +71,7 @@ grid)
     # earlier call returned ($R/<NAME>_h200/), are done, unless their run was cut at a call's end (run again);
     # `mqar.py --merge` joins them (learning rates apart).
     # PER_GPU workers on every GPU of the machine (4 on an H200: a 25,000-step run of four at once takes ~7.5
-    # minutes; 8 of the 5,000-step mix at widths 64 / 128 fit in its memory, 14 did not; at width 256, 4 fit and
+    # minutes; 8 of the 5,000-step mix at widths 64 / 128 fit in its memory, 14 did not; at width 256, 5 fit and
     # 8 did not); a worker starts a job only with at least MIN_LEFT seconds of the call's CALL_WALL left, and
     # cuts it at the call's end (kept, `ended_by: run_wall`).
     # A smaller grid: NAME (default grid), TASK (tasks trained together, default the grid's three), WIDTHS
