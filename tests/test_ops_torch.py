@@ -11,6 +11,7 @@ from modeling_parallelflow.ops_chunk_torch import chunk_wu
 from modeling_parallelflow.ops_exact_flow import exact_flow_drivers, phi
 from modeling_parallelflow.ops_reference import delta_rule_reference
 from modeling_parallelflow.ops_sigdelta_torch import sigdelta_wu
+from tests.oracles import phi_by_matrix_exp
 
 F64 = torch.float64
 H, K, V, C = 2, 6, 5, 16
@@ -162,13 +163,6 @@ def test_phi_gives_matrix_exp(rank):
     expected = torch.linalg.matrix_exp(a @ b.transpose(-1, -2))
     got = torch.eye(K, dtype=F64) + a @ phi(b.transpose(-1, -2) @ a) @ b.transpose(-1, -2)
     torch.testing.assert_close(got, expected, **TOL64)
-
-
-def phi_by_matrix_exp(x):
-    """Top-right block of exp([[X, I], [0, 0]]) (torch.linalg.matrix_exp): the oracle for phi."""
-    n = x.shape[-1]
-    top = torch.cat([x, torch.eye(n, dtype=x.dtype).expand_as(x)], -1)
-    return torch.linalg.matrix_exp(torch.cat([top, torch.zeros_like(top)], -2))[..., :n, n:]
 
 
 @pytest.mark.parametrize("size", [1, 2, 4, 8])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from modeling_parallelflow.ops_exact_flow import exact_flow_drivers
+from tests.oracles import phi_by_matrix_exp
 
 triton_exact_flow = pytest.importorskip("modeling_parallelflow.triton_exact_flow")
 
@@ -31,12 +32,7 @@ def matrix_exp_drivers(a, b, u, mode):
     if mode == "product":
         a2, u2 = matrix_exp_drivers(a.unsqueeze(-2), b.unsqueeze(-2), u.unsqueeze(-2), "sum")
         return a2.squeeze(-2), u2.squeeze(-2)
-    g = a @ b.transpose(-1, -2)
-    r = g.shape[-1]
-    block = torch.zeros(*g.shape[:-2], 2 * r, 2 * r, dtype=g.dtype, device=g.device)
-    block[..., :r, :r] = g
-    block[..., :r, r:] = torch.eye(r, dtype=g.dtype, device=g.device)
-    p = torch.linalg.matrix_exp(block)[..., :r, r:]
+    p = phi_by_matrix_exp(a @ b.transpose(-1, -2))
     return p @ a, p @ u
 
 
@@ -66,7 +62,7 @@ def relative_errors(lead, rank, k_dim, v_dim, beta_max, dtype, mode="sum"):
         (5, 8, 12, 2.0),
     ],
 )
-def test_matches_float64_torch_path_interpreted(rank, k_dim, v_dim, beta_max):
+def test_matches_matrix_exp_oracle_interpreted(rank, k_dim, v_dim, beta_max):
     # 2 x 5 x 3 = 30 token-heads: one partial block (BLOCK_N >= 32 at these sizes)
     errors = relative_errors((2, 5, 3), rank, k_dim, v_dim, beta_max, torch.float32)
     assert max(errors) < 2e-6, errors  # measured at most 1.9e-7
@@ -112,7 +108,7 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("rank, k_dim, v_dim, dtype", GPU_CASES)
-def test_matches_float64_torch_path_gpu(rank, k_dim, v_dim, dtype):
+def test_matches_matrix_exp_oracle_gpu(rank, k_dim, v_dim, dtype):
     # 2 x 301 x 3 token-heads: many programs and a partial last block; betas up to 2 (negative eigenvalues)
     errors = relative_errors((2, 301, 3), rank, k_dim, v_dim, 2.0, dtype)
     assert max(errors) < (2e-2 if dtype == torch.bfloat16 else 2e-5), errors
